@@ -1,0 +1,10 @@
+/* Kernels compiled for sse4.2,avx2,bmi2,avx512f,avx512bw,avx512dq,avx512vl; selected at run time only where the CPU has it (dispatch.c). */
+#if defined(__x86_64__)
+#pragma GCC target("sse4.2,avx2,bmi2,avx512f,avx512bw,avx512dq,avx512vl")
+#define UD_LEVEL avx512
+#define UD_HWCRC 1
+#include "kernels.h"
+#else
+#include "udedup.h"
+const ud_kernels ud_kernels_avx512 = {0};
+#endif

@@ -1,0 +1,6 @@
+from setuptools import find_packages, setup
+
+setup(
+    packages=find_packages(include=["udedup", "udedup.*"]),
+    cffi_modules=["udedup/_build.py:ffibuilder"],
+)

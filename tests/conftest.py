@@ -1,0 +1,96 @@
+"""Shared test machinery.
+
+KSM state is global to the machine, so tests marked ``ksm``:
+- are skipped, with the reason, where /sys/kernel/mm/ksm is missing or not writable;
+- hold one lock (flock on /tmp/udedup-ksm.lock) for their whole run, so no two overlap, across
+  pytest processes too;
+- are watched by a session guard that records every writable knob at the start and fails the run
+  (and puts the knobs back) if any differs at the end.
+The guard reads sysfs directly, not through udedup.ksm, so a bug there cannot hide a leak.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+
+import pytest
+
+KSM_ROOT = "/sys/kernel/mm/ksm"
+LOCK_PATH = "/tmp/udedup-ksm.lock"
+_READ_ONLY = {"full_scans", "general_profit", "ksm_zero_pages", "pages_scanned", "pages_shared",
+              "pages_sharing", "pages_skipped", "pages_unshared", "pages_volatile",
+              "stable_node_chains", "stable_node_dups"}
+
+
+def ksm_unavailable_reason() -> str | None:
+    if not os.path.isdir(KSM_ROOT):
+        return f"{KSM_ROOT} does not exist: this kernel has no KSM (CONFIG_KSM)"
+    if os.geteuid() != 0:
+        return "KSM tests write /sys/kernel/mm/ksm knobs and need root"
+    if not os.access(os.path.join(KSM_ROOT, "run"), os.W_OK):
+        return f"{KSM_ROOT}/run is not writable (read-only sysfs in this container?)"
+    return None
+
+
+def _writable_knobs() -> dict[str, str]:
+    knobs = {}
+    if not os.path.isdir(KSM_ROOT):
+        return knobs
+    for name in sorted(os.listdir(KSM_ROOT)):
+        path = os.path.join(KSM_ROOT, name)
+        if name in _READ_ONLY or not os.path.isfile(path) or not (os.stat(path).st_mode & 0o200):
+            continue
+        with open(path) as f:
+            knobs[name] = f.read().strip()
+    return knobs
+
+
+def _raw_restore(saved: dict[str, str]) -> None:
+    # advisor_mode first (it resets pages_to_scan); run last
+    order = sorted(saved, key=lambda k: (k != "advisor_mode", k == "run"))
+    for name in order:
+        value = saved[name]
+        if name == "advisor_mode" and "[" in value:
+            value = value.split("[", 1)[1].split("]", 1)[0]
+        try:
+            with open(os.path.join(KSM_ROOT, name), "w") as f:
+                f.write(value)
+        except OSError:
+            pass
+
+
+_session_knobs: dict[str, str] = {}
+
+
+def pytest_sessionstart(session):
+    _session_knobs.update(_writable_knobs())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _session_knobs:
+        return
+    now = _writable_knobs()
+    leaked = {k: (v, now.get(k)) for k, v in _session_knobs.items() if now.get(k) != v}
+    if leaked:
+        _raw_restore(_session_knobs)
+        lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in leaked.items())
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            f"KSM KNOB LEAK: the test run changed {lines}; restored them", red=True)
+        session.exitstatus = 1
+
+
+@pytest.fixture(autouse=True)
+def _ksm_marker(request):
+    """Tests marked ``ksm`` get the skip check and the machine-wide lock."""
+    if request.node.get_closest_marker("ksm") is None:
+        yield
+        return
+    reason = ksm_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with open(LOCK_PATH, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

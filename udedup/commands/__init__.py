@@ -1,0 +1,1 @@
+"""One module per ``udedup`` subcommand (see udedup/cli.py for the protocol)."""

@@ -1,0 +1,243 @@
+"""The native boundary: the only module that imports ``udedup._native``.
+
+Typed wrappers over the C hot path. Inputs are any contiguous buffer (bytes, bytearray, memoryview,
+mmap, C-contiguous numpy array) and are never copied; results are numpy arrays, or fill arrays the
+caller passes. One native call covers a whole run of pages: the per-call cost (~100 ns) must be paid
+per batch, never per page. Status codes and errno become :mod:`udedup.errors` exceptions here.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+from .errors import BufferTypeError, NativeBuildError, NativeError, PageBufferError, UsageError
+
+try:
+    from ._native import ffi, lib
+except ImportError as err:  # pragma: no cover - depends on how the package was installed
+    raise NativeBuildError(
+        f"udedup's native extension is not built ({err}); reinstall with 'pip install .'"
+    ) from err
+
+# Bumped with csrc/udedup.cdef.h's UD_ABI_VERSION: a stale build fails here, loudly.
+_ABI_VERSION = 3
+if lib.ud_abi_version() != _ABI_VERSION:  # pragma: no cover
+    raise NativeBuildError(
+        f"udedup._native has ABI {lib.ud_abi_version()}, the Python code expects {_ABI_VERSION}: "
+        "rebuild with 'pip install .'"
+    )
+
+PAGE_SIZE: int = os.sysconf("SC_PAGE_SIZE")
+
+ISA_NAMES = {lib.UD_ISA_PORTABLE: "portable", lib.UD_ISA_SSE42: "sse4.2",
+             lib.UD_ISA_AVX2: "avx2", lib.UD_ISA_AVX512: "avx512"}
+_ISA_LEVELS = {name: level for level, name in ISA_NAMES.items()}
+
+#: Best instruction set this CPU runs ("portable", "sse4.2", "avx2", "avx512").
+ISA_SUPPORTED: str = ISA_NAMES[lib.ud_isa_supported()]
+#: The CPU has the SSE4.2 crc32 instruction.
+HAS_HW_CRC32C: bool = lib.ud_isa_supported() >= lib.UD_ISA_SSE42
+
+
+class ScanResult(NamedTuple):
+    crc: np.ndarray   # uint32 per page: crc32c, for change detection only
+    hash: np.ndarray  # uint64 per page: equality candidates, to be confirmed by compare_pages
+    zero: np.ndarray  # bool per page: every byte is zero (exact)
+
+
+def isa() -> str:
+    """Instruction set of the kernels in use."""
+    return ISA_NAMES[lib.ud_isa_active()]
+
+
+def crc32c_impl() -> str:
+    """Which CRC-32C path is active: ``"sse4.2"`` (hardware) or ``"sw"`` (portable tables)."""
+    return "sse4.2" if lib.ud_crc32c_hw_active() else "sw"
+
+
+@contextlib.contextmanager
+def implementation(isa: str | None = None, crc32c: str | None = None):
+    """Temporarily switch kernels: ``isa`` in ISA_NAMES values, ``crc32c`` "hw" or "sw".
+
+    Process-wide (the benchmark and the tests use it to measure and check every path)."""
+    old_level, old_hw = lib.ud_isa_active(), lib.ud_crc32c_hw_active()
+    try:
+        if isa is not None:
+            if isa not in _ISA_LEVELS:
+                raise UsageError(f"unknown instruction set {isa!r}; use one of {sorted(_ISA_LEVELS)}")
+            if lib.ud_isa_select(_ISA_LEVELS[isa]) != 0:
+                raise UsageError(f"this CPU cannot run {isa!r} kernels (best: {ISA_SUPPORTED})")
+        if crc32c is not None:
+            if crc32c not in ("hw", "sw"):
+                raise UsageError(f"unknown crc32c path {crc32c!r}; use 'hw' or 'sw'")
+            if lib.ud_crc32c_select_hw(int(crc32c == "hw")) != 0:
+                raise UsageError("hardware crc32c needs SSE4.2 kernels, not available here")
+        yield
+    finally:
+        lib.ud_isa_select(old_level)
+        lib.ud_crc32c_select_hw(old_hw)
+
+
+# --- argument checking --------------------------------------------------------------------------
+def _input(buf, what="buffer"):
+    """(cdata, nbytes) over ``buf`` without copying."""
+    if isinstance(buf, np.ndarray) and not buf.flags.c_contiguous:
+        raise BufferTypeError(f"{what} is a non-contiguous numpy array; pass np.ascontiguousarray(...)")
+    try:
+        view = memoryview(buf)
+    except TypeError:
+        raise BufferTypeError(
+            f"{what} of type {type(buf).__name__} is not a buffer; pass bytes, bytearray, "
+            "memoryview, mmap or a numpy array") from None
+    if not view.c_contiguous:
+        raise BufferTypeError(f"{what} is not C-contiguous; copy it into a contiguous buffer first")
+    nbytes = view.nbytes
+    view.release()
+    if nbytes == 0:
+        return ffi.NULL, 0
+    return ffi.from_buffer(buf), nbytes
+
+
+def _page_size(page_size):
+    ps = PAGE_SIZE if page_size is None else int(page_size)
+    if ps <= 0 or ps % 64:
+        raise PageBufferError(f"page size {ps} is not a positive multiple of 64 bytes")
+    return ps
+
+
+def _pages(buf, page_size, what="buffer"):
+    ps = _page_size(page_size)
+    ptr, nbytes = _input(buf, what)
+    if nbytes % ps:
+        raise PageBufferError(
+            f"{what} is {nbytes} bytes, not a whole number of {ps}-byte pages; "
+            f"trim or pad it to a multiple of {ps}")
+    return ptr, ps, nbytes // ps
+
+
+def _output(out, n, dtype, name):
+    if out is None:
+        return np.empty(n, dtype=dtype)
+    if not isinstance(out, np.ndarray):
+        raise BufferTypeError(f"{name} must be a numpy array of {np.dtype(dtype).name}, "
+                              f"not {type(out).__name__}")
+    if out.dtype != np.dtype(dtype):
+        raise BufferTypeError(f"{name} has dtype {out.dtype}, expected {np.dtype(dtype).name}")
+    if not out.flags.writeable:
+        raise BufferTypeError(f"{name} is read-only; pass a writable array")
+    if not out.flags.c_contiguous:
+        raise BufferTypeError(f"{name} is not C-contiguous; pass a contiguous array")
+    if out.shape != (n,):
+        raise PageBufferError(f"{name} has shape {out.shape}, expected ({n},) for {n} pages")
+    return out
+
+
+def _ptr(array, ctype):
+    return ffi.cast(ctype, array.ctypes.data) if array.size else ffi.NULL
+
+
+# --- page kernels -------------------------------------------------------------------------------
+def crc32c(data, crc: int = 0) -> int:
+    """CRC-32C of ``data`` continuing from ``crc`` (0 to start), as the crc32c package computes it."""
+    ptr, nbytes = _input(data, "data")
+    return int(lib.ud_crc32c(crc & 0xFFFFFFFF, ptr, nbytes))
+
+
+def crc32c_pages(buf, page_size=None, out=None) -> np.ndarray:
+    """crc32c of every page: a change detector, never an equality test."""
+    ptr, ps, n = _pages(buf, page_size)
+    out = _output(out, n, np.uint32, "out")
+    if n:
+        lib.ud_crc32c_pages(ptr, ps, n, _ptr(out, "uint32_t *"))
+    return out
+
+
+def hash64_pages(buf, page_size=None, out=None) -> np.ndarray:
+    """64-bit hash of every byte of every page: equal pages hash equal; confirm matches by bytes."""
+    ptr, ps, n = _pages(buf, page_size)
+    out = _output(out, n, np.uint64, "out")
+    if n:
+        lib.ud_hash64_pages(ptr, ps, n, _ptr(out, "uint64_t *"))
+    return out
+
+
+def zero_pages(buf, page_size=None, out=None) -> np.ndarray:
+    """Exact per-page "all bytes are zero" (bool), leaving each page at its first non-zero chunk."""
+    ptr, ps, n = _pages(buf, page_size)
+    out = _output(out, n, np.bool_, "out")
+    if n:
+        lib.ud_zero_pages(ptr, ps, n, _ptr(out, "uint8_t *"))
+    return out
+
+
+def scan_pages(buf, page_size=None, crc_out=None, hash_out=None, zero_out=None) -> ScanResult:
+    """One pass per page giving crc32c, hash64 and is_zero together."""
+    ptr, ps, n = _pages(buf, page_size)
+    crc = _output(crc_out, n, np.uint32, "crc_out")
+    hsh = _output(hash_out, n, np.uint64, "hash_out")
+    zero = _output(zero_out, n, np.bool_, "zero_out")
+    if n:
+        lib.ud_scan_pages(ptr, ps, n, _ptr(crc, "uint32_t *"), _ptr(hsh, "uint64_t *"),
+                          _ptr(zero, "uint8_t *"))
+    return ScanResult(crc, hsh, zero)
+
+
+def compare_pages(a, index_a, index_b, b=None, page_size=None, out=None) -> np.ndarray:
+    """Byte-compare page ``index_a[k]`` of ``a`` with page ``index_b[k]`` of ``b`` (default ``a``).
+
+    Returns a bool array: True where the two pages are identical."""
+    pa, ps, na = _pages(a, page_size, "a")
+    pb, _, nb = (pa, ps, na) if b is None else _pages(b, ps, "b")
+    ia = np.ascontiguousarray(index_a, dtype=np.int64)
+    ib = np.ascontiguousarray(index_b, dtype=np.int64)
+    if ia.ndim != 1 or ia.shape != ib.shape:
+        raise PageBufferError(f"index arrays must be 1-D and the same length, got {ia.shape} "
+                              f"and {ib.shape}")
+    out = _output(out, ia.size, np.bool_, "out")
+    if ia.size == 0:
+        return out
+    rc = lib.ud_compare_pages(pa, na, pb, nb, ps, _ptr(ia, "int64_t *"), _ptr(ib, "int64_t *"),
+                              ia.size, _ptr(out, "uint8_t *"))
+    if rc != 0:
+        raise PageBufferError(f"a page index is out of range (a has {na} pages, b has {nb})")
+    return out
+
+
+def sum64(buf) -> int:
+    """Sum of the buffer's 64-bit words (mod 2**64): the plain memory-read baseline."""
+    ptr, nbytes = _input(buf)
+    return int(lib.ud_sum64(ptr, nbytes))
+
+
+# --- syscalls -----------------------------------------------------------------------------------
+def remote_readv(pid: int, addrs: np.ndarray, lens: np.ndarray, out) -> tuple[int, int]:
+    """process_vm_readv of ranges (addrs[k], lens[k]) of ``pid`` into ``out``, back to back.
+
+    Returns ``(bytes_read, errno)``; errno is 0 when everything was read, else why it stopped
+    (EFAULT: a range vanished, ESRCH: the process exited, EPERM: no ptrace access)."""
+    a = np.ascontiguousarray(addrs, dtype=np.uint64)
+    ln = np.ascontiguousarray(lens, dtype=np.uint64)
+    if a.shape != ln.shape or a.ndim != 1:
+        raise PageBufferError("addrs and lens must be 1-D arrays of the same length")
+    ptr, nbytes = _input(out, "out")
+    if isinstance(out, (bytes,)) or memoryview(out).readonly:
+        raise BufferTypeError("out is read-only; pass a writable buffer")
+    if a.size == 0:
+        return 0, 0
+    err = ffi.new("int *")
+    got = lib.ud_remote_readv(int(pid), _ptr(a, "uint64_t *"), _ptr(ln, "uint64_t *"), a.size,
+                              ptr, nbytes, err)
+    return int(got), int(err[0])
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    """prctl(2) for the calling process; raises NativeError carrying errno on failure."""
+    err = ffi.new("int *")
+    rc = lib.ud_prctl(option, arg2, arg3, arg4, arg5, err)
+    if rc < 0:
+        raise NativeError(f"prctl({option}) failed: {os.strerror(err[0])}", errno=err[0],
+                          call="prctl", option=option)
+    return int(rc)
