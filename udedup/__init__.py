@@ -4,3 +4,8 @@ from .pages import PAGE_SIZE
 
 __version__ = "0.1.0"
 __all__ = ["PAGE_SIZE", "__version__"]
+from .ksm import Ksm, KsmStats  # noqa: E402
+from .memory import (MergeableBuffer, disable_process_merge, enable_process_merge,  # noqa: E402
+                     mergeable_array, process_merge_enabled)
+__all__ += ["Ksm", "KsmStats", "MergeableBuffer", "mergeable_array", "enable_process_merge",
+            "disable_process_merge", "process_merge_enabled"]

@@ -147,3 +147,15 @@ class WorkloadError(UdedupError):
     """A workload failed to start, died, or never became ready."""
 
     exit_code = 11
+
+
+class KsmNotRunningError(KsmError, RuntimeError):
+    """ksmd is not running (run is 0 or 2): waiting for merging to settle would never end."""
+
+    exit_code = 7
+
+
+class BufferInUseError(UdedupError, BufferError):
+    """A buffer cannot be closed while views of it (numpy arrays, memoryviews) are alive."""
+
+    exit_code = 2
