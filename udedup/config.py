@@ -1,0 +1,458 @@
+"""The daemon's configuration: one dataclass of defaults per TOML section, loaded with the precedence
+defaults < file < environment (``UDEDUP_<SECTION>_<KEY>``) < command line (``--set section.key=value``).
+
+Every key has its default, type, limits and help text in one place (the field metadata below);
+``udedup.toml.example`` at the repository root is :func:`render_example` and lists every key at its
+default. Unknown keys are warned about (a typo should not stop a host daemon from starting, but it
+must not pass silently); a bad value raises :class:`ConfigError` naming where it came from and the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import ipaddress
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from .errors import ConfigError
+
+try:  # Python 3.11+
+    import tomllib as _toml
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as _toml
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "/etc/udedup/udedup.toml"
+ENV_PATH = "UDEDUP_CONFIG"
+ENV_PREFIX = "UDEDUP_"
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def _f(default, kind: str, help: str, *, lo=None, hi=None, choices=None):
+    """A config field: ``kind`` is one of size, int, float, bool, str, choice, globs, regexes, uids."""
+    meta = {"kind": kind, "help": help, "lo": lo, "hi": hi, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Candidates:
+    """Which processes the daemon considers. Deny lists (exclude_*) always win."""
+
+    names: list = _f([], "globs", "shell patterns on the process name (comm), e.g. \"qemu-*\"")
+    cmdline: list = _f([], "regexes", "regular expressions searched in the command line (args joined by spaces)")
+    exe: list = _f([], "globs", "shell patterns on the executable path")
+    cgroups: list = _f([], "globs", "shell patterns on the cgroup v2 path, e.g. \"/machine.slice/*\"")
+    uids: list = _f([], "uids", "if not empty, only processes whose real uid is listed")
+    include_registered: bool = _f(
+        True, "bool", "processes that already have KSM enabled (udedup run, madvise) are candidates "
+        "even when no pattern matches")
+    min_anon_rss: int = _f(64 << 20, "size", "minimum anonymous resident memory of a candidate", lo=0)
+    exclude_names: list = _f([], "globs", "never these process names")
+    exclude_cmdline: list = _f([], "regexes", "never these command lines")
+    exclude_exe: list = _f([], "globs", "never these executables")
+    exclude_cgroups: list = _f([], "globs", "never these cgroups")
+    exclude_uids: list = _f([], "uids", "never these uids")
+
+
+@dataclass
+class Registration:
+    """How worthwhile processes get registered with KSM."""
+
+    allow_injection: bool = _f(
+        False, "bool", "opt running processes in by making them call madvise/prctl through ptrace "
+        "(udedup enable); if false only processes started under 'udedup run' or that register "
+        "themselves are merged")
+    inject_mode: str = _f("auto", "choice", "injection mode", choices=("auto", "prctl", "madvise"))
+    min_saving: int = _f(32 << 20, "size", "register only if the predicted saving is at least this", lo=0)
+    min_saving_percent: float = _f(
+        5.0, "float", "... and at least this percent of the process's scanned memory", lo=0.0, hi=100.0)
+
+
+@dataclass
+class Estimate:
+    """The userspace estimator that decides what is worth merging before ksmd pays for it."""
+
+    scan_budget: int = _f(256 << 20, "size", "estimator read budget per second (bytes/s, averaged)",
+                          lo=1 << 20)
+    passes: int = _f(2, "int", "passes per estimate (the second one finds volatile pages)", lo=1, hi=10)
+    pass_interval: float = _f(0.5, "float", "seconds between estimator passes", lo=0.0, hi=60.0)
+    reestimate_seconds: float = _f(600.0, "float", "re-estimate a process after this many seconds",
+                                   lo=1.0)
+
+
+@dataclass
+class Ksmd:
+    """How fast ksmd scans, and within what CPU budget."""
+
+    cpu_budget_percent: float = _f(20.0, "float", "CPU for ksmd plus the daemon, percent of one CPU",
+                                   lo=0.1, hi=100.0)
+    fast_scan_seconds: float = _f(
+        5.0, "float", "target time for one full scan of registered memory while predicted saving is "
+        "not yet realized", lo=0.1)
+    slow_scan_seconds: float = _f(300.0, "float", "target full-scan time once the saving is realized",
+                                  lo=1.0)
+    fast_sleep_millisecs: int = _f(20, "int", "sleep_millisecs while scanning fast", lo=0, hi=10000)
+    slow_sleep_millisecs: int = _f(200, "int", "sleep_millisecs while scanning slowly", lo=0, hi=60000)
+    max_pages_to_scan: int = _f(100000, "int", "never set pages_to_scan above this", lo=1)
+    realized_percent: float = _f(
+        95.0, "float", "slow down once realized savings reach this percent of the prediction",
+        lo=1.0, hi=100.0)
+    settle_scans: int = _f(3, "int", "full scans without saving growth after which merging counts "
+                           "as settled (slow down even if short of the prediction)", lo=1, hi=100)
+    stop_when_idle: bool = _f(True, "bool", "set run=0 (merged pages stay) when nothing is worth merging")
+    use_zero_pages: str = _f("keep", "choice", "set use_zero_pages while running", choices=("keep", "on", "off"))
+
+
+@dataclass
+class Pressure:
+    """Memory-pressure inputs: under pressure ksmd scans faster, still within the CPU budget."""
+
+    mem_available_percent: float = _f(10.0, "float", "pressure when MemAvailable is below this percent "
+                                      "of MemTotal", lo=0.0, hi=100.0)
+    psi_some_avg10: float = _f(10.0, "float", "pressure when /proc/pressure/memory 'some avg10' is above "
+                               "this (0 disables)", lo=0.0, hi=100.0)
+    speedup: float = _f(4.0, "float", "scan-rate multiplier under pressure", lo=1.0, hi=1000.0)
+
+
+@dataclass
+class Metrics:
+    """Prometheus text exposition."""
+
+    address: str = _f("127.0.0.1:9847", "str", "HOST:PORT to serve /metrics on (empty: no metrics)")
+    allow_non_loopback: bool = _f(False, "bool", "allow a non-loopback metrics address (exposes process "
+                                  "names and memory figures to the network)")
+
+
+@dataclass
+class Daemon:
+    """The loop, the state file, and what happens to the knobs on exit."""
+
+    interval: float = _f(10.0, "float", "seconds between policy rounds", lo=0.05, hi=3600.0)
+    state_file: str = _f("/run/udedup/state.json", "str", "original knobs for crash recovery, and the "
+                         "daemon's view for 'udedup status'")
+    on_exit: str = _f("restore", "choice", "knobs the daemon changed, on SIGTERM/SIGINT",
+                      choices=("restore", "leave"))
+    ksm_root: str = _f("/sys/kernel/mm/ksm", "str", "KSM sysfs directory")
+    procfs: str = _f("/proc", "str", "procfs mount")
+
+
+SECTIONS: dict[str, type] = {"candidates": Candidates, "registration": Registration,
+                             "estimate": Estimate, "ksmd": Ksmd, "pressure": Pressure,
+                             "metrics": Metrics, "daemon": Daemon}
+
+
+@dataclass
+class Config:
+    candidates: Candidates = field(default_factory=Candidates)
+    registration: Registration = field(default_factory=Registration)
+    estimate: Estimate = field(default_factory=Estimate)
+    ksmd: Ksmd = field(default_factory=Ksmd)
+    pressure: Pressure = field(default_factory=Pressure)
+    metrics: Metrics = field(default_factory=Metrics)
+    daemon: Daemon = field(default_factory=Daemon)
+    #: where each value came from (``"section.key" -> "file /etc/...``"), for messages and status
+    sources: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def as_dict(self) -> dict:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+def all_keys() -> list[tuple[str, dataclasses.Field]]:
+    return [(sec, f) for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _field(section: str, key: str) -> dataclasses.Field | None:
+    cls = SECTIONS.get(section)
+    if cls is None:
+        return None
+    return {f.name: f for f in dataclasses.fields(cls)}.get(key)
+
+
+# --- value parsing --------------------------------------------------------------------------------
+def parse_size(value) -> int:
+    """``64 MiB``, ``64M``, ``1.5G``, ``4096`` → bytes (binary units)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 64 MiB, got a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a size cannot be negative ({value})")
+        return value
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError(f"expected a size such as 4096, 64 MiB or 1G, got {value!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def _as_bool(value, from_text: bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if from_text and isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("1", "true", "yes", "on", "y"):
+            return True
+        if low in ("0", "false", "no", "off", "n"):
+            return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _as_list(value, from_text: bool) -> list:
+    if isinstance(value, list):
+        return value
+    if from_text and isinstance(value, str):
+        # environment and --set: comma-separated; empty string = empty list
+        return [item.strip() for item in value.split(",") if item.strip()]
+    raise ValueError(f"expected a list such as [\"a\", \"b\"], got {value!r}")
+
+
+def convert(f: dataclasses.Field, value, from_text: bool = False):
+    """Check and convert one value for field ``f``; ValueError says what was expected."""
+    meta = f.metadata
+    kind = meta["kind"]
+    if kind == "size":
+        out = parse_size(value)
+    elif kind == "int":
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, str) and from_text:
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise ValueError(f"expected an integer, got {value!r}") from None
+        if not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+        out = value
+    elif kind == "float":
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        if isinstance(value, str) and from_text:
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"expected a number, got {value!r}")
+        out = float(value)
+    elif kind == "bool":
+        out = _as_bool(value, from_text)
+    elif kind in ("str", "choice"):
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+        out = value.strip() if from_text else value
+        if kind == "choice" and out not in meta["choices"]:
+            raise ValueError(f"expected one of {', '.join(meta['choices'])}, got {value!r}")
+    elif kind in ("globs", "regexes"):
+        items = _as_list(value, from_text)
+        for item in items:
+            if not isinstance(item, str) or not item:
+                raise ValueError(f"expected non-empty strings, got {item!r}")
+            if kind == "regexes":
+                try:
+                    re.compile(item)
+                except re.error as err:
+                    raise ValueError(f"bad regular expression {item!r}: {err}") from None
+        out = list(items)
+    elif kind == "uids":
+        items = _as_list(value, from_text)
+        out = []
+        for item in items:
+            try:
+                uid = int(item) if not isinstance(item, bool) else None
+            except (TypeError, ValueError):
+                uid = None
+            if uid is None or uid < 0:
+                raise ValueError(f"expected non-negative integer uids, got {item!r}")
+            out.append(uid)
+    else:  # pragma: no cover - a bug in the field table
+        raise AssertionError(kind)
+    lo, hi = meta["lo"], meta["hi"]
+    if lo is not None and out < lo:
+        raise ValueError(f"must be at least {lo}, got {value!r}")
+    if hi is not None and out > hi:
+        raise ValueError(f"must be at most {hi}, got {value!r}")
+    return out
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[v6]:PORT`` → (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9847, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --- loading --------------------------------------------------------------------------------------
+def _apply(cfg: Config, section: str, key: str, value, source: str, from_text: bool,
+           warn: Callable[[str], None], where_unknown: str) -> None:
+    f = _field(section, key)
+    if f is None:
+        known = ", ".join(x.name for x in dataclasses.fields(SECTIONS[section]))
+        warn(f"{where_unknown}: unknown key [{section}] {key}: ignored (known keys: {known})")
+        return
+    try:
+        out = convert(f, value, from_text)
+    except ValueError as err:
+        raise ConfigError(f"{source}: [{section}] {key}: {err}", path=source, key=f"{section}.{key}") from None
+    setattr(getattr(cfg, section), key, out)
+    cfg.sources[f"{section}.{key}"] = source
+
+
+def _read_file(path: str) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return _toml.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found (pass --config PATH, or remove it "
+                          f"to run on defaults)", path=path, key=None) from None
+    except PermissionError:
+        raise ConfigError(f"{path}: cannot read the configuration file (permission denied)",
+                          path=path, key=None) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a TOML file", path=path, key=None) from None
+    except _toml.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}", path=path, key=None) from None
+
+
+def _check(cfg: Config) -> None:
+    """Rules across keys, checked once everything is merged."""
+    def fail(key, msg):
+        src = cfg.sources.get(key, "defaults")
+        sec, k = key.split(".")
+        raise ConfigError(f"{src}: [{sec}] {k}: {msg}", path=src, key=key)
+
+    if cfg.ksmd.fast_scan_seconds > cfg.ksmd.slow_scan_seconds:
+        fail("ksmd.fast_scan_seconds", f"must not exceed slow_scan_seconds "
+             f"({cfg.ksmd.slow_scan_seconds}), got {cfg.ksmd.fast_scan_seconds}")
+    if cfg.metrics.address:
+        try:
+            host, _port = parse_address(cfg.metrics.address)
+        except ValueError as err:
+            fail("metrics.address", str(err))
+        if not is_loopback(host) and not cfg.metrics.allow_non_loopback:
+            fail("metrics.address", f"{host} is not a loopback address; metrics name processes and "
+                 "their memory: set allow_non_loopback = true to serve them on the network anyway")
+    if not cfg.daemon.state_file:
+        fail("daemon.state_file", "must not be empty (crash recovery needs it)")
+
+
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None,
+                warn: Callable[[str], None] | None = None) -> Config:
+    """Defaults < file < environment < ``overrides`` (``{"section.key": value}`` from the CLI).
+
+    ``path`` None means ``$UDEDUP_CONFIG`` or else :data:`DEFAULT_PATH`, the latter silently skipped
+    when absent; a path that was asked for explicitly must exist.
+    """
+    env = os.environ if env is None else env
+    warn = warn or log.warning
+    cfg = Config()
+    if path is None and env.get(ENV_PATH):
+        path = env[ENV_PATH]
+    elif path is None and os.path.exists(DEFAULT_PATH):
+        path = DEFAULT_PATH
+    if path is not None:
+        data = _read_file(path)
+        for section, table in data.items():
+            if section not in SECTIONS:
+                warn(f"{path}: unknown section [{section}]: ignored (known: {', '.join(SECTIONS)})")
+                continue
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: {section} must be a table ([{section}]), got {table!r}",
+                                  path=path, key=section)
+            for key, value in table.items():
+                _apply(cfg, section, key, value, f"file {path}", False, warn, path)
+        cfg.sources["_file"] = path
+
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name == ENV_PATH:
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+        if section is None:
+            continue  # other UDEDUP_* variables belong to other parts of udedup
+        _apply(cfg, section, rest[len(section) + 1:], env[name], f"environment {name}", True, warn,
+               f"environment {name}")
+
+    for dotted, value in (overrides or {}).items():
+        section, dot, key = dotted.partition(".")
+        if not dot or _field(section, key) is None:
+            raise ConfigError(f"--set {dotted}: unknown key; keys are SECTION.KEY, e.g. "
+                              "ksmd.cpu_budget_percent (see udedup.toml.example)", path="--set", key=dotted)
+        _apply(cfg, section, key, value, f"command line ({dotted})", isinstance(value, str), warn, "--set")
+    _check(cfg)
+    return cfg
+
+
+# --- matching helpers used by the policy (pure) ---------------------------------------------------
+def glob_match(patterns, text: str) -> bool:
+    return bool(text) and any(fnmatch.fnmatchcase(text, p) for p in patterns)
+
+
+def regex_search(patterns, text: str) -> bool:
+    return bool(text) and any(re.search(p, text) for p in patterns)
+
+
+# --- the example file -----------------------------------------------------------------------------
+def _toml_value(f: dataclasses.Field, value) -> str:
+    kind = f.metadata["kind"]
+    if kind == "size":
+        for unit, mult in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+            if value and value % mult == 0:
+                return f'"{value // mult} {unit}"'
+        return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(f, v) if not isinstance(v, str) else f'"{v}"' for v in value) + "]"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def render_example() -> str:
+    """The text of ``udedup.toml.example``: every key at its default, with its help."""
+    lines = ["# udedup daemon configuration: every key at its default.",
+             f"# Default location {DEFAULT_PATH} (or --config PATH, or ${ENV_PATH}).",
+             "# Precedence: defaults < this file < environment UDEDUP_<SECTION>_<KEY> < --set SECTION.KEY=VALUE.",
+             "# Sizes accept bytes or units: 4096, \"64 MiB\", \"1G\" (binary units).",
+             ""]
+    defaults = Config()
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]")
+        doc = (cls.__doc__ or "").strip()
+        if doc:
+            lines.append(f"# {doc}")
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            extra = ""
+            if meta["choices"]:
+                extra = f" ({' | '.join(meta['choices'])})"
+            lines.append(f"# {meta['help']}{extra}")
+            lines.append(f"{f.name} = {_toml_value(f, getattr(getattr(defaults, section), f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m udedup.config > udedup.toml.example
+    print(render_example(), end="")
