@@ -9,3 +9,5 @@ from .memory import (MergeableBuffer, disable_process_merge, enable_process_merg
                      mergeable_array, process_merge_enabled)
 __all__ += ["Ksm", "KsmStats", "MergeableBuffer", "mergeable_array", "enable_process_merge",
             "disable_process_merge", "process_merge_enabled"]
+from .procksm import process_ksm, top_processes  # noqa: E402
+__all__ += ["process_ksm", "top_processes"]

@@ -1,0 +1,134 @@
+"""``udedup status``: knobs, counters, savings, ksmd CPU and the processes KSM tracks."""
+from __future__ import annotations
+
+import os
+import time
+
+from ..errors import KsmError, ProcessError, UsageError
+from ..ksm import DEFAULT_PROCFS, DEFAULT_ROOT, Ksm
+from ..procksm import process_ksm, profit_overcount_bytes, top_processes
+from ._util import human_bytes, print_json
+
+NAME = "status"
+HELP = "show KSM knobs, counters, savings, ksmd CPU use and the top merging processes"
+DESCRIPTION = """\
+Show every KSM knob and counter of this kernel, the memory saved, ksmd's CPU use and the
+processes KSM tracks, largest profit first.
+
+Saved memory is the kernel's general_profit where it has one: (pages_sharing + ksm_zero_pages)
+pages minus 64 bytes of kernel memory per tracked page. Process profits count every mapping of a
+KSM page, its own one too, so their sum exceeds the real saving by pages_shared pages.
+"""
+ORDER = 10
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--interval", type=float, default=0.5, metavar="SECONDS",
+                        help="measure ksmd CPU over this interval (default 0.5); 0 = average "
+                             "since ksmd started")
+    parser.add_argument("--top", type=int, default=5, metavar="N",
+                        help="show the N processes with the largest KSM profit (default 5, 0 = none)")
+    parser.add_argument("--pid", metavar="PID", help="also show the KSM figures of this process")
+    parser.add_argument("--sysfs", default=DEFAULT_ROOT, metavar="PATH",
+                        help=f"KSM sysfs directory (default {DEFAULT_ROOT})")
+    parser.add_argument("--procfs", default=DEFAULT_PROCFS, metavar="PATH",
+                        help=f"procfs mount (default {DEFAULT_PROCFS})")
+
+
+def _ksmd_cpu(ksm: Ksm, interval: float) -> dict:
+    try:
+        if interval > 0:
+            cpu0, t0 = ksm.ksmd_cpu_seconds(), time.monotonic()
+            time.sleep(interval)
+            cpu1, t1 = ksm.ksmd_cpu_seconds(), time.monotonic()
+            window = t1 - t0
+            return {"pid": ksm.ksmd_pid(), "cpu_seconds": cpu1, "window": "interval",
+                    "window_seconds": window, "cpu_percent": 100.0 * (cpu1 - cpu0) / window}
+        cpu = ksm.ksmd_cpu_seconds()
+        with open(os.path.join(ksm.procfs, "uptime")) as f:
+            uptime = float(f.read().split()[0])
+        window = max(uptime - ksm.ksmd_start_seconds(), 1e-9)
+        return {"pid": ksm.ksmd_pid(), "cpu_seconds": cpu, "window": "since_start",
+                "window_seconds": window, "cpu_percent": 100.0 * cpu / window}
+    except (KsmError, OSError, ValueError) as err:
+        return {"pid": None, "error": str(err)}
+
+
+def _fmt(value) -> str:
+    return ("1" if value else "0") if isinstance(value, bool) else str(value)
+
+
+def run(args) -> int:
+    if args.interval < 0:
+        raise UsageError(f"--interval {args.interval:g}: must be >= 0")
+    if args.top < 0:
+        raise UsageError(f"--top {args.top}: must be >= 0")
+    ksm = Ksm(args.sysfs, procfs=args.procfs)
+    process = process_ksm(args.pid, args.procfs) if args.pid is not None else None
+    knobs = ksm.knobs()
+    stats = ksm.stats()
+    cpu = _ksmd_cpu(ksm, args.interval)
+    try:
+        top = top_processes(args.top, args.procfs) if args.top else []
+    except ProcessError as err:
+        top, cpu["top_error"] = [], str(err)
+    overcount = profit_overcount_bytes(stats.pages_shared, stats.page_size)
+
+    if args.json:
+        out = {"knobs": knobs, "counters": stats.counters, "page_size": stats.page_size,
+               "saved_pages": stats.saved_pages, "saved_bytes": stats.saved_bytes,
+               "saved_bytes_source": stats.as_dict()["saved_bytes_source"],
+               "sharing_ratio": stats.sharing_ratio, "ksmd": cpu,
+               "top_processes": [p.as_dict() for p in top],
+               "process_profit_overcount_bytes": overcount}
+        if process is not None:
+            out["process"] = process.as_dict()
+        print_json(out)
+        return 0
+
+    state = {0: "stopped (run=0)", 1: "running (run=1)", 2: "stopped, unmerged (run=2)"}
+    print(f"KSM: {state.get(knobs.get('run'), knobs.get('run'))}   {ksm.root}")
+    print("knobs:")
+    for name, value in knobs.items():
+        print(f"  {name:36} {_fmt(value)}")
+    print("counters:")
+    for name, value in stats.counters.items():
+        print(f"  {name:36} {value}")
+    source = "general_profit" if stats.general_profit is not None else "computed from counters"
+    print(f"saved: {human_bytes(stats.saved_bytes)} ({source}); "
+          f"{stats.saved_pages} pages merged away = pages_sharing {stats.pages_sharing} + "
+          f"ksm_zero_pages {stats.ksm_zero_pages} ({human_bytes(stats.saved_pages * stats.page_size)})"
+          f", minus {human_bytes(stats.rmap_items * 64)} of rmap items")
+    if stats.pages_shared:
+        print(f"sharing ratio: {stats.sharing_ratio:.1f} mappings per KSM page")
+    if cpu.get("pid") is None:
+        print(f"ksmd CPU: unknown ({cpu.get('error')})")
+    elif cpu["window"] == "interval":
+        print(f"ksmd CPU: {cpu['cpu_percent']:.1f} % of one core over the last "
+              f"{cpu['window_seconds']:.2f} s (pid {cpu['pid']}, {cpu['cpu_seconds']:.2f} CPU-s "
+              "since start)")
+    else:
+        print(f"ksmd CPU: {cpu['cpu_percent']:.3f} % of one core on average since ksmd started "
+              f"{cpu['window_seconds']:.0f} s ago ({cpu['cpu_seconds']:.2f} CPU-s)")
+    if process is not None:
+        print(f"process {process.pid} ({process.comm}): merge_any={process.merge_any} "
+              f"mergeable={process.mergeable} rmap_items={process.rmap_items} "
+              f"merging_pages={process.merging_pages} zero_pages={process.zero_pages} "
+              f"profit={human_bytes(process.process_profit)} "
+              f"mergeable mappings={len(process.mappings or ())}")
+    if args.top:
+        if not top:
+            print("processes: none registered with KSM")
+        else:
+            print(f"top {len(top)} processes by ksm_process_profit:")
+            print(f"  {'PID':>7} {'COMM':16} {'PROFIT':>10} {'MERGING':>9} {'ZERO':>8} "
+                  f"{'RMAP':>8} MERGE_ANY")
+            for p in top:
+                print(f"  {p.pid:>7} {p.comm[:16]:16} {human_bytes(p.process_profit):>10} "
+                      f"{p.merging_pages:>9} {p.zero_pages:>8} {p.rmap_items:>8} "
+                      f"{'yes' if p.merge_any else 'no'}")
+            if overcount:
+                print(f"  note: ksm_merging_pages counts each KSM page's own mapping too: summed, "
+                      f"these profits exceed the real saving by pages_shared x page size = "
+                      f"{human_bytes(overcount)}")
+    return 0
