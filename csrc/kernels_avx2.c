@@ -2,6 +2,7 @@
 #if defined(__x86_64__)
 #pragma GCC target("sse4.2,avx2,bmi2")
 #define UD_LEVEL avx2
+#define UD_VEC256 1
 #define UD_HWCRC 1
 #include "kernels.h"
 #else

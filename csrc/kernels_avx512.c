@@ -1,8 +1,10 @@
-/* Kernels compiled for sse4.2,avx2,bmi2,avx512f,avx512bw,avx512dq,avx512vl; selected at run time only where the CPU has it (dispatch.c). */
+/* Kernels compiled for sse4.2,avx2,bmi2,avx512f,avx512bw,avx512dq,avx512vl,pclmul,vpclmulqdq; selected at run time only where the CPU has it (dispatch.c). */
 #if defined(__x86_64__)
-#pragma GCC target("sse4.2,avx2,bmi2,avx512f,avx512bw,avx512dq,avx512vl")
+#pragma GCC target("sse4.2,avx2,bmi2,avx512f,avx512bw,avx512dq,avx512vl,pclmul,vpclmulqdq")
 #define UD_LEVEL avx512
 #define UD_HWCRC 1
+#define UD_CLMUL512 1
+#define UD_VEC512 1
 #include "kernels.h"
 #else
 #include "udedup.h"
