@@ -159,3 +159,9 @@ class BufferInUseError(UdedupError, BufferError):
     """A buffer cannot be closed while views of it (numpy arrays, memoryviews) are alive."""
 
     exit_code = 2
+
+
+class DaemonError(UdedupError, RuntimeError):
+    """The daemon cannot start or go on: another instance runs, its state file is unusable..."""
+
+    exit_code = 12
