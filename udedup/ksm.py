@@ -340,16 +340,9 @@ class Ksm:
     def _write_raw(self, name: str, text: str, shown=None) -> None:
         path = self._path(name)
         try:
-            fd = os.open(path, os.O_WRONLY)
+            _sysfs_write(path, text)
         except OSError as err:
             raise _translate_oserror(err, knob=name, path=path, value=shown or text) from err
-        try:
-            # one write(2): sysfs parses the whole value from a single call
-            os.write(fd, text.encode())
-        except OSError as err:
-            raise _translate_oserror(err, knob=name, path=path, value=shown or text) from err
-        finally:
-            os.close(fd)
 
     # --- typed values
     def parse(self, name: str, value) -> object:
@@ -515,9 +508,13 @@ class Ksm:
                             f"({stats.pages_shared} KSM pages exist): pass allow_unmerge=True "
                             "(CLI: --allow-unmerge) to unmerge everything first", knob=busy[0])
                 else:
-                    # stop ksmd and unmerge, so nothing gets merged again before the write
+                    # stop ksmd and unmerge, so nothing gets merged again before the write; run
+                    # goes back to its value afterwards unless the caller asked for another
+                    previous_run = self.get("run")
                     self._write_raw("run", "2")
                     written.append("run")
+                    typed = dict(typed)
+                    typed.setdefault("run", previous_run if previous_run != 2 else 0)
         # validate() refused pages_to_scan together with the scan-time advisor
         for name in self._order(typed):
             if self._write_typed(name, typed[name]) and name not in written:
@@ -531,15 +528,18 @@ class Ksm:
         """
         typed = self.validate(knobs)
         before = self.snapshot()
-        with _sigint_deferred():
-            try:
+        try:
+            # a Ctrl-C held during the writes is delivered when they end, and lands in the
+            # rollback below like any other failure
+            with _sigint_deferred():
                 self._write_all(typed, allow_unmerge)
-            except BaseException:
+        except BaseException:
+            with _sigint_deferred():
                 try:
                     self._restore(before, allow_unmerge=allow_unmerge)
                 except KsmError as rollback_err:
                     log.error("ksm: rolling back a failed change also failed: %s", rollback_err)
-                raise
+            raise
         return before
 
     def restore(self, snap: KnobSnapshot, allow_unmerge: bool = False) -> None:
@@ -724,6 +724,16 @@ class Ksm:
     def ksmd_start_seconds(self) -> float:
         """When ksmd started, in seconds since boot (stat field 22)."""
         return int(self._ksmd_stat_fields()[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def _sysfs_write(path: str, text: str) -> None:
+    """One write(2) of ``text``: sysfs parses the value from a single call and returns the kernel's
+    error from it. Module-level so unit tests can stand in a fake kernel."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def _choices(raw: str) -> tuple[str, list[str]]:
