@@ -28,6 +28,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/etc/udedup/udedup.toml"
+_DOCUMENTED_PATH = DEFAULT_PATH   # what the example file says, whatever DEFAULT_PATH becomes in tests
 ENV_PATH = "UDEDUP_CONFIG"
 ENV_PREFIX = "UDEDUP_"
 
@@ -433,7 +434,7 @@ def _toml_value(f: dataclasses.Field, value) -> str:
 def render_example() -> str:
     """The text of ``udedup.toml.example``: every key at its default, with its help."""
     lines = ["# udedup daemon configuration: every key at its default.",
-             f"# Default location {DEFAULT_PATH} (or --config PATH, or ${ENV_PATH}).",
+             f"# Default location {_DOCUMENTED_PATH} (or --config PATH, or ${ENV_PATH}).",
              "# Precedence: defaults < this file < environment UDEDUP_<SECTION>_<KEY> < --set SECTION.KEY=VALUE.",
              "# Sizes accept bytes or units: 4096, \"64 MiB\", \"1G\" (binary units).",
              ""]

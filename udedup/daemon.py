@@ -1,0 +1,738 @@
+"""``udedup daemon``: the host daemon's loop, its I/O, and its promises about the knobs.
+
+The decisions are :mod:`udedup.policy`'s; this module observes (``/proc``, KSM sysfs, memory
+pressure), acts (estimates, registrations, knob writes) and keeps these promises:
+
+- signals only set flags (a wakeup fd interrupts the wait), the loop is
+  ``while not signals.wait(timeout)``; SIGHUP reloads the configuration, SIGTERM/SIGINT end the loop;
+- every knob the daemon wrote is put back on exit (``daemon.on_exit = "restore"``), unless someone
+  else changed it meanwhile: their value wins, and is reported;
+- the original values sit in a state file before the first write, so the next start after a crash
+  or SIGKILL restores them;
+- a startup self-test writes every knob it will manage to its current value and reads it back, so
+  a missing privilege fails at start, not in the middle of the night;
+- systemd ``Type=notify``: READY, STATUS with the savings, WATCHDOG, RELOADING, STOPPING, over the
+  NOTIFY_SOCKET datagram socket (no libsystemd).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+from .config import Config
+from .errors import DaemonError, KsmError, KsmPermissionError, ProcessError, UdedupError
+from .policy import EstimateResult, Memory, Observation, Plan, Policy, ProcessInfo, match_process
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+DEFAULT_STATE_FILE = "/run/udedup/state.json"
+PF_KTHREAD = 0x00200000
+#: Knob write order: the speed first, ``run`` last so ksmd starts with its final settings.
+WRITE_ORDER = ("use_zero_pages", "sleep_millisecs", "pages_to_scan", "run")
+
+
+# --- systemd notification ---------------------------------------------------------------------------
+class SdNotify:
+    """sd_notify(3) without libsystemd: one datagram per message to ``$NOTIFY_SOCKET``."""
+
+    def __init__(self, env=None):
+        env = os.environ if env is None else env
+        addr = env.get("NOTIFY_SOCKET") or ""
+        self.address = ("\0" + addr[1:]) if addr.startswith("@") else (addr or None)
+        usec, wpid = env.get("WATCHDOG_USEC", ""), env.get("WATCHDOG_PID", "")
+        self.watchdog_seconds = None
+        if usec.isdigit() and int(usec) > 0 and (not wpid or wpid == str(os.getpid())):
+            self.watchdog_seconds = int(usec) / 1e6
+        self._sock = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def send(self, *lines: str) -> bool:
+        if self.address is None:
+            return False
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.sendto("\n".join(lines).encode(), self.address)
+            return True
+        except OSError as err:
+            # systemd gone or socket not ours to use: the daemon itself keeps working
+            log.debug("sd_notify %s failed: %s", lines[0] if lines else "", err)
+            return False
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+# --- signals ----------------------------------------------------------------------------------------
+class Signals:
+    """Handlers only set flags; the C-level wakeup fd makes :meth:`wait` return at once."""
+
+    def __init__(self):
+        self.stop = False
+        self.reload = False
+        self.signame: str | None = None
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        self._old: dict = {}
+        self._old_fd = None
+
+    def install(self) -> None:
+        self._old_fd = signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._on_stop)
+        self._old[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_reload)
+
+    def _on_stop(self, signum, frame) -> None:
+        self.stop = True
+        self.signame = signal.Signals(signum).name
+
+    def _on_reload(self, signum, frame) -> None:
+        self.reload = True
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds or until a signal; True when asked to stop."""
+        if not (self.stop or self.reload):
+            try:
+                select.select([self._r], [], [], max(0.0, timeout))
+            except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
+                pass
+        try:
+            while self._r.recv(512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        return self.stop
+
+    def take_reload(self) -> bool:
+        wanted, self.reload = self.reload, False
+        return wanted
+
+    def uninstall(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+        if self._old_fd is not None:
+            signal.set_wakeup_fd(self._old_fd)
+            self._old_fd = None
+        self._r.close()
+        self._w.close()
+
+
+# --- observing the host -----------------------------------------------------------------------------
+def _read(path: str, binary: bool = False):
+    try:
+        with open(path, "rb" if binary else "r") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _stat_fields(procfs: str, pid: int) -> tuple[str, list[str]] | None:
+    text = _read(os.path.join(procfs, str(pid), "stat"))
+    if not text or ")" not in text:
+        return None
+    comm = text[text.index("(") + 1:text.rindex(")")]
+    return comm, text[text.rindex(")") + 2:].split()
+
+
+def process_start_time(pid: int, procfs: str = "/proc") -> int | None:
+    """starttime (stat field 22, clock ticks since boot): a pid plus this names one process."""
+    got = _stat_fields(procfs, pid)
+    return int(got[1][19]) if got else None
+
+
+def discover_processes(procfs: str = "/proc", exclude_pid: int | None = None) -> list[ProcessInfo]:
+    """Every user process with what candidate matching needs (no smaps: that is per candidate)."""
+    from .procksm import parse_ksm_stat
+
+    out = []
+    try:
+        entries = os.listdir(procfs)
+    except OSError:
+        return out
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == exclude_pid:
+            continue
+        pid = int(entry)
+        base = os.path.join(procfs, entry)
+        got = _stat_fields(procfs, pid)
+        if got is None:
+            continue
+        comm, fields = got
+        if int(fields[6]) & PF_KTHREAD or fields[0] in ("Z", "X"):
+            continue
+        status = _read(os.path.join(base, "status")) or ""
+        uid, anon = 0, 0
+        for line in status.splitlines():
+            if line.startswith("Uid:"):
+                uid = int(line.split()[1])
+            elif line.startswith("RssAnon:"):
+                anon = int(line.split()[1]) * 1024
+        raw = _read(os.path.join(base, "cmdline"), binary=True) or b""
+        cmdline = raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
+        try:
+            exe = os.readlink(os.path.join(base, "exe"))
+        except OSError:
+            exe = ""
+        cgroup = ""
+        for line in (_read(os.path.join(base, "cgroup")) or "").splitlines():
+            if line.startswith("0::"):
+                cgroup = line[3:]
+        ksm = parse_ksm_stat(_read(os.path.join(base, "ksm_stat")) or "")
+        out.append(ProcessInfo(
+            pid=pid, start_time=int(fields[19]), name=comm, cmdline=cmdline, exe=exe, uid=uid,
+            cgroup=cgroup, anon_rss=anon, merge_any=ksm.get("ksm_merge_any") is True,
+            mergeable=ksm.get("ksm_mergeable") is True,
+            ksm_merging_pages=int(ksm.get("ksm_merging_pages", 0) or 0),
+            ksm_profit=int(ksm.get("ksm_process_profit", 0) or 0)))
+    return out
+
+
+def with_mappings(info: ProcessInfo, procfs: str = "/proc") -> ProcessInfo | None:
+    """``info`` plus registered and eligible resident bytes from smaps (None if it exited)."""
+    from dataclasses import replace
+
+    from .procmem import read_mappings
+
+    try:
+        maps = read_mappings(info.pid, procfs)
+    except ProcessError:
+        return None
+    registered = sum(m.anonymous for m in maps if m.registered)
+    eligible = sum(m.anonymous for m in maps if m.eligible)
+    return replace(info, registered_bytes=registered, eligible_bytes=eligible)
+
+
+def read_memory(procfs: str = "/proc") -> Memory | None:
+    info = {}
+    for line in (_read(os.path.join(procfs, "meminfo")) or "").splitlines():
+        name, _, rest = line.partition(":")
+        if rest.strip():
+            info[name] = int(rest.split()[0]) * 1024
+    if "MemTotal" not in info:
+        return None
+    psi = None
+    for line in (_read(os.path.join(procfs, "pressure", "memory")) or "").splitlines():
+        if line.startswith("some "):
+            for part in line.split()[1:]:
+                key, _, value = part.partition("=")
+                if key == "avg10":
+                    psi = float(value)
+    return Memory(total=info["MemTotal"], available=info.get("MemAvailable", info.get("MemFree", 0)),
+                  psi_some_avg10=psi)
+
+
+# --- the state file ---------------------------------------------------------------------------------
+def _pid_is(pid: int, start_time, procfs: str = "/proc") -> bool:
+    return bool(pid) and start_time is not None and process_start_time(pid, procfs) == start_time
+
+
+def read_daemon_state(path: str = DEFAULT_STATE_FILE, procfs: str = "/proc") -> dict | None:
+    """The running daemon's view for ``udedup status``: None without a readable state file.
+
+    The dict has ``running`` (the writer is alive), ``pid``, ``mode``, ``saved_bytes``,
+    ``predicted_bytes``, ``realized_bytes``, ``processes`` (per candidate: predicted and realized
+    savings and the last decision), ``original_knobs``, ``written_knobs``, ``metrics_url``...
+    """
+    text = _read(path)
+    if text is None:
+        return None
+    try:
+        state = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        return None
+    state["running"] = _pid_is(state.get("pid", 0), state.get("pid_start_time"), procfs)
+    return state
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def restore_knobs(ksm, original: dict, written: dict) -> tuple[dict, dict]:
+    """Put back ``original`` values of the knobs in ``written`` that still hold what we wrote.
+
+    Returns (restored {knob: value}, left {knob: current value changed by someone else}).
+    """
+    restored, left = {}, {}
+    try:
+        current = ksm.knobs()
+    except KsmError as err:
+        log.error("cannot read the KSM knobs to restore them: %s", err)
+        return restored, left
+    first_error = None
+    for name in sorted(written, key=lambda n: (n == "run", WRITE_ORDER.index(n) if n in WRITE_ORDER else -1)):
+        if name not in original or name not in current:
+            continue
+        if current[name] != written[name]:
+            left[name] = current[name]
+            continue
+        if name == "pages_to_scan" and current.get("advisor_mode") == "scan-time":
+            left[name] = current[name]  # the advisor owns it now
+            continue
+        try:
+            ksm.set(name, original[name])
+            restored[name] = original[name]
+        except KsmError as err:
+            log.error("could not restore %s=%r: %s", name, original[name], err)
+            first_error = first_error or err
+    if first_error is not None:
+        raise first_error
+    return restored, left
+
+
+# --- estimation and registration adapters ---------------------------------------------------------
+def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float) -> dict:
+    """One joint estimate (duplicates across processes count) -> {key: EstimateResult | str error}."""
+    from . import estimate as estimate_mod
+
+    e = cfg.estimate
+    pids = [i.pid for i in infos]
+    results: dict = {}
+    try:
+        est = estimate_mod.estimate(pids, passes=e.passes, interval=e.pass_interval, all_eligible=True)
+    except (ProcessError, UdedupError) as err:
+        if len(infos) == 1:
+            return {infos[0].key: str(err)}
+        # one bad process must not stop the others: estimate them one by one
+        for info in infos:
+            results.update(estimate_processes([info], cfg, use_zero_pages, now))
+        return results
+    per_pid = _per_process(est, pids, use_zero_pages)
+    for info in infos:
+        got = per_pid.get(info.pid)
+        if got is None:
+            results[info.key] = "exited during the estimate"
+            continue
+        saved, scanned = got
+        pct = 100.0 * saved / scanned if scanned else 0.0
+        results[info.key] = EstimateResult(at=now, saved_bytes=int(saved), scanned_bytes=int(scanned),
+                                           saved_percent=pct)
+    return results
+
+
+def _per_process(est, pids, use_zero_pages: bool) -> dict:
+    """{pid: (predicted saved bytes, scanned bytes)} from an Estimate."""
+    per = {}
+    if hasattr(est, "per_process"):
+        for pid, pred, scanned in est.per_process(use_zero_pages=use_zero_pages):
+            per[int(pid)] = (pred, scanned)
+        return per
+    pred = est.predicted(use_zero_pages=use_zero_pages)
+    if len(pids) == 1:
+        scanned = int(getattr(est, "bytes_scanned", 0) or 0) or (
+            int(getattr(est, "pages_scanned", 0) or 0) * int(getattr(est, "page_size", 0) or os.sysconf("SC_PAGE_SIZE")))
+        return {pids[0]: (pred.saved_bytes, scanned)}
+    raise DaemonError("the estimator gives no per-process breakdown; cannot attribute a joint estimate")
+
+
+def register_process(info: ProcessInfo, mode: str) -> tuple[bool, str]:
+    from . import inject
+
+    try:
+        result = inject.enable(info.pid, mode=mode)
+    except UdedupError as err:
+        return False, str(err)
+    return True, str(getattr(result, "mode", mode))
+
+
+# --- the daemon -------------------------------------------------------------------------------------
+@dataclass
+class Options:
+    dry_run: bool = False
+    once: bool = False
+
+
+class Daemon:
+    def __init__(self, cfg: Config, loader=None, options: Options | None = None, env=None,
+                 clock=time.monotonic):
+        self.cfg = cfg
+        self.loader = loader                # () -> Config, for SIGHUP
+        self.opts = options or Options()
+        self.clock = clock
+        self.notify = SdNotify(env)
+        self.signals = Signals()
+        self.policy = Policy(cfg, now=clock())
+        self.ksm = None
+        self.original: dict = {}
+        self.state_path = cfg.daemon.state_file
+        self.metrics = None
+        self.collector = None
+        self.metrics_url = None
+        self.rounds = 0
+        self.knob_writes = 0
+        self.external_changes = 0
+        self.started_wall = time.time()
+        self._last_plan: Plan | None = None
+        self._last_obs: Observation | None = None
+        self._dry_logged: dict = {}
+        self._own_start = process_start_time(os.getpid())
+
+    # --- lifecycle
+    def run(self) -> int:
+        from .ksm import Ksm
+
+        self.signals.install()
+        try:
+            self.ksm = Ksm(self.cfg.daemon.ksm_root, procfs=self.cfg.daemon.procfs)
+            if not self.opts.dry_run:
+                self._take_over_state_file()
+            self.original = self.ksm.knobs()
+            if not self.opts.dry_run:
+                self._write_state()
+                self._self_test()
+            else:
+                log.info("dry run: deciding and logging only, no knob, registration or state file "
+                         "is written")
+            self._start_metrics()
+            if self.policy.cfg.registration.allow_injection:
+                log.info("registration.allow_injection is on: worthwhile running processes will be "
+                         "opted in through ptrace (needs CAP_SYS_PTRACE)")
+            self._round()
+            self.notify.send("READY=1", f"STATUS={self._status_line()}", f"MAINPID={os.getpid()}")
+            log.info("udedup daemon ready (pid %d, interval %gs%s)", os.getpid(),
+                     self.cfg.daemon.interval, ", dry run" if self.opts.dry_run else "")
+            if not self.opts.once:
+                self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _loop(self) -> None:
+        next_round = self.clock() + self.cfg.daemon.interval
+        wd = self.notify.watchdog_seconds
+        next_ping = self.clock() + wd / 2 if wd else float("inf")
+        while not self.signals.wait(max(0.0, min(next_round, next_ping) - self.clock())):
+            if self.signals.take_reload():
+                self._reload()
+            now = self.clock()
+            if now >= next_ping:
+                self.notify.send("WATCHDOG=1")
+                next_ping = now + wd / 2
+            if now >= next_round:
+                self._round()
+                # skip missed rounds rather than running them back to back
+                next_round = max(next_round + self.cfg.daemon.interval, self.clock() + 0.05)
+        log.info("received %s: stopping", self.signals.signame or "stop")
+
+    def _shutdown(self) -> None:
+        self.notify.send("STOPPING=1", "STATUS=stopping: restoring KSM knobs")
+        try:
+            if self.ksm is not None and not self.opts.dry_run:
+                self._restore_on_exit()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+            self.signals.uninstall()
+            self.notify.close()
+
+    def _restore_on_exit(self) -> None:
+        written = dict(self.policy.written)
+        keep_state = False
+        try:
+            if self.opts.once:
+                if written:
+                    log.info("--once: leaving the knobs as decided: %s", _fmt_knobs(written))
+            elif self.cfg.daemon.on_exit == "leave":
+                log.info("daemon.on_exit = leave: leaving %s", _fmt_knobs(written) or "the knobs as they are")
+            elif written:
+                try:
+                    restored, left = restore_knobs(self.ksm, self.original, written)
+                except KsmError as err:
+                    keep_state = True  # the next start tries again
+                    log.error("restoring the KSM knobs failed: %s; the state file %s keeps the "
+                              "originals for the next start", err, self.state_path)
+                else:
+                    if restored:
+                        log.info("restored %s", _fmt_knobs(restored))
+                    for name, value in left.items():
+                        log.warning("left %s=%r: changed by someone else after udedup set it", name, value)
+        finally:
+            if not keep_state:
+                self._remove_state()
+
+    # --- state file
+    def _take_over_state_file(self) -> None:
+        path = self.state_path
+        state = read_daemon_state(path, self.cfg.daemon.procfs)
+        if state is None:
+            if os.path.exists(path):
+                log.warning("state file %s is unreadable or from another version: ignoring it", path)
+        elif state["running"] and state.get("pid") != os.getpid():
+            raise DaemonError(f"another udedup daemon is running (pid {state['pid']}, state file "
+                              f"{path}); stop it first, or give this one another daemon.state_file")
+        else:
+            written = state.get("written_knobs") or {}
+            original = state.get("original_knobs") or {}
+            if written:
+                log.warning("the previous daemon (pid %s) did not exit cleanly: restoring the knobs "
+                            "it had changed from %s", state.get("pid"), path)
+                restored, left = restore_knobs(self.ksm, original, written)
+                if restored:
+                    log.warning("restored %s", _fmt_knobs(restored))
+                for name, value in left.items():
+                    log.warning("left %s=%r: changed by someone else since the previous daemon set it",
+                                name, value)
+            self._remove_state()
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+        except OSError as err:
+            raise DaemonError(f"cannot create the state directory {directory}: {err.strerror} (set "
+                              "daemon.state_file, or under systemd RuntimeDirectory=udedup)") from err
+
+    def _state(self) -> dict:
+        plan, obs = self._last_plan, self._last_obs
+        view = self.policy.view()
+        state = {"version": STATE_VERSION, "pid": os.getpid(), "pid_start_time": self._own_start,
+                 "started_at": self.started_wall, "updated_at": time.time(),
+                 "ksm_root": self.cfg.daemon.ksm_root, "dry_run": self.opts.dry_run,
+                 "config_file": self.cfg.sources.get("_file"), "metrics_url": self.metrics_url,
+                 "interval": self.cfg.daemon.interval, "on_exit": self.cfg.daemon.on_exit,
+                 "original_knobs": self.original, "written_knobs": dict(self.policy.written),
+                 "yielded_knobs": view["yielded_knobs"], "rounds": self.rounds}
+        state.update({k: view[k] for k in ("mode", "mode_reason", "processes", "decisions_total")})
+        if plan is not None and obs is not None:
+            state.update({"saved_bytes": obs.saved_bytes, "predicted_bytes": plan.predicted_bytes,
+                          "realized_bytes": plan.realized_bytes,
+                          "unrealized_bytes": plan.unrealized_bytes, "pressure": plan.pressure,
+                          "ksmd_cpu_percent": plan.ksmd_cpu_percent,
+                          "daemon_cpu_percent": plan.daemon_cpu_percent})
+        return state
+
+    def _write_state(self) -> None:
+        try:
+            _write_json_atomic(self.state_path, self._state())
+        except OSError as err:
+            if self.rounds == 0:
+                raise DaemonError(f"cannot write the state file {self.state_path}: {err.strerror}; it "
+                                  "holds the original knobs for crash recovery") from err
+            log.error("cannot update the state file %s: %s", self.state_path, err.strerror)
+
+    def _remove_state(self) -> None:
+        try:
+            os.unlink(self.state_path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            log.warning("cannot remove the state file %s: %s", self.state_path, err.strerror)
+
+    # --- self-test
+    def _self_test(self) -> None:
+        """Write each knob the daemon may manage to its current value and read it back."""
+        names = ["sleep_millisecs", "run"]
+        if self.original.get("advisor_mode") != "scan-time":
+            names.append("pages_to_scan")
+        if self.cfg.ksmd.use_zero_pages != "keep":
+            names.append("use_zero_pages")
+        for name in names:
+            if name not in self.original or (name == "run" and self.original[name] == 2):
+                continue
+            try:
+                # force: a no-op write is exactly what proves the permission without changing anything
+                self.ksm._write_typed(name, self.original[name], force=True)
+            except KsmPermissionError as err:
+                raise KsmPermissionError(
+                    f"startup self-test: {err} (under systemd the unit needs "
+                    f"ReadWritePaths={self.cfg.daemon.ksm_root}; or run with --dry-run)",
+                    knob=name) from err
+        log.debug("self-test: wrote %s to their current values and read them back", ", ".join(names))
+
+    # --- metrics
+    def _start_metrics(self) -> None:
+        address = self.cfg.metrics.address
+        if not address:
+            return
+        from .metrics import DaemonCollector, MetricsServer
+
+        self.collector = self.collector or DaemonCollector()
+        self.metrics = MetricsServer(address, self.collector)
+        self.metrics_url = self.metrics.url
+        log.info("metrics on %s", self.metrics_url)
+
+    # --- reload
+    def _reload(self) -> None:
+        self.notify.send("RELOADING=1", f"MONOTONIC_USEC={int(time.monotonic() * 1e6)}")
+        try:
+            if self.loader is None:
+                log.warning("SIGHUP: no configuration source to reload from")
+                return
+            try:
+                new = self.loader()
+            except UdedupError as err:
+                log.error("SIGHUP: configuration not reloaded, keeping the current one: %s", err)
+                return
+            old = self.cfg
+            for key in ("state_file", "ksm_root", "procfs"):
+                if getattr(new.daemon, key) != getattr(old.daemon, key):
+                    log.warning("SIGHUP: daemon.%s changes only at restart; keeping %r", key,
+                                getattr(old.daemon, key))
+                    setattr(new.daemon, key, getattr(old.daemon, key))
+            self.cfg = new
+            self.policy.reconfigure(new)
+            if new.metrics.address != old.metrics.address:
+                if self.metrics is not None:
+                    self.metrics.close()
+                    self.metrics, self.metrics_url = None, None
+                try:
+                    self._start_metrics()
+                except UdedupError as err:
+                    log.error("SIGHUP: metrics not restarted: %s", err)
+            log.info("SIGHUP: configuration reloaded from %s", new.sources.get("_file") or "defaults")
+            self._round()
+        finally:
+            self.notify.send("READY=1", f"STATUS={self._status_line()}")
+
+    # --- one round
+    def _observe(self) -> Observation:
+        d = self.cfg.daemon
+        procs = []
+        for info in discover_processes(d.procfs, exclude_pid=os.getpid()):
+            ok, _why = match_process(self.cfg, info)
+            if ok:
+                detailed = with_mappings(info, d.procfs)
+                if detailed is not None and match_process(self.cfg, detailed)[0]:
+                    procs.append(detailed)
+        stats = self.ksm.stats()
+        try:
+            ksmd_cpu = self.ksm.ksmd_cpu_seconds()
+        except KsmError:
+            ksmd_cpu = 0.0
+        return Observation(now=self.clock(), processes=tuple(procs), counters=dict(stats.counters),
+                           knobs=self.ksm.knobs(), saved_bytes=stats.saved_bytes,
+                           page_size=stats.page_size, ksmd_cpu_seconds=ksmd_cpu,
+                           daemon_cpu_seconds=time.process_time(), memory=read_memory(d.procfs))
+
+    def _round(self) -> None:
+        self.rounds += 1
+        try:
+            for _ in range(3):
+                obs = self._observe()
+                plan = self.policy.decide(obs)
+                self._log(plan)
+                if not (plan.estimate or plan.register):
+                    break
+                if plan.estimate:
+                    self._estimate(plan, obs)
+                if plan.register:
+                    self._register(plan)
+            self._apply(plan, obs)
+            self._last_plan, self._last_obs = plan, obs
+        except KsmError as err:
+            # sysfs hiccups are reported and retried next round; the loop goes on
+            log.error("round %d: %s", self.rounds, err)
+            return
+        self.external_changes = self.policy.decision_counts.get("external", 0)
+        self._publish(plan, obs)
+        if not self.opts.dry_run:
+            self._write_state()
+        if self.rounds > 1:
+            self.notify.send(f"STATUS={self._status_line()}")
+
+    def _estimate(self, plan: Plan, obs: Observation) -> None:
+        use_zero = bool(obs.knobs.get("use_zero_pages", False))
+        if self.cfg.ksmd.use_zero_pages != "keep":
+            use_zero = self.cfg.ksmd.use_zero_pages == "on"
+        t0 = time.monotonic()
+        results = estimate_processes(plan.estimate, self.cfg, use_zero, obs.now)
+        log.debug("estimated %d processes in %.2fs", len(plan.estimate), time.monotonic() - t0)
+        for key, result in results.items():
+            if isinstance(result, EstimateResult):
+                self.policy.record_estimate(key, result, now=obs.now)
+            else:
+                log.info("pid %d: estimate failed: %s", key[0], result)
+                self.policy.record_estimate(key, None, error=result, now=obs.now)
+
+    def _register(self, plan: Plan) -> None:
+        for info, mode in plan.register:
+            if self.opts.dry_run:
+                log.info("dry run: would opt pid %d (%s) in by injection, mode %s", info.pid,
+                         info.name, mode)
+                continue
+            ok, detail = register_process(info, mode)
+            if ok:
+                log.info("pid %d (%s): registered by injection (%s)", info.pid, info.name, detail)
+            else:
+                log.warning("pid %d (%s): injection failed: %s", info.pid, info.name, detail)
+            self.policy.record_registration(info.key, ok, detail, self.clock())
+
+    def _apply(self, plan: Plan, obs: Observation) -> None:
+        if not plan.knobs:
+            return
+        if self.opts.dry_run:
+            return
+        order = sorted(plan.knobs, key=lambda n: WRITE_ORDER.index(n) if n in WRITE_ORDER else -1)
+        for name in order:
+            value = plan.knobs[name]
+            self.ksm.set(name, value)
+            self.policy.record_written({name: value})
+            self.knob_writes += 1
+
+    def _log(self, plan: Plan) -> None:
+        for d in plan.decisions:
+            if d.kind == "knobs" and self.opts.dry_run:
+                if self._dry_logged.get("knobs") == plan.knobs:
+                    continue
+                self._dry_logged["knobs"] = dict(plan.knobs)
+                log.info("dry run: would %s", d)
+                continue
+            level = logging.WARNING if d.kind == "external" else logging.INFO
+            log.log(level, "%s", d)
+
+    def _publish(self, plan: Plan, obs: Observation) -> None:
+        if self.collector is None:
+            return
+        view = self.policy.view()
+        self.collector.publish({
+            "rounds": self.rounds, "dry_run": int(self.opts.dry_run),
+            "saved_bytes": obs.saved_bytes, "counters": dict(obs.counters), "knobs": dict(obs.knobs),
+            "ksmd_cpu_seconds": obs.ksmd_cpu_seconds, "daemon_cpu_seconds": obs.daemon_cpu_seconds,
+            "ksmd_cpu_percent": plan.ksmd_cpu_percent, "daemon_cpu_percent": plan.daemon_cpu_percent,
+            "cpu_budget_percent": self.cfg.ksmd.cpu_budget_percent,
+            "seconds_per_page": plan.seconds_per_page, "scan_pages": plan.scan_pages,
+            "target_pages_per_second": plan.target_pages_per_second,
+            "budget_pages_per_second": plan.budget_pages_per_second,
+            "mode": plan.mode, "pressure": int(plan.pressure),
+            "predicted_bytes": plan.predicted_bytes, "realized_bytes": plan.realized_bytes,
+            "unrealized_bytes": plan.unrealized_bytes, "processes": view["processes"],
+            "estimated_bytes_total": view["estimated_bytes_total"],
+            "estimate_tokens": view["estimate_tokens"], "scan_budget": self.cfg.estimate.scan_budget,
+            "decisions_total": view["decisions_total"], "knob_writes": self.knob_writes,
+            "external_changes": self.external_changes})
+
+    def _status_line(self) -> str:
+        plan, obs = self._last_plan, self._last_obs
+        if plan is None or obs is None:
+            return "starting"
+        managed = sum(1 for p in self.policy.procs.values() if p.worthwhile)
+        cpu = f", ksmd {plan.ksmd_cpu_percent:.0f}% CPU" if plan.ksmd_cpu_percent is not None else ""
+        return (f"{plan.mode}: saved {_gib(obs.saved_bytes)}, predicted {_gib(plan.predicted_bytes)} "
+                f"in {managed} processes{cpu}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def _fmt_knobs(knobs: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in knobs.items())
