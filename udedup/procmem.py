@@ -294,17 +294,33 @@ def _buffer_address(buf) -> int:
     return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
 
 
-def present_offsets(entries: np.ndarray, anon_only: bool = True,
-                    zero_pfns: tuple = ()) -> np.ndarray:
+def present_offsets(entries: np.ndarray, anon_only: bool = True, zero_pfns: tuple = (),
+                    counts: dict | None = None) -> np.ndarray:
     """Indexes of the entries that are present pages (not swapped), optionally only anonymous
-    ones (what ksmd can merge) and not mapping the kernel's zero page (ksmd skips those)."""
+    ones (what ksmd can merge) and not mapping the kernel's zero page (ksmd skips those).
+
+    ``counts`` (a dict) gets ``swapped``, ``file`` (page cache / shared anonymous) and
+    ``zero_page`` (mapping the shared zero page) added to it."""
     e = entries
-    keep = (e & np.uint64(PM_PRESENT | PM_SWAPPED)) == np.uint64(PM_PRESENT)
+    present = (e & np.uint64(PM_PRESENT)) != 0
+    keep = present.copy()
+    if counts is not None:
+        counts["swapped"] = counts.get("swapped", 0) + int(
+            np.count_nonzero((e & np.uint64(PM_SWAPPED)) != 0))
     if anon_only:
-        keep &= (e & np.uint64(PM_FILE)) == 0
-    for first, stop in zero_pfns:
+        anon = (e & np.uint64(PM_FILE)) == 0
+        if counts is not None:
+            counts["file"] = counts.get("file", 0) + int(np.count_nonzero(keep & ~anon))
+        keep &= anon
+    if zero_pfns:
         pfn = e & np.uint64(PM_PFN_MASK)
-        keep &= (pfn < np.uint64(first)) | (pfn >= np.uint64(stop))
+        on_zero = np.zeros(e.shape, dtype=bool)
+        for first, stop in zero_pfns:
+            on_zero |= (pfn >= np.uint64(first)) & (pfn < np.uint64(stop))
+        on_zero &= keep
+        if counts is not None:
+            counts["zero_page"] = counts.get("zero_page", 0) + int(np.count_nonzero(on_zero))
+        keep &= ~on_zero
     return np.flatnonzero(keep)
 
 
@@ -378,8 +394,8 @@ class RemoteReader:
     def __exit__(self, *exc):
         self.close()
 
-    def read(self, addrs: np.ndarray, pid: int | None = None) -> np.ndarray:
-        """Read the pages at ``addrs`` (uint64, at most ``capacity``) into ``buffer`` back to back.
+    def read(self, addrs: np.ndarray, pid: int | None = None, slot: int = 0) -> np.ndarray:
+        """Read the pages at ``addrs`` (uint64) into ``buffer`` back to back from page ``slot``.
 
         Returns a bool array: True where the page was read. Slots of pages not read hold stale
         bytes. Raises ProcessAccessError when the kernel refuses (EPERM)."""
@@ -387,8 +403,9 @@ class RemoteReader:
         ps = self.page_size
         addrs = np.ascontiguousarray(addrs, dtype=np.uint64)
         n = addrs.size
-        if n > self.capacity:
-            raise ValueError(f"{n} pages do not fit the {self.capacity}-page read buffer")
+        if slot < 0 or slot + n > self.capacity:
+            raise ValueError(f"{n} pages from slot {slot} do not fit the {self.capacity}-page "
+                             "read buffer")
         ok = np.ones(n, dtype=bool)
         if pid in self.exited:
             ok[:] = False
@@ -396,7 +413,7 @@ class RemoteReader:
         first = 0
         while first < n:
             starts, lens = _runs(addrs[first:], ps)
-            out = self.buffer[first * ps: n * ps]
+            out = self.buffer[(slot + first) * ps: (slot + n) * ps]
             got, err = pages.remote_readv(pid, starts, lens, out)
             self.bytes_read += got
             if err == 0:

@@ -1,0 +1,891 @@
+"""The estimator: what KSM would save on some memory, predicted from userspace before ksmd runs.
+
+How (each step is what ksmd would do, done faster):
+
+1. scope — the mappings KSM scans today (``mg``), or every KSM-compatible one (``all_eligible``);
+   within them the present anonymous pages from pagemap, minus pages already mapping the kernel's
+   zero page (ksmd skips those, they cost nothing);
+2. pass 1 — every page is read (``process_vm_readv`` in L2-sized chunks) and scanned once for
+   crc32c, hash64 and an exact is-zero check;
+3. grouping, while the interval runs — the hash array is turned, in place, into sort keys
+   ``(top hash bits << b) | ordinal`` and sorted; runs of equal hash bits are candidate groups whose
+   head is their lowest ordinal. Nothing is declared equal yet;
+4. later passes — crc32c again: a page whose crc32c changed is volatile and excluded, as ksmd does.
+   The last pass also byte-compares every candidate with its group head (re-read when it lies in an
+   earlier chunk): only pages that compare equal count as duplicates; the rest are regrouped by their
+   full hash64 and compared again. Zero pages come only from the byte check;
+5. predictions for use_zero_pages 0 and 1 under max_page_sharing, with the kernel's accounting
+   (a group of n equal pages makes n // mps full KSM pages plus one for a remainder of 2 or more;
+   a remainder of 1 stays unshared; every scanned page costs one 64-byte rmap item, except zero pages
+   KSM maps to the zero page under use_zero_pages=1).
+
+Memory: per scanned page 4 (address offset) + 4 (crc32c) + 8 (hash/sort key) + 4 (group head) +
+1 (flags) = 21 bytes, plus the fixed read buffer: page copies are never kept. The target's memory is
+only ever read.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import pages, procmem
+from .errors import KsmError, UsageError
+
+log = logging.getLogger(__name__)
+
+RMAP_ITEM_BYTES = 64          # sizeof(struct ksm_rmap_item) on 64-bit kernels
+DEFAULT_MAX_PAGE_SHARING = 256
+NONE = np.uint32(0xFFFFFFFF)  # "in no candidate group"
+_PENDING = -1
+
+# per-page flag bits
+ZERO = np.uint8(1)
+VOLATILE = np.uint8(2)
+UNREADABLE = np.uint8(4)
+
+
+# --- results -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prediction:
+    """KSM counters predicted for the scanned memory alone, once ksmd has settled."""
+
+    use_zero_pages: bool
+    max_page_sharing: int
+    pages_shared: int
+    pages_sharing: int
+    pages_unshared: int
+    ksm_zero_pages: int
+    rmap_items: int
+    page_size: int
+    scanned_bytes: int
+
+    @property
+    def saved_pages(self) -> int:
+        """Pages freed: pages_sharing + ksm_zero_pages (pages_shared are the KSM pages kept)."""
+        return self.pages_sharing + self.ksm_zero_pages
+
+    @property
+    def general_profit(self) -> int:
+        """The kernel's formula: saved pages minus 64 bytes of rmap item per scanned page."""
+        return self.saved_pages * self.page_size - self.rmap_items * RMAP_ITEM_BYTES
+
+    @property
+    def saved_bytes(self) -> int:
+        """Net bytes saved, as ``KsmStats.saved_bytes``: general_profit."""
+        return self.general_profit
+
+    @property
+    def saved_percent(self) -> float:
+        return 100.0 * self.general_profit / self.scanned_bytes if self.scanned_bytes else 0.0
+
+    def as_dict(self) -> dict:
+        return {"use_zero_pages": int(self.use_zero_pages), "max_page_sharing": self.max_page_sharing,
+                "pages_shared": self.pages_shared, "pages_sharing": self.pages_sharing,
+                "pages_unshared": self.pages_unshared, "ksm_zero_pages": self.ksm_zero_pages,
+                "rmap_items": self.rmap_items, "saved_pages": self.saved_pages,
+                "general_profit": self.general_profit, "saved_bytes": self.saved_bytes,
+                "saved_percent": round(self.saved_percent, 3)}
+
+    _asdict = as_dict
+
+
+@dataclass
+class MappingReport:
+    """One mapping of a target: its classification and, when scanned, what its pages are."""
+
+    pid: int
+    mapping: procmem.Mapping
+    in_scope: bool
+    present_pages: int = 0        # present anonymous pages, zero-page mappings included
+    zero_mapped_pages: int = 0    # already map the kernel's zero page: free, ksmd skips them
+    swapped_pages: int = 0
+    scanned_pages: int = 0
+    zero_pages: int = 0
+    duplicate_pages: int = 0
+    unique_pages: int = 0
+    volatile_pages: int = 0
+    unreadable_pages: int = 0
+    saved_pages: dict = field(default_factory=lambda: {0: 0.0, 1: 0.0})
+
+    def as_dict(self) -> dict:
+        m = self.mapping
+        return {"pid": self.pid, "start": hex(m.start), "end": hex(m.end), "path": m.path,
+                "kind": m.kind, "registered": m.registered, "eligible": m.eligible,
+                "reason": m.reason, "in_scope": self.in_scope, "anon_huge_bytes": m.anon_huge,
+                "present_pages": self.present_pages, "zero_mapped_pages": self.zero_mapped_pages,
+                "swapped_pages": self.swapped_pages, "scanned_pages": self.scanned_pages,
+                "zero_pages": self.zero_pages, "duplicate_pages": self.duplicate_pages,
+                "unique_pages": self.unique_pages, "volatile_pages": self.volatile_pages,
+                "unreadable_pages": self.unreadable_pages,
+                "saved_pages": {str(k): round(v, 1) for k, v in self.saved_pages.items()}}
+
+
+@dataclass
+class TargetReport:
+    """One target: a process, or a buffer of this process."""
+
+    pid: int
+    name: str
+    kind: str                     # "process" or "buffer"
+    exited: bool = False
+    existing_ksm_zero_pages: int = 0
+    scanned_pages: int = 0
+    zero_pages: int = 0
+    duplicate_pages: int = 0
+    unique_pages: int = 0
+    volatile_pages: int = 0
+    unreadable_pages: int = 0
+    saved_pages: dict = field(default_factory=lambda: {0: 0.0, 1: 0.0})
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("pid", "name", "kind", "exited", "scanned_pages",
+                                           "zero_pages", "duplicate_pages", "unique_pages",
+                                           "volatile_pages", "unreadable_pages",
+                                           "existing_ksm_zero_pages")}
+        d["saved_pages"] = {str(k): round(v, 1) for k, v in self.saved_pages.items()}
+        return d
+
+
+@dataclass
+class Estimate:
+    """What KSM would do with the scanned memory. Counts are pages of ``page_size`` bytes."""
+
+    page_size: int
+    passes: int
+    interval: float
+    all_eligible: bool
+    max_page_sharing: int
+    current_use_zero_pages: bool | None
+    targets: list
+    mappings: list
+    pages_scanned: int = 0        # read in pass 1
+    zero_pages: int = 0
+    duplicate_pages: int = 0      # non-zero pages with at least one byte-identical twin
+    duplicate_groups: int = 0
+    largest_group: int = 0
+    unique_pages: int = 0
+    volatile_pages: int = 0
+    unreadable_pages: int = 0     # vanished mid-scan (unmapped, process exited)
+    zero_mapped_pages: int = 0
+    unconfirmed_pages: int = 0    # hash matched but bytes differed on every retry: counted unique
+    existing_ksm_zero_pages: int = 0
+    group_sizes: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    partial: bool = False
+    notes: list = field(default_factory=list)
+    elapsed_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    bytes_read: int = 0
+    index_bytes: int = 0          # peak bytes of per-page bookkeeping
+    buffer_bytes: int = 0         # the fixed read buffer
+
+    @property
+    def readable_pages(self) -> int:
+        return self.pages_scanned - self.unreadable_pages
+
+    def predicted(self, use_zero_pages: bool) -> Prediction:
+        """Counters KSM reaches on this memory alone, settled, with ``use_zero_pages``."""
+        mps = self.max_page_sharing
+        shared, sharing, unshared = ksm_pages(self.group_sizes, mps)
+        unshared += self.unique_pages
+        rmap = self.readable_pages
+        zero = self.existing_ksm_zero_pages
+        if use_zero_pages:
+            zero += self.zero_pages
+            rmap -= self.zero_pages
+        else:
+            zs, zg, zu = ksm_pages(np.array([self.zero_pages]), mps)
+            shared, sharing, unshared = shared + zs, sharing + zg, unshared + zu
+        return Prediction(bool(use_zero_pages), mps, shared, sharing, unshared, zero, rmap,
+                          self.page_size, self.readable_pages * self.page_size)
+
+    @property
+    def predictions(self) -> list:
+        return [self.predicted(False), self.predicted(True)]
+
+    def _uzp(self, use_zero_pages):
+        if use_zero_pages is None:
+            use_zero_pages = bool(self.current_use_zero_pages)
+        return int(bool(use_zero_pages))
+
+    def top_mappings(self, n: int = 10, use_zero_pages: bool | None = None) -> list:
+        """Scanned mappings by predicted pages saved (under the current use_zero_pages)."""
+        k = self._uzp(use_zero_pages)
+        scanned = [m for m in self.mappings if m.scanned_pages]
+        return sorted(scanned, key=lambda m: -m.saved_pages[k])[:n]
+
+    def top_processes(self, n: int = 10, use_zero_pages: bool | None = None) -> list:
+        k = self._uzp(use_zero_pages)
+        return sorted(self.targets, key=lambda t: -t.saved_pages[k])[:n]
+
+    @property
+    def bytes_per_page(self) -> float:
+        return self.index_bytes / self.pages_scanned if self.pages_scanned else 0.0
+
+    def as_dict(self, top: int = 10) -> dict:
+        return {
+            "page_size": self.page_size, "passes": self.passes, "interval": self.interval,
+            "all_eligible": self.all_eligible, "max_page_sharing": self.max_page_sharing,
+            "current_use_zero_pages": self.current_use_zero_pages,
+            "partial": self.partial, "notes": list(self.notes),
+            "pages_scanned": self.pages_scanned, "zero_pages": self.zero_pages,
+            "duplicate_pages": self.duplicate_pages, "duplicate_groups": self.duplicate_groups,
+            "largest_group": self.largest_group, "unique_pages": self.unique_pages,
+            "volatile_pages": self.volatile_pages, "unreadable_pages": self.unreadable_pages,
+            "zero_mapped_pages": self.zero_mapped_pages,
+            "unconfirmed_pages": self.unconfirmed_pages,
+            "existing_ksm_zero_pages": self.existing_ksm_zero_pages,
+            "predictions": [p.as_dict() for p in self.predictions],
+            "targets": [t.as_dict() for t in self.targets],
+            "top_mappings": [m.as_dict() for m in self.top_mappings(top)],
+            "elapsed_seconds": round(self.elapsed_seconds, 4),
+            "cpu_seconds": round(self.cpu_seconds, 4), "bytes_read": self.bytes_read,
+            "index_bytes": self.index_bytes, "bytes_per_page": round(self.bytes_per_page, 2),
+            "buffer_bytes": self.buffer_bytes,
+        }
+
+    _asdict = as_dict
+
+
+def ksm_pages(group_sizes, max_page_sharing: int) -> tuple[int, int, int]:
+    """(pages_shared, pages_sharing, pages_unshared) KSM settles at for groups of equal pages.
+
+    A KSM page holds at most max_page_sharing mappings; ksmd fills one before starting the next,
+    and a new one starts only when two leftover pages meet in the unstable tree, so a leftover of a
+    single page stays unshared."""
+    sizes = np.asarray(group_sizes, dtype=np.int64)
+    sizes = sizes[sizes > 0]
+    full, rest = np.divmod(sizes, max_page_sharing)
+    extra = rest >= 2
+    shared = int(full.sum() + extra.sum())
+    sharing = int((full * (max_page_sharing - 1)).sum() + (rest - 1)[extra].sum())
+    unshared = int((rest == 1).sum())
+    return shared, sharing, unshared
+
+
+def _sharing_fraction(sizes: np.ndarray, mps: int) -> np.ndarray:
+    """Per page of a group of each size, the share of the group's pages_sharing (for attribution)."""
+    sizes = sizes.astype(np.int64)
+    full, rest = np.divmod(sizes, mps)
+    sharing = full * (mps - 1) + np.where(rest >= 2, rest - 1, 0)
+    return np.divide(sharing, sizes, out=np.zeros(sizes.shape), where=sizes > 0)
+
+
+# --- targets and scope ---------------------------------------------------------------------------
+@dataclass
+class _Target:
+    pid: int
+    name: str
+    kind: str
+    lo: int = 0
+    hi: int = 2 ** 64
+
+
+@dataclass
+class _Segment:
+    pid: int
+    target: int
+    report: MappingReport
+    start: int                     # address of page offset 0
+    offsets: np.ndarray            # uint32 page offsets of the pages in scope
+    base: int = 0                  # first ordinal
+
+
+def _buffer_range(buf) -> tuple[int, int]:
+    if hasattr(buf, "address") and hasattr(buf, "nbytes") and not isinstance(buf, np.ndarray):
+        return int(buf.address), int(buf.address) + int(buf.nbytes)
+    try:
+        arr = np.frombuffer(buf, dtype=np.uint8)
+    except (TypeError, ValueError, BufferError):
+        if isinstance(buf, np.ndarray) and buf.flags.c_contiguous:
+            arr = buf.reshape(-1).view(np.uint8)
+        else:
+            raise UsageError(f"cannot estimate a {type(buf).__name__}: pass PIDs or contiguous "
+                             "buffers (MergeableBuffer, mmap, numpy array)") from None
+    return int(arr.ctypes.data), int(arr.ctypes.data) + arr.nbytes
+
+
+def _comm(pid: int, procfs: str) -> str:
+    try:
+        with open(os.path.join(procfs, str(pid), "comm")) as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _normalize_targets(targets, procfs: str) -> list:
+    if isinstance(targets, (int, np.integer)) or not isinstance(targets, (list, tuple)):
+        targets = [targets]
+    if not targets:
+        raise UsageError("nothing to estimate: pass at least one PID or buffer")
+    out, seen = [], set()
+    ps = pages.PAGE_SIZE
+    for t in targets:
+        if isinstance(t, (int, np.integer)) and not isinstance(t, bool):
+            pid = int(t)
+            if pid in seen:
+                continue
+            seen.add(pid)
+            procmem.check_process(pid, procfs)
+            out.append(_Target(pid, _comm(pid, procfs), "process"))
+        elif isinstance(t, str) and t.strip().isdigit():
+            out.extend(_normalize_targets([int(t)], procfs))
+        else:
+            lo, hi = _buffer_range(t)
+            lo, hi = lo // ps * ps, -(-hi // ps) * ps
+            out.append(_Target(os.getpid(), f"buffer {lo:#x}+{hi - lo}", "buffer", lo, hi))
+    return out
+
+
+def _current_knobs(max_page_sharing):
+    """(max_page_sharing, use_zero_pages or None) from the running kernel where readable."""
+    uzp = None
+    try:
+        from .ksm import Ksm
+        ksm = Ksm()
+        uzp = bool(ksm.get("use_zero_pages"))
+        if max_page_sharing is None:
+            max_page_sharing = int(ksm.get("max_page_sharing"))
+    except (ImportError, KsmError, OSError) as err:
+        log.debug("estimate: KSM knobs not readable (%s); using defaults", err)
+    if max_page_sharing is None:
+        max_page_sharing = DEFAULT_MAX_PAGE_SHARING
+    if int(max_page_sharing) < 2:
+        raise UsageError(f"max_page_sharing must be at least 2, got {max_page_sharing}")
+    return int(max_page_sharing), uzp
+
+
+# --- the scanner ---------------------------------------------------------------------------------
+class _Scanner:
+    def __init__(self, targets, all_eligible, procfs, buffer_bytes, progress):
+        self.targets = targets
+        self.all_eligible = all_eligible
+        self.procfs = procfs
+        self.progress = progress
+        self.ps = ps = pages.PAGE_SIZE
+        self.notes: list = []
+        self.segments: list = []
+        self.reports: list = []
+        self.target_reports: list = []
+        # one buffer: 3/4 for the sequential chunk, 1/4 for group heads re-read from earlier chunks
+        chunk_pages = max(8, buffer_bytes // ps * 3 // 4)
+        head_pages = max(8, buffer_bytes // ps - chunk_pages)
+        self._buf = procmem._aligned_buffer((chunk_pages + head_pages) * ps)
+        self.reader = procmem.RemoteReader(buffer=memoryview(self._buf)[: chunk_pages * ps])
+        self.heads = procmem.RemoteReader(buffer=memoryview(self._buf)[chunk_pages * ps:])
+        self.cap = chunk_pages
+        self._ctmp = np.empty(chunk_pages, dtype=np.uint32)
+        self._htmp = np.empty(chunk_pages, dtype=np.uint64)
+        self._ztmp = np.empty(chunk_pages, dtype=np.bool_)
+        self.index_bytes = 0
+        self._heads_over: dict = {}
+        self._over_keys = np.empty(0, dtype=np.int64)
+        self._over_vals = np.empty(0, dtype=np.int64)
+        self.leftovers: list = []
+        self.exited_in: dict = {}
+
+    def close(self):
+        self.reader.close()
+        self.heads.close()
+        self._buf.close()
+
+    # scope ---------------------------------------------------------------------------------------
+    def build_scope(self):
+        zero_pfns = procmem.zero_page_pfns()
+        if not zero_pfns:
+            self.notes.append("page frame numbers are hidden (not root): pages already mapping the "
+                              "kernel's zero page are scanned and counted as zero pages")
+        ordinal = 0
+        for ti, t in enumerate(self.targets):
+            tr = TargetReport(t.pid, t.name, t.kind)
+            self.target_reports.append(tr)
+            maps = procmem.read_mappings(t.pid, self.procfs)
+            if t.kind == "process":
+                stat = procmem.ksm_stat(t.pid, self.procfs)
+                tr.existing_ksm_zero_pages = int(stat.get("ksm_zero_pages", 0) or 0)
+            fd = procmem.open_pagemap(t.pid, self.procfs)
+            try:
+                for m in maps:
+                    lo, hi = max(m.start, t.lo), min(m.end, t.hi)
+                    if lo >= hi:
+                        continue
+                    in_scope = m.eligible and (m.registered or self.all_eligible)
+                    rep = MappingReport(t.pid, m, in_scope)
+                    self.reports.append(rep)
+                    if not in_scope:
+                        continue
+                    offsets = self._present(fd, t.pid, lo, hi, zero_pfns, rep)
+                    if offsets.size:
+                        seg = _Segment(t.pid, ti, rep, lo, offsets, ordinal)
+                        ordinal += offsets.size
+                        self.segments.append(seg)
+            finally:
+                os.close(fd)
+        if ordinal >= int(NONE):
+            raise UsageError(f"{ordinal} pages are more than one estimate can index (2**32 - 1); "
+                             "estimate fewer processes at a time")
+        self.total = ordinal
+        self.seg_base = np.array([s.base for s in self.segments], dtype=np.int64)
+
+    def _present(self, fd, pid, lo, hi, zero_pfns, rep):
+        ps = self.ps
+        block = procmem.PAGEMAP_BLOCK
+        parts = []
+        counts: dict = {}
+        for a in range(lo, hi, block * ps):
+            b = min(hi, a + block * ps)
+            entries = procmem.read_pagemap(fd, a, b, pid=pid)
+            idx = procmem.present_offsets(entries, anon_only=True, zero_pfns=zero_pfns,
+                                          counts=counts)
+            parts.append((idx + (a - lo) // ps).astype(np.uint32))
+        offsets = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        rep.zero_mapped_pages = counts.get("zero_page", 0)
+        rep.swapped_pages = counts.get("swapped", 0)
+        rep.present_pages = offsets.size + rep.zero_mapped_pages
+        rep.scanned_pages = offsets.size
+        return offsets
+
+    # chunk iteration -------------------------------------------------------------------------------
+    def _chunks(self):
+        """(pid, first ordinal, addresses) per chunk, in ordinal order, never mixing processes."""
+        cap, ps = self.cap, self.ps
+        segs = self.segments
+        i = 0
+        while i < len(segs):
+            pid = segs[i].pid
+            j = i
+            while j < len(segs) and segs[j].pid == pid:
+                j += 1
+            pieces, count, first = [], 0, segs[i].base
+            for s in segs[i:j]:
+                pos, n = 0, s.offsets.size
+                while pos < n:
+                    if pid in self.reader.exited:
+                        break
+                    take = min(cap - count, n - pos)
+                    pieces.append(np.uint64(s.start) +
+                                  s.offsets[pos:pos + take].astype(np.uint64) * np.uint64(ps))
+                    count += take
+                    pos += take
+                    if count == cap:
+                        yield pid, first, pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+                        first += count
+                        pieces, count = [], 0
+            if count and pid not in self.reader.exited:
+                yield pid, first, pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            if pid in self.reader.exited:
+                end = segs[j - 1].base + segs[j - 1].offsets.size
+                self.flags[first:end] |= UNREADABLE
+            i = j
+
+    def _addresses(self, ords: np.ndarray):
+        """(pid, address) of arbitrary ordinals."""
+        si = np.searchsorted(self.seg_base, ords, side="right") - 1
+        addrs = np.empty(ords.size, dtype=np.uint64)
+        pids = np.empty(ords.size, dtype=np.int64)
+        for s in np.unique(si):
+            seg = self.segments[s]
+            m = si == s
+            addrs[m] = np.uint64(seg.start) + \
+                seg.offsets[ords[m] - seg.base].astype(np.uint64) * np.uint64(self.ps)
+            pids[m] = seg.pid
+        return pids, addrs
+
+    def _read_ordinals(self, reader, ords: np.ndarray) -> np.ndarray:
+        """Read pages by ordinal (at most reader.capacity) into reader's slots 0..n-1."""
+        pids, addrs = self._addresses(ords)
+        ok = np.zeros(ords.size, dtype=bool)
+        for pid in np.unique(pids):
+            m = np.flatnonzero(pids == pid)
+            # slots follow the order of ords: read each contiguous slot run of this pid
+            brk = np.flatnonzero(np.diff(m) != 1) + 1
+            for part in np.split(m, brk):
+                ok[part] = reader.read(addrs[part], int(pid), slot=int(part[0]))
+        return ok
+
+    def _report(self, pass_no, passes, done):
+        if self.progress:
+            self.progress(pass_no, passes, done, self.total)
+
+    # passes ----------------------------------------------------------------------------------------
+    def allocate(self):
+        n = self.total
+        self.crc = np.empty(n, dtype=np.uint32)
+        self.hsh = np.empty(n, dtype=np.uint64)
+        self.flags = np.zeros(n, dtype=np.uint8)
+        self.rep = np.full(n, NONE, dtype=np.uint32)
+        offsets = sum(s.offsets.nbytes for s in self.segments)
+        self.index_bytes = offsets + self.crc.nbytes + self.hsh.nbytes + self.flags.nbytes + \
+            self.rep.nbytes
+
+    def pass_first(self, passes):
+        ps = self.ps
+        for pid, o, addrs in self._chunks():
+            n = addrs.size
+            ok = self.reader.read(addrs, pid)
+            buf = self.reader.buffer[: n * ps]
+            z = self._ztmp[:n]
+            pages.scan_pages(buf, ps, crc_out=self.crc[o:o + n], hash_out=self.hsh[o:o + n],
+                             zero_out=z)
+            f = self.flags[o:o + n]
+            f[z] = ZERO
+            if not ok.all():
+                f[~ok] |= UNREADABLE
+            self._report(1, passes, o + n)
+        self._note_exits(1)
+
+    def pass_middle(self, pass_no, passes):
+        ps = self.ps
+        for pid, o, addrs in self._chunks():
+            n = addrs.size
+            ok = self.reader.read(addrs, pid)
+            c = self._ctmp[:n]
+            pages.crc32c_pages(self.reader.buffer[: n * ps], ps, out=c)
+            f = self.flags[o:o + n]
+            f[c != self.crc[o:o + n]] |= VOLATILE
+            self.crc[o:o + n] = c
+            if not ok.all():
+                f[~ok] |= UNREADABLE
+            self._report(pass_no, passes, o + n)
+        self._note_exits(pass_no)
+
+    def _note_exits(self, pass_no):
+        for pid in self.reader.exited | self.heads.exited:
+            self.exited_in.setdefault(pid, pass_no)
+
+    def group(self):
+        """Turn the hash array into sorted (hash bits | ordinal) keys; mark candidate groups."""
+        n = self.total
+        if n == 0:
+            return
+        obits = max(1, int(n).bit_length())
+        shift = np.uint64(obits)
+        keys = self.hsh
+        step = 1 << 20
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            k = keys[lo:hi]
+            k >>= shift
+            k <<= shift
+            k |= np.arange(lo, hi, dtype=np.uint64)
+            k[self.flags[lo:hi] != 0] = np.uint64(2 ** 64 - 1)  # zero or unreadable: no group
+        keys.sort()
+        valid = int(np.searchsorted(keys, np.uint64(2 ** 64 - 1)))
+        mask = np.uint64((1 << obits) - 1)
+        rep = self.rep
+        carry_prefix, carry_head, carry_count = None, 0, 0
+        piece = 1 << 18
+        for lo in range(0, valid, piece):
+            k = keys[lo:min(valid, lo + piece)]
+            pre = k >> shift
+            ords = (k & mask).astype(np.uint32)
+            m = k.size
+            new = np.empty(m, dtype=bool)
+            new[0] = carry_count == 0 or pre[0] != carry_prefix
+            np.not_equal(pre[1:], pre[:-1], out=new[1:])
+            starts = np.flatnonzero(new)
+            s0 = int(starts[0]) if starts.size else m
+            if s0:   # the run carried over from the previous piece continues
+                if carry_count == 1:
+                    rep[carry_head] = carry_head
+                rep[ords[:s0]] = carry_head
+                carry_count += s0
+            if not starts.size:
+                continue
+            ends = np.append(starts[1:], m)
+            lengths = ends - starts
+            inner = lengths[:-1]
+            if inner.size:
+                heads = ords[starts[:-1]]
+                sel = np.repeat(inner >= 2, inner)
+                head_of = np.repeat(heads, inner)
+                rep[ords[s0: starts[-1]][sel]] = head_of[sel]
+            last = int(starts[-1])
+            carry_prefix, carry_head, carry_count = pre[last], int(ords[last]), m - last
+            if carry_count >= 2:
+                rep[ords[last:]] = carry_head
+        # the keys are the hash array, now sorted: nothing maps back to it any more
+        self.hsh = None
+        del keys
+
+    def _current_heads(self, g: np.ndarray) -> np.ndarray:
+        cur = g.astype(np.int64)
+        if self._over_keys.size:
+            pos = np.searchsorted(self._over_keys, cur)
+            pos_c = np.minimum(pos, self._over_keys.size - 1)
+            hit = self._over_keys[pos_c] == cur
+            cur[hit] = self._over_vals[pos_c[hit]]
+        return cur
+
+    def _set_heads(self, updates: dict):
+        self._heads_over.update(updates)
+        keys = np.fromiter(self._heads_over.keys(), dtype=np.int64, count=len(self._heads_over))
+        vals = np.fromiter(self._heads_over.values(), dtype=np.int64, count=len(self._heads_over))
+        order = np.argsort(keys)
+        self._over_keys, self._over_vals = keys[order], vals[order]
+
+    def pass_last(self, passes):
+        ps = self.ps
+        for pid, o, addrs in self._chunks():
+            n = addrs.size
+            ok = self.reader.read(addrs, pid)
+            buf = self.reader.buffer[: n * ps]
+            c, h, z = self._ctmp[:n], self._htmp[:n], self._ztmp[:n]
+            pages.scan_pages(buf, ps, crc_out=c, hash_out=h, zero_out=z)
+            f = self.flags[o:o + n]
+            changed = (c != self.crc[o:o + n]) | (z != ((f & ZERO) != 0))
+            f[changed] |= VOLATILE
+            if not ok.all():
+                f[~ok] |= UNREADABLE
+            r = self.rep[o:o + n]
+            cand = np.flatnonzero(r != NONE)
+            if cand.size:
+                self._confirm(o, buf, cand, r, f, h)
+            self._report(passes, passes, o + n)
+        self._note_exits(passes)
+        self.crc = None
+
+    def _confirm(self, o, buf, cand, r, f, h):
+        """Byte-compare each candidate of this chunk with its group's current head."""
+        g = r[cand].astype(np.int64)
+        ords = cand + o
+        bad = (f[cand] & (VOLATILE | UNREADABLE)) != 0
+        if bad.any():
+            r[cand[bad]] = NONE
+            lost = ords[bad & (ords == g)]
+            if lost.size:   # a head changed or vanished: its next good member takes over
+                self._set_heads({int(x): _PENDING for x in lost})
+            keep = ~bad
+            cand, g, ords = cand[keep], g[keep], ords[keep]
+            if not cand.size:
+                return
+        cur = self._current_heads(g)
+        pending = cur == _PENDING
+        if pending.any():
+            updates = {}
+            for pos in np.flatnonzero(pending):
+                gg = int(g[pos])
+                if gg not in updates:
+                    updates[gg] = int(ords[pos])
+                cur[pos] = updates[gg]
+            self._set_heads(updates)
+        need = cur != ords
+        heads_here = ~need
+        if heads_here.any():   # heads, including members just promoted to head
+            r[cand[heads_here]] = ords[heads_here].astype(np.uint32)
+        if not need.any():
+            return
+        idx = np.flatnonzero(need)
+        equal = np.zeros(idx.size, dtype=bool)
+        heads = cur[idx]
+        inside = heads >= o
+        if inside.any():
+            equal[inside] = pages.compare_pages(buf, cand[idx[inside]], heads[inside] - o,
+                                                page_size=self.ps)
+        outside = np.flatnonzero(~inside)
+        if outside.size:
+            uniq, inv = np.unique(heads[outside], return_inverse=True)
+            cap = self.heads.capacity
+            for lo in range(0, uniq.size, cap):
+                batch = uniq[lo:lo + cap]
+                got = self._read_ordinals(self.heads, batch)
+                sel = (inv >= lo) & (inv < lo + batch.size)
+                which = outside[sel]
+                slots = inv[sel] - lo
+                hb = self.heads.buffer[: batch.size * self.ps]
+                equal[which] = pages.compare_pages(buf, cand[idx[which]], slots, b=hb,
+                                                   page_size=self.ps) & got[slots]
+        members = cand[idx]
+        r[members[equal]] = heads[equal].astype(np.uint32)
+        if not equal.all():
+            miss = members[~equal]
+            r[miss] = NONE
+            self.leftovers.append((miss + o, h[miss].copy()))
+
+    def regroup_leftovers(self):
+        """Candidates that did not match their head: group them by full hash64, compare again."""
+        if not self.leftovers:
+            return 0
+        ords = np.concatenate([a for a, _ in self.leftovers])
+        hashes = np.concatenate([b for _, b in self.leftovers])
+        self.leftovers = []
+        order = np.argsort(hashes, kind="stable")
+        ords, hashes = ords[order], hashes[order]
+        starts = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1]])
+        ends = np.r_[starts[1:], hashes.size]
+        unconfirmed = 0
+        cap = self.reader.capacity
+        for s, e in zip(starts, ends):
+            if e - s < 2:
+                continue
+            group = np.sort(ords[s:e])
+            head = group[:1]
+            if not self._read_ordinals(self.heads, head)[0]:
+                unconfirmed += e - s
+                continue
+            hb = self.heads.buffer[: self.ps]
+            matched = [head]
+            for lo in range(1, group.size, cap):
+                part = group[lo:lo + cap]
+                got = self._read_ordinals(self.reader, part)
+                eq = pages.compare_pages(self.reader.buffer[: part.size * self.ps],
+                                         np.arange(part.size), np.zeros(part.size, np.int64),
+                                         b=hb, page_size=self.ps) & got
+                matched.append(part[eq])
+                unconfirmed += int((~eq).sum())
+            matched = np.concatenate(matched)
+            if matched.size >= 2:
+                self.rep[matched] = np.uint32(head[0])
+            else:
+                unconfirmed += 1
+        return unconfirmed
+
+
+# --- the entry point ------------------------------------------------------------------------------
+def estimate(targets, passes: int = 2, interval: float = 0.5, all_eligible: bool = False,
+             max_page_sharing: int | None = None, procfs: str = "/proc",
+             buffer_bytes: int = procmem.DEFAULT_BUFFER_BYTES, progress=None) -> Estimate:
+    """Predict what KSM would save on ``targets``: PIDs and/or buffers of this process (a list,
+    or one of them). Pages merge across all targets together, as KSM merges across processes.
+
+    ``passes`` (>= 2): pass 1 hashes every page, later passes re-check crc32c (a change makes the
+    page volatile) and the last one confirms duplicates byte by byte. ``interval``: the least time
+    between two visits of the same page, in seconds. ``all_eligible``: also scan KSM-compatible
+    memory that is not registered yet ("if you registered it"). ``max_page_sharing``: default the
+    kernel's current value. ``progress(pass_no, passes, pages_done, pages_total)`` is called per
+    chunk. The targets' memory is only read, never written, and pages not in RAM are not touched.
+    """
+    if int(passes) < 2:
+        raise UsageError(f"passes must be at least 2, got {passes}: the first pass hashes, a "
+                         "later one re-reads to catch volatile pages and to confirm duplicates "
+                         "byte by byte")
+    if interval < 0:
+        raise UsageError(f"interval must be >= 0 seconds, got {interval}")
+    passes = int(passes)
+    t_wall, t_cpu = time.monotonic(), time.process_time()
+    mps, uzp = _current_knobs(max_page_sharing)
+    tlist = _normalize_targets(targets, procfs)
+    scanner = _Scanner(tlist, all_eligible, procfs, buffer_bytes, progress)
+    try:
+        scanner.build_scope()
+        scanner.allocate()
+        visit = time.monotonic()
+        scanner.pass_first(passes)
+        scanner.group()
+        for pass_no in range(2, passes + 1):
+            # each page is revisited at least `interval` after its previous visit
+            wait = visit + interval - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            visit = time.monotonic()
+            if pass_no < passes:
+                scanner.pass_middle(pass_no, passes)
+            else:
+                scanner.pass_last(passes)
+        unconfirmed = scanner.regroup_leftovers()
+        est = _summarize(scanner, passes, interval, all_eligible, mps, uzp, unconfirmed)
+        est.bytes_read = scanner.reader.bytes_read + scanner.heads.bytes_read
+        est.buffer_bytes = len(scanner._buf)
+    finally:
+        scanner.close()
+    est.elapsed_seconds = time.monotonic() - t_wall
+    est.cpu_seconds = time.process_time() - t_cpu
+    return est
+
+
+def _summarize(sc: _Scanner, passes, interval, all_eligible, mps, uzp, unconfirmed) -> Estimate:
+    est = Estimate(page_size=sc.ps, passes=passes, interval=interval, all_eligible=all_eligible,
+                   max_page_sharing=mps, current_use_zero_pages=uzp, targets=sc.target_reports,
+                   mappings=sc.reports, notes=list(sc.notes), index_bytes=sc.index_bytes)
+    flags, rep = sc.flags, sc.rep
+    n = sc.total
+    for seg in sc.segments:
+        if seg.pid in sc.exited_in:   # gone: KSM will never see these pages
+            flags[seg.base: seg.base + seg.offsets.size] |= UNREADABLE
+            rep[seg.base: seg.base + seg.offsets.size] = NONE
+    grouped = rep != NONE
+    sizes_by_head = np.bincount(rep[grouped], minlength=n) if n else np.zeros(0, np.int64)
+    del grouped
+    group_sizes = sizes_by_head[sizes_by_head >= 2]
+    est.group_sizes = group_sizes
+    est.duplicate_groups = int(group_sizes.size)
+    est.largest_group = int(group_sizes.max()) if group_sizes.size else 0
+    est.unconfirmed_pages = int(unconfirmed)
+    est.existing_ksm_zero_pages = sum(t.existing_ksm_zero_pages for t in sc.target_reports)
+
+    # per mapping: classify pages chunk by chunk (bounded temporaries)
+    zero_total = 0
+    for seg in sc.segments:
+        a, b = seg.base, seg.base + seg.offsets.size
+        for lo in range(a, b, 1 << 20):
+            hi = min(b, lo + (1 << 20))
+            f, r = flags[lo:hi], rep[lo:hi]
+            unread = (f & UNREADABLE) != 0
+            vol = ((f & VOLATILE) != 0) & ~unread
+            zr = ((f & ZERO) != 0) & ~vol & ~unread
+            g = r != NONE
+            gs = sizes_by_head[r[g]]
+            dup = gs >= 2
+            rr = seg.report
+            rr.unreadable_pages += int(unread.sum())
+            rr.volatile_pages += int(vol.sum())
+            rr.zero_pages += int(zr.sum())
+            rr.duplicate_pages += int(dup.sum())
+            saved = float(_sharing_fraction(gs[dup], mps).sum())
+            rr.saved_pages[0] += saved
+            rr.saved_pages[1] += saved
+        rr = seg.report
+        rr.unique_pages = rr.scanned_pages - rr.unreadable_pages - rr.volatile_pages - \
+            rr.zero_pages - rr.duplicate_pages
+        zero_total += rr.zero_pages
+    zero_fraction = float(_sharing_fraction(np.array([zero_total]), mps)[0]) if zero_total else 0.0
+    for rr in sc.reports:
+        rr.saved_pages[0] += rr.zero_pages * zero_fraction
+        rr.saved_pages[1] += rr.zero_pages
+    for ti, tr in enumerate(sc.target_reports):
+        mine = [s.report for s in sc.segments if s.target == ti]
+        for key in ("scanned_pages", "zero_pages", "duplicate_pages", "unique_pages",
+                    "volatile_pages", "unreadable_pages"):
+            setattr(tr, key, sum(getattr(m, key) for m in mine))
+        tr.saved_pages = {k: sum(m.saved_pages[k] for m in mine) for k in (0, 1)}
+        tr.saved_pages[1] += tr.existing_ksm_zero_pages
+        tr.saved_pages[0] += tr.existing_ksm_zero_pages
+    for key in ("zero_pages", "duplicate_pages", "unique_pages", "volatile_pages",
+                "unreadable_pages"):
+        setattr(est, key, sum(getattr(t, key) for t in sc.target_reports))
+    est.pages_scanned = n
+    est.zero_mapped_pages = sum(r.zero_mapped_pages for r in sc.reports)
+    for pid, pass_no in sorted(sc.exited_in.items()):
+        tr = next((t for t in sc.target_reports if t.pid == pid), None)
+        if tr is not None:
+            tr.exited = True
+        covered = sum(s.offsets.size for s in sc.segments if s.pid == pid)
+        est.partial = True
+        est.notes.append(f"partial: PID {pid} exited during pass {pass_no} of {passes}; its "
+                         f"{covered} pages are left out of the prediction")
+    lost = est.unreadable_pages - sum(s.offsets.size for s in sc.segments
+                                      if s.pid in sc.exited_in)
+    if lost > 0:
+        est.partial = True
+        est.notes.append(f"partial: {lost} pages were unmapped during the scan and are left out")
+    if est.pages_scanned == 0:
+        est.notes.append("nothing to scan: no present anonymous pages in scope" +
+                         ("" if all_eligible else
+                          " (only registered memory is scanned by default; --all-eligible "
+                          "predicts for memory not registered yet)"))
+    return est
+
+
+def largest_groups_note(est: Estimate) -> str:
+    """One line about duplicate groups, for the CLI."""
+    if not est.duplicate_groups:
+        return "no duplicate content"
+    return (f"{est.duplicate_groups} duplicate contents, the largest in {est.largest_group} pages"
+            f" (max_page_sharing {est.max_page_sharing})")
+
+
+__all__ = ["estimate", "Estimate", "Prediction", "MappingReport", "TargetReport", "ksm_pages",
+           "RMAP_ITEM_BYTES"]
