@@ -132,8 +132,9 @@ class MergeableBuffer:
             self.mmap.close()
         except BufferError as err:
             alive = sum(1 for ref in self._views if ref() is not None)
+            # numpy points slices at the mmap itself, so only direct views can be counted
             what = (f"{alive} numpy view(s) from .array()" if alive
-                    else "a memoryview or array of its memory")
+                    else "an array or memoryview of its memory (a slice of .array()?)")
             raise BufferInUseError(
                 f"cannot close MergeableBuffer: {what} still alive; delete them first "
                 "(del arr), or drop the buffer and let garbage collection unmap it when the last "
