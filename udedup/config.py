@@ -84,7 +84,8 @@ class Estimate:
 
     scan_budget: int = _f(256 << 20, "size", "estimator read budget per second (bytes/s, averaged)",
                           lo=1 << 20)
-    passes: int = _f(2, "int", "passes per estimate (the second one finds volatile pages)", lo=1, hi=10)
+    passes: int = _f(2, "int", "passes per estimate (later ones find volatile pages and confirm "
+                     "duplicates byte by byte)", lo=2, hi=10)
     pass_interval: float = _f(0.5, "float", "seconds between estimator passes", lo=0.0, hi=60.0)
     reestimate_seconds: float = _f(600.0, "float", "re-estimate a process after this many seconds",
                                    lo=1.0)

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 DEFAULT_STATE_FILE = "/run/udedup/state.json"
 PF_KTHREAD = 0x00200000
+RMAP_ITEM_BYTES = 64            # sizeof(struct ksm_rmap_item): what each tracked page costs the kernel
 #: Knob write order: the speed first, ``run`` last so ksmd starts with its final settings.
 WRITE_ORDER = ("use_zero_pages", "sleep_millisecs", "pages_to_scan", "run")
 
@@ -332,18 +333,23 @@ def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float) -> 
 
 
 def _per_process(est, pids, use_zero_pages: bool) -> dict:
-    """{pid: (predicted saved bytes, scanned bytes)} from an Estimate."""
+    """{pid: (predicted saved bytes, scanned bytes)} from an Estimate's per-target attribution.
+
+    The estimator splits each duplicate group's saving among the processes holding it, so the
+    shares add up to the joint prediction; each share pays 64 bytes of rmap item per scanned page,
+    as general_profit does.
+    """
+    k = int(bool(use_zero_pages))
+    ps = est.page_size
     per = {}
-    if hasattr(est, "per_process"):
-        for pid, pred, scanned in est.per_process(use_zero_pages=use_zero_pages):
-            per[int(pid)] = (pred, scanned)
-        return per
-    pred = est.predicted(use_zero_pages=use_zero_pages)
-    if len(pids) == 1:
-        scanned = int(getattr(est, "bytes_scanned", 0) or 0) or (
-            int(getattr(est, "pages_scanned", 0) or 0) * int(getattr(est, "page_size", 0) or os.sysconf("SC_PAGE_SIZE")))
-        return {pids[0]: (pred.saved_bytes, scanned)}
-    raise DaemonError("the estimator gives no per-process breakdown; cannot attribute a joint estimate")
+    for t in est.targets:
+        if getattr(t, "kind", "process") != "process" or t.exited:
+            continue
+        readable = t.scanned_pages - t.unreadable_pages
+        rmap = readable - (t.zero_pages if use_zero_pages else 0)
+        saved = t.saved_pages[k] * ps - rmap * RMAP_ITEM_BYTES
+        per[int(t.pid)] = (saved, readable * ps)
+    return per
 
 
 def register_process(info: ProcessInfo, mode: str) -> tuple[bool, str]:
@@ -703,9 +709,12 @@ class Daemon:
         if self.collector is None:
             return
         view = self.policy.view()
+        knobs = dict(obs.knobs)
+        if not self.opts.dry_run:
+            knobs.update(plan.knobs)   # what they are after this round's writes
         self.collector.publish({
             "rounds": self.rounds, "dry_run": int(self.opts.dry_run),
-            "saved_bytes": obs.saved_bytes, "counters": dict(obs.counters), "knobs": dict(obs.knobs),
+            "saved_bytes": obs.saved_bytes, "counters": dict(obs.counters), "knobs": knobs,
             "ksmd_cpu_seconds": obs.ksmd_cpu_seconds, "daemon_cpu_seconds": obs.daemon_cpu_seconds,
             "ksmd_cpu_percent": plan.ksmd_cpu_percent, "daemon_cpu_percent": plan.daemon_cpu_percent,
             "cpu_budget_percent": self.cfg.ksmd.cpu_budget_percent,

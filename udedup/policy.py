@@ -34,6 +34,9 @@ HYSTERESIS = 0.2
 SETTLE_TOLERANCE = 0.01
 #: ksmd keeps at least this share of the CPU budget, whatever the daemon itself used.
 KSMD_BUDGET_FLOOR = 0.25
+#: One joint estimate may read up to this many seconds of the estimator budget in advance (it is
+#: paid back before the next one starts): joint, because KSM merges across processes.
+JOINT_ESTIMATE_SECONDS = 60.0
 #: Weight of the newest sample in the moving averages of per-page cost and daemon CPU.
 EWMA = 0.5
 
@@ -339,8 +342,8 @@ class Policy:
 
     def _choose_estimates(self, obs: Observation, plan: Plan) -> None:
         """Token bucket with debt: an estimate may start whenever the bucket is not in debt, and
-        pays for what it reads afterwards. Every due process goes into one joint estimate, so
-        duplicates across processes are seen."""
+        pays for what it reads afterwards. Due processes go into one joint estimate (up to
+        JOINT_ESTIMATE_SECONDS of budget), so duplicates across processes are seen."""
         e = self.cfg.estimate
         burst = e.scan_budget * max(self.cfg.daemon.interval, 1.0)
         self.tokens = min(burst, self.tokens + e.scan_budget * max(0.0, obs.now - self.tokens_at))
@@ -363,9 +366,10 @@ class Policy:
             return
         due.sort(key=lambda p: (p.estimate is not None, -p.info.anon_rss))
         cost = 0
+        group_limit = self.tokens + e.scan_budget * JOINT_ESTIMATE_SECONDS
         for p in due:
             size = (p.info.eligible_bytes or p.info.anon_rss) * e.passes
-            if plan.estimate and cost + size > self.tokens:
+            if plan.estimate and cost + size > group_limit:
                 break
             plan.estimate.append(p.info)
             cost += size
@@ -516,6 +520,9 @@ class Policy:
                 continue
             current = obs.knobs[name]
             if current == value:
+                # ours now as much as if we had written it: a later change by someone else is
+                # theirs to keep, not ours to undo
+                self.written[name] = value
                 continue
             if (name == "pages_to_scan" and mode == self._knob_mode and current
                     and abs(value - current) <= HYSTERESIS * current):

@@ -1,0 +1,312 @@
+"""The daemon as a process: READY over a fake NOTIFY_SOCKET, metrics scraped and parsed, SIGHUP
+reload, SIGTERM restores the knobs, SIGKILL then restart restores them, startup refusals; and end
+to end on the real kernel.
+
+The lifecycle tests run the real ``udedup daemon`` in a subprocess against a fake KSM sysfs tree
+(regular files), so they need neither root nor the KSM lock and touch no real knob. Regular files,
+unlike sysfs, keep stale bytes after a shorter write: the subprocess gets a truncating writer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from udedup.daemon import SdNotify, read_daemon_state
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "scripts", "bench_daemon_peers.py")
+
+RUNNER = """
+import sys
+from udedup import cli, ksm
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+ksm._sysfs_write = write
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _drop_dac_override():
+    # out of the bounding set, so gone from root's capabilities after exec: files of other users
+    # are then only as writable as their mode says
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):       # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        if libc.prctl(24, cap, 0, 0, 0) != 0:     # PR_CAPBSET_DROP
+            os._exit(99)
+
+
+def fake_sysfs(root, **knobs):
+    values = {"run": "1", "pages_to_scan": "100", "sleep_millisecs": "20", "use_zero_pages": "0",
+              "smart_scan": "1", "max_page_sharing": "256", "advisor_mode": "[none] scan-time"}
+    values.update({k: str(v) for k, v in knobs.items()})
+    root.mkdir(parents=True)
+    os.chmod(root, 0o755)
+    for name, value in values.items():
+        (root / name).write_text(value + "\n")
+        os.chmod(root / name, 0o644)
+    for name in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "full_scans",
+                 "pages_scanned", "ksm_zero_pages", "general_profit"):
+        (root / name).write_text("0\n")
+        os.chmod(root / name, 0o444)
+    return root
+
+
+def knob(root, name) -> str:
+    return (root / name).read_text().strip()
+
+
+class Notify:
+    """The systemd end of NOTIFY_SOCKET: collects every datagram."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[str] = []
+
+    def wait_for(self, line: str, timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        for msg in self.messages:
+            if line in msg.splitlines():
+                self.messages.remove(msg)
+                return msg
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                msg = self.sock.recv(4096).decode()
+            except socket.timeout:
+                break
+            if line in msg.splitlines():
+                return msg
+            self.messages.append(msg)
+        raise AssertionError(f"no {line!r} from the daemon within {timeout}s; got {self.messages}")
+
+    def close(self):
+        self.sock.close()
+
+
+class Daemon:
+    def __init__(self, tmp_path, config_text: str, name="d", notify=True, extra_args=(),
+                 drop_caps=False):
+        self.tmp = tmp_path
+        self.config = tmp_path / f"{name}.toml"
+        self.config.write_text(config_text)
+        self.notify = Notify(tmp_path / f"{name}.notify") if notify else None
+        self.stderr_path = tmp_path / f"{name}.stderr"
+        env = dict(os.environ, PYTHONPATH=REPO)
+        env.pop("UDEDUP_CONFIG", None)
+        if self.notify:
+            env.update(NOTIFY_SOCKET=self.notify.path, WATCHDOG_USEC="300000")
+        preexec = _drop_dac_override if drop_caps else None
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", RUNNER, "daemon", "--config", str(self.config), "-v", *extra_args],
+            stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "w"), env=env, cwd=REPO,
+            preexec_fn=preexec)
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout=15.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon did not exit; stderr:\n{self.stderr}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.notify:
+            self.notify.close()
+
+
+def config(tmp_path, sysfs, **sections) -> str:
+    base = {
+        "candidates": {"include_registered": False},      # no process on this host is ours
+        "ksmd": {"use_zero_pages": "on", "cpu_budget_percent": 20.0},
+        "metrics": {"address": "127.0.0.1:0"},
+        "daemon": {"interval": 0.1, "state_file": str(tmp_path / "run" / "state.json"),
+                   "ksm_root": str(sysfs)},
+    }
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in base.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def scrape(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def wait_until(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def sysfs(tmp_path):
+    return fake_sysfs(tmp_path / "ksm")
+
+
+def test_lifecycle_ready_metrics_reload_external_change_and_sigterm(tmp_path, sysfs):
+    d = Daemon(tmp_path, config(tmp_path, sysfs))
+    try:
+        ready = d.notify.wait_for("READY=1")
+        assert any(line.startswith("STATUS=stopped: saved 0.00 GiB") for line in ready.splitlines())
+        # nothing is worth merging on this host: ksmd stopped, use_zero_pages as configured
+        assert knob(sysfs, "run") == "0" and knob(sysfs, "use_zero_pages") == "1"
+        state = read_daemon_state(str(tmp_path / "run" / "state.json"))
+        assert state["running"] and state["pid"] == d.proc.pid and state["mode"] == "stopped"
+        assert state["original_knobs"]["run"] == 1 and state["original_knobs"]["use_zero_pages"] is False
+        assert state["written_knobs"]["run"] == 0
+
+        m = scrape(state["metrics_url"])
+        assert m[("udedup_up", ())] == 1.0
+        assert m[("udedup_mode", (("mode", "stopped"),))] == 1.0
+        assert m[("udedup_mode", (("mode", "fast"),))] == 0.0
+        assert m[("udedup_ksm_knob", (("knob", "run"),))] == 0.0
+        assert m[("udedup_cpu_budget_percent", ())] == 20.0
+        assert m[("udedup_saved_bytes", ())] == 0.0
+        assert m[("udedup_knob_writes_total", ())] == 2.0
+        assert ("udedup_ksmd_cpu_seconds_total", ()) in m
+        d.notify.wait_for("WATCHDOG=1", timeout=2)
+
+        # SIGHUP: the new budget is in force, systemd hears RELOADING then READY
+        d.config.write_text(d.config.read_text().replace("cpu_budget_percent = 20.0",
+                                                         "cpu_budget_percent = 7.5"))
+        d.signal(signal.SIGHUP)
+        d.notify.wait_for("RELOADING=1")
+        d.notify.wait_for("READY=1")
+        assert scrape(state["metrics_url"])[("udedup_cpu_budget_percent", ())] == 7.5
+
+        # someone else starts ksmd: reported, not fought, and theirs to keep at exit
+        (sysfs / "run").write_text("1\n")
+        wait_until(lambda: "run was changed by someone else" in d.stderr, what="the report")
+        time.sleep(0.3)
+        assert knob(sysfs, "run") == "1"
+        assert scrape(state["metrics_url"])[("udedup_external_knob_changes_total", ())] == 1.0
+
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0
+        d.notify.wait_for("STOPPING=1")
+    finally:
+        d.stop()
+    err = d.stderr
+    assert "configuration reloaded" in err and "received SIGTERM" in err
+    assert "restored use_zero_pages=False" in err
+    assert knob(sysfs, "use_zero_pages") == "0" and knob(sysfs, "run") == "1"
+    assert not (tmp_path / "run" / "state.json").exists()
+    assert "Traceback" not in err
+
+
+def test_sigkill_then_restart_restores_the_knobs(tmp_path, sysfs):
+    text = config(tmp_path, sysfs, metrics={"address": ""})
+    state_file = tmp_path / "run" / "state.json"
+    first = Daemon(tmp_path, text, name="first")
+    try:
+        first.notify.wait_for("READY=1")
+        assert (knob(sysfs, "run"), knob(sysfs, "use_zero_pages")) == ("0", "1")
+        first.signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        first.stop()
+    assert (knob(sysfs, "run"), knob(sysfs, "use_zero_pages")) == ("0", "1")   # nobody restored
+    stale = read_daemon_state(str(state_file))
+    assert stale is not None and not stale["running"] and stale["written_knobs"]["run"] == 0
+
+    second = Daemon(tmp_path, text, name="second")
+    try:
+        second.notify.wait_for("READY=1")
+        # the originals it recorded are the restored ones, not what the killed daemon left
+        state = read_daemon_state(str(state_file))
+        assert state["running"] and state["original_knobs"]["run"] == 1
+        assert state["original_knobs"]["use_zero_pages"] is False
+        # a third instance on the same state file refuses to start
+        third = subprocess.run([sys.executable, "-m", "udedup", "daemon", "--config", str(second.config),
+                                "--once"], capture_output=True, text=True, cwd=REPO, timeout=30,
+                               env=dict(os.environ, PYTHONPATH=REPO))
+        assert third.returncode == 12
+        assert third.stderr.startswith("udedup: error: another udedup daemon is running (pid "
+                                       f"{second.proc.pid}")
+        assert third.stderr.count("\n") == 1
+        second.signal(signal.SIGTERM)
+        assert second.wait() == 0
+    finally:
+        second.stop()
+    assert "did not exit cleanly" in second.stderr
+    assert "WARNING: restored use_zero_pages=False, run=1" in second.stderr      # at start
+    assert "INFO: restored use_zero_pages=False, run=1" in second.stderr         # at SIGTERM
+    assert (knob(sysfs, "run"), knob(sysfs, "use_zero_pages")) == ("1", "0")
+    assert not state_file.exists()
+
+
+def test_dry_run_once_changes_nothing(tmp_path, sysfs):
+    d = Daemon(tmp_path, config(tmp_path, sysfs, metrics={"address": ""}), extra_args=["--dry-run", "--once"])
+    try:
+        assert d.wait() == 0
+        d.notify.wait_for("READY=1")
+    finally:
+        d.stop()
+    assert (knob(sysfs, "run"), knob(sysfs, "use_zero_pages")) == ("1", "0")
+    assert "dry run: would set: run=0, use_zero_pages=True" in d.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_self_test_fails_without_write_permission(tmp_path, sysfs):
+    """Knob files owned by someone else, and no CAP_DAC_OVERRIDE: EACCES, exit 4 before the loop."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to hand the fake knobs to another user")
+    for name in ("run", "pages_to_scan", "sleep_millisecs", "use_zero_pages"):
+        os.chown(sysfs / name, 65534, 65534)
+    d = Daemon(tmp_path, config(tmp_path, sysfs, metrics={"address": ""}), notify=False,
+               drop_caps=True)
+    try:
+        assert d.wait() == 4
+    finally:
+        d.stop()
+    err = d.stderr
+    assert "udedup: error: startup self-test: cannot write sleep_millisecs" in err
+    assert "ReadWritePaths" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "state.json").exists()
+    assert (knob(sysfs, "run"), knob(sysfs, "use_zero_pages")) == ("1", "0")
+
+
+def test_sd_notify_abstract_socket_and_watchdog_env():
+    n = SdNotify({"NOTIFY_SOCKET": "@udedup-test", "WATCHDOG_USEC": "2000000",
+                  "WATCHDOG_PID": str(os.getpid())})
+    assert n.address == "\0udedup-test" and n.watchdog_seconds == 2.0
+    assert SdNotify({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}).watchdog_seconds is None
+    assert SdNotify({}).send("READY=1") is False

@@ -1,0 +1,536 @@
+"""Policy decisions from hand-made observations with a fake clock, and the daemon's observation and
+action code on fake /proc and sysfs trees (no real process, no real knob)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from udedup import daemon as daemon_mod
+from udedup.config import Config
+from udedup.policy import (PRIOR_SECONDS_PER_PAGE, EstimateResult, Memory, Observation, Policy,
+                           ProcessInfo, knobs_for_rate, match_process, pressure_state)
+
+PS = 4096
+MiB, GiB = 1 << 20, 1 << 30
+
+
+def cfg(**sections) -> Config:
+    """Config() with ``section={key: value}`` changes."""
+    c = Config()
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(c, section), key, value)
+    return c
+
+
+def proc(pid, name="vm", size=GiB, registered=True, **kw) -> ProcessInfo:
+    base = dict(pid=pid, start_time=pid * 10, name=name, cmdline=f"/usr/bin/{name} --guest",
+                exe=f"/usr/bin/{name}", uid=0, cgroup="/machine.slice/x", anon_rss=size,
+                merge_any=registered, registered_bytes=size if registered else 0,
+                eligible_bytes=size)
+    base.update(kw)
+    return ProcessInfo(**base)
+
+
+KNOBS = {"run": 0, "pages_to_scan": 100, "sleep_millisecs": 20, "use_zero_pages": False,
+         "smart_scan": True, "advisor_mode": "none", "max_page_sharing": 256}
+
+
+class Host:
+    """A fake host: processes, KSM counters and knobs, CPU clocks; ``round()`` builds the
+    Observation the daemon would, at a fake time."""
+
+    def __init__(self, policy: Policy, *procs):
+        self.policy = policy
+        self.now = 0.0
+        self.procs = list(procs)
+        self.counters = {"full_scans": 0, "pages_scanned": 0, "pages_sharing": 0, "pages_shared": 0,
+                         "ksm_zero_pages": 0}
+        self.knobs = dict(KNOBS)
+        self.saved = 0
+        self.ksmd_cpu = 0.0
+        self.daemon_cpu = 0.0
+        self.memory = Memory(total=16 * GiB, available=12 * GiB, psi_some_avg10=0.0)
+
+    def round(self, dt=10.0, apply=True):
+        self.now += dt
+        obs = Observation(now=self.now, processes=tuple(self.procs), counters=dict(self.counters),
+                          knobs=dict(self.knobs), saved_bytes=self.saved, page_size=PS,
+                          ksmd_cpu_seconds=self.ksmd_cpu, daemon_cpu_seconds=self.daemon_cpu,
+                          memory=self.memory)
+        plan = self.policy.decide(obs)
+        if apply:
+            self.knobs.update(plan.knobs)
+            self.policy.record_written(plan.knobs)
+        return plan
+
+    def scan(self, scans, pages, cpu, saved_pages=None, profit=None):
+        """ksmd did ``scans`` full scans over ``pages`` pages using ``cpu`` seconds."""
+        self.counters["full_scans"] += scans
+        self.counters["pages_scanned"] += pages
+        self.ksmd_cpu += cpu
+        if saved_pages is not None:
+            self.counters["pages_sharing"] = saved_pages
+            self.saved = saved_pages * PS
+        if profit is not None:
+            self.procs = [dataclasses.replace(p, ksm_profit=profit.get(p.pid, 0)) for p in self.procs]
+
+
+def estimated(policy, info, saved, at=0.0):
+    policy.record_estimate(info.key, EstimateResult(at=at, saved_bytes=saved,
+                                                    scanned_bytes=info.anon_rss,
+                                                    saved_percent=100.0 * saved / info.anon_rss))
+
+
+def texts(plan):
+    return [str(d) for d in plan.decisions]
+
+
+# --- pure helpers -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("changes,info,ok,words", [
+    ({}, proc(1, registered=False), False, "matches no candidates pattern"),
+    ({}, proc(1, registered=True), True, "include_registered"),
+    ({"include_registered": False}, proc(1), False, "matches no candidates pattern"),
+    ({"names": ["qemu-*"]}, proc(1, "qemu-system-x86", registered=False), True, "candidates.names"),
+    ({"cmdline": [r"--guest\b"]}, proc(1, registered=False), True, "candidates.cmdline"),
+    ({"exe": ["/usr/bin/*"]}, proc(1, registered=False), True, "candidates.exe"),
+    ({"cgroups": ["/machine.slice/*"]}, proc(1, registered=False), True, "candidates.cgroups"),
+    ({"names": ["vm"], "exclude_names": ["v*"]}, proc(1), False, "exclude_names"),
+    ({"names": ["vm"], "exclude_cmdline": ["guest"]}, proc(1), False, "exclude_cmdline"),
+    ({"names": ["vm"], "exclude_uids": [0]}, proc(1), False, "exclude_uids"),
+    ({"names": ["vm"], "exclude_cgroups": ["/machine.slice/*"]}, proc(1), False, "exclude_cgroups"),
+    ({"names": ["vm"], "uids": [1000]}, proc(1), False, "not in candidates.uids"),
+    ({"names": ["vm"], "uids": [1000]}, proc(1, uid=1000), True, "candidates.names"),
+    ({"names": ["vm"]}, proc(1, size=10 * MiB), False, "below candidates.min_anon_rss"),
+    ({}, proc(1, registered=False, mergeable=True), True, "include_registered"),
+])
+def test_match_process(changes, info, ok, words):
+    got, why = match_process(cfg(candidates=changes), info)
+    assert got is ok and words in why
+
+
+def test_knobs_for_rate():
+    # p / (s + p c) = R  <=>  p = R s / (1 - R c)
+    p = knobs_for_rate(100000, 20, 2e-6, 10**6)
+    assert p == 2500 and abs(p / (0.020 + p * 2e-6) - 100000) < 1
+    assert knobs_for_rate(10, 200, 2e-6, 10**6) == 3
+    assert knobs_for_rate(1e9, 20, 2e-6, 5000) == 5000        # more than one CPU: capped
+    assert knobs_for_rate(0.001, 200, 2e-6, 5000) == 1
+
+
+def test_pressure_state():
+    c = cfg()
+    assert pressure_state(c, None)[0] is False
+    assert pressure_state(c, Memory(16 * GiB, 12 * GiB, 0.0))[0] is False
+    hit, why = pressure_state(c, Memory(16 * GiB, 1 * GiB, 0.0))
+    assert hit and "MemAvailable 6.2%" in why
+    hit, why = pressure_state(c, Memory(16 * GiB, 12 * GiB, 25.0))
+    assert hit and "PSI some avg10 25.0" in why
+    assert pressure_state(cfg(pressure={"psi_some_avg10": 0.0}), Memory(16 * GiB, 12 * GiB, 99.0))[0] is False
+
+
+# --- the life of a policy ---------------------------------------------------------------------------
+def test_estimate_then_fast_then_slow_once_realized():
+    dup, uniq = proc(100, "vm-dup"), proc(200, "vm-uniq")
+    policy = Policy(cfg())
+    host = Host(policy, dup, uniq)
+
+    plan = host.round()
+    assert [p.pid for p in plan.estimate] == [100, 200]      # one joint estimate for both
+    assert plan.mode == "hold" and not plan.knobs
+    assert any("waiting for estimates" in t for t in texts(plan))
+    estimated(policy, dup, 512 * MiB, at=host.now)
+    estimated(policy, uniq, 1 * MiB, at=host.now)
+
+    plan = host.round()
+    assert plan.mode == "fast"
+    # 2 GiB registered = 524288 pages in 5 s = 104858 pages/s; the 20 % budget at the prior
+    # 2 us/page allows 100000 pages/s: clamped, then p = R s / (1 - R c) = 2500 at 20 ms
+    assert plan.scan_pages == 524288
+    assert plan.budget_pages_per_second == pytest.approx(0.2 / PRIOR_SECONDS_PER_PAGE)
+    assert plan.knobs == {"run": 1, "pages_to_scan": 2500}       # sleep_millisecs is already 20
+    assert policy.written == {"run": 1, "pages_to_scan": 2500, "sleep_millisecs": 20}
+    t = "\n".join(texts(plan))
+    assert "pid 100: registered: vm-dup: predicted saving 512.0 MiB (50.0%" in t
+    assert "pid 200: not-worth: vm-uniq" in t and "below registration.min_saving 32.0 MiB" in t
+    assert plan.predicted_bytes == 512 * MiB and plan.unrealized_bytes == 512 * MiB
+
+    # one full scan, part merged: still fast, nothing rewritten, nothing re-reported
+    host.scan(1, 600000, 1.2, saved_pages=50000, profit={100: 50000 * PS})
+    plan = host.round()
+    assert plan.mode == "fast" and plan.knobs == {} and plan.ksmd_cpu_percent == pytest.approx(12.0)
+    assert not [d for d in plan.decisions if d.pid is not None]
+    assert plan.realized_bytes == 50000 * PS
+
+    # realized >= 95 % of the prediction: slow, 300 s per full scan at 200 ms sleeps
+    host.scan(2, 1048576, 2.1, saved_pages=128000, profit={100: 500 * MiB})
+    plan = host.round()
+    assert plan.mode == "slow"
+    rate = 524288 / 300
+    assert plan.knobs == {"pages_to_scan": knobs_for_rate(rate, 200, policy.seconds_per_page, 100000),
+                          "sleep_millisecs": 200}
+    assert any("saving realized" in t for t in texts(plan))
+    assert policy.view()["mode"] == "slow"
+
+
+def test_settled_short_of_prediction_goes_slow():
+    vm = proc(1)
+    policy = Policy(cfg())
+    host = Host(policy, vm)
+    host.round()
+    estimated(policy, vm, 512 * MiB)
+    assert host.round().mode == "fast"
+    for _ in range(2):
+        host.scan(1, 262144, 0.5, saved_pages=65536, profit={1: 256 * MiB})
+        assert host.round().mode == "fast"           # moving, or not enough scans yet
+    host.scan(1, 262144, 0.5, saved_pages=65536, profit={1: 256 * MiB})
+    plan = host.round()
+    assert plan.mode == "slow"
+    assert any("merging settled" in t and "(50%)" in t for t in texts(plan))
+
+
+def test_new_registration_restarts_the_settle_count():
+    a = proc(1, "a")
+    policy = Policy(cfg())
+    host = Host(policy, a)
+    host.round()
+    estimated(policy, a, 512 * MiB)
+    host.round()
+    for _ in range(4):
+        host.scan(1, 262144, 0.5, saved_pages=65536, profit={1: 256 * MiB})
+        plan = host.round()
+    assert plan.mode == "slow"
+    b = proc(2, "b")
+    host.procs.append(b)
+    host.round()
+    estimated(policy, b, 256 * MiB, at=host.now)
+    plan = host.round()
+    assert plan.mode == "fast" and plan.knobs["sleep_millisecs"] == 20
+
+
+def test_nothing_worth_merging_stops_ksmd():
+    vm = proc(1)
+    policy = Policy(cfg())
+    host = Host(policy, vm)
+    host.knobs["run"] = 1
+    host.round()
+    estimated(policy, vm, 4 * MiB)
+    plan = host.round()
+    assert plan.mode == "stopped" and plan.knobs == {"run": 0}
+    assert any("nothing worth merging" in t and "merged pages stay" in t for t in texts(plan))
+    policy.cfg.ksmd.stop_when_idle = False
+    plan = host.round()
+    assert plan.mode == "slow" and plan.knobs["run"] == 1
+
+
+def test_cpu_budget_measured_cost_and_daemon_share():
+    vm = proc(1, size=4 * GiB)
+    policy = Policy(cfg(ksmd={"cpu_budget_percent": 10.0}))
+    host = Host(policy, vm)
+    host.round()
+    estimated(policy, vm, 2 * GiB)
+    host.round()
+    # ksmd spent 10 us per page, the daemon 20 % of a CPU: the cost moves halfway (EWMA 0.5)
+    # to 6 us, and the daemon's share (10 % after the EWMA) eats the whole budget but ksmd's floor
+    host.scan(0, 100000, 1.0)
+    host.daemon_cpu += 2.0
+    plan = host.round()
+    assert policy.seconds_per_page == pytest.approx(6e-6)
+    assert plan.daemon_cpu_percent == pytest.approx(20.0)
+    assert plan.budget_pages_per_second == pytest.approx(0.1 * 0.25 / 6e-6)
+    assert plan.target_pages_per_second == pytest.approx(plan.budget_pages_per_second)
+    # the chosen knobs keep ksmd within its share: p / (s + p c) * c <= share
+    p, s = host.knobs["pages_to_scan"], host.knobs["sleep_millisecs"] / 1000
+    assert p / (s + p * 6e-6) * 6e-6 <= 0.1 * 0.25 * 1.01
+
+
+def test_small_cost_drift_does_not_rewrite_knobs():
+    vm = proc(1, size=4 * GiB)
+    policy = Policy(cfg())
+    host = Host(policy, vm)
+    host.round()
+    estimated(policy, vm, 2 * GiB)
+    first = host.round().knobs["pages_to_scan"]
+    host.scan(0, 100000, 0.22)            # 2.2 us/page: a 5 % change
+    plan = host.round()
+    assert "pages_to_scan" not in plan.knobs and host.knobs["pages_to_scan"] == first
+
+
+def test_memory_pressure_scans_faster_within_budget():
+    vm = proc(1)
+    c = cfg()
+    policy = Policy(c)
+    host = Host(policy, vm)
+    host.round()
+    estimated(policy, vm, 512 * MiB)
+    host.round()
+    for _ in range(4):
+        host.scan(1, 262144, 0.5, saved_pages=131072, profit={1: 512 * MiB})
+        plan = host.round()
+    assert plan.mode == "slow"
+    calm = plan.target_pages_per_second
+    host.memory = Memory(total=16 * GiB, available=GiB // 2, psi_some_avg10=30.0)
+    plan = host.round()
+    assert plan.pressure and plan.target_pages_per_second == pytest.approx(4 * calm)
+    assert any("memory pressure" in t for t in texts(plan))
+    assert plan.knobs["pages_to_scan"] > host.knobs.get("pages_to_scan", 0) // 2
+    # in fast mode the budget caps the speedup
+    host.memory = Memory(total=16 * GiB, available=GiB // 2, psi_some_avg10=30.0)
+    big = proc(2, "big", size=8 * GiB)
+    host.procs.append(big)
+    host.round()
+    estimated(policy, big, 4 * GiB, at=host.now)
+    plan = host.round(dt=100)
+    assert plan.mode == "fast" and plan.target_pages_per_second == pytest.approx(plan.budget_pages_per_second)
+
+
+def test_estimator_budget_is_a_token_bucket_with_debt():
+    a = proc(1, size=2 * GiB)
+    policy = Policy(cfg(estimate={"scan_budget": 256 * MiB}))
+    host = Host(policy, a)
+    plan = host.round()
+    assert [p.pid for p in plan.estimate] == [1]
+    # the bucket holds at most one interval of budget (2.5 GiB); 2 GiB x 2 passes is paid afterwards
+    assert policy.tokens == 2.5 * GiB - 4 * GiB
+    estimated(policy, a, 0, at=host.now)
+    host.procs.append(proc(2, "b"))
+    plan = host.round(dt=2)
+    assert plan.estimate == [] and any("in debt, next estimate in 4 s" in t for t in texts(plan))
+    plan = host.round(dt=5)
+    assert [p.pid for p in plan.estimate] == [2]
+    assert policy.estimated_bytes_total == 6 * GiB
+    # re-estimated after estimate.reestimate_seconds
+    policy.record_estimate(proc(2, "b").key, EstimateResult(host.now, 0, GiB, 0.0))
+    plan = host.round(dt=600)
+    assert sorted(p.pid for p in plan.estimate) == [1, 2]
+
+
+def test_failed_estimate_is_retried_only_after_the_reestimate_interval():
+    a = proc(1)
+    policy = Policy(cfg())
+    host = Host(policy, a)
+    host.round()
+    policy.record_estimate(a.key, None, error="permission denied", now=host.now)
+    plan = host.round(dt=100)
+    assert plan.estimate == [] and any("cannot estimate: permission denied" in t for t in texts(plan))
+    assert plan.mode == "stopped"
+    plan = host.round(dt=600)
+    assert [p.pid for p in plan.estimate] == [1]
+
+
+def test_unregistered_process_needs_injection():
+    vm = proc(1, registered=False)
+    policy = Policy(cfg(candidates={"names": ["vm"]}))
+    host = Host(policy, vm)
+    host.round()
+    estimated(policy, vm, 512 * MiB)
+    plan = host.round()
+    assert plan.register == [] and plan.mode == "stopped"
+    assert any("would need injection; not allowed by config" in t for t in texts(plan))
+
+    policy.reconfigure(cfg(candidates={"names": ["vm"]}, registration={"allow_injection": True,
+                                                                         "inject_mode": "madvise"}))
+    plan = host.round()
+    assert [(i.pid, mode) for i, mode in plan.register] == [(1, "madvise")]
+    assert plan.mode == "fast"                   # registration under way: scan for it
+    assert host.round().register == []           # not repeated while waiting for the mg flags
+    policy.record_registration(vm.key, False, "target is traced by a debugger", host.now)
+    plan = host.round()
+    assert plan.register == [] and any("injection failed: target is traced" in t for t in texts(plan))
+
+
+def test_knobs_changed_by_someone_else_are_reported_and_left_alone():
+    vm = proc(1)
+    policy = Policy(cfg())
+    host = Host(policy, vm)
+    host.round()
+    estimated(policy, vm, 512 * MiB)
+    # 1 GiB = 262144 pages in 5 s at 20 ms sleeps: p = R s / (1 - R c) = 1172
+    assert host.round().knobs["pages_to_scan"] == 1172
+    host.knobs["pages_to_scan"] = 777                # an operator, or ksmtuned
+    plan = host.round()
+    assert "pages_to_scan" not in plan.knobs
+    assert any(d.kind == "external" and "pages_to_scan was changed by someone else (1172 -> 777)"
+               in d.reason for d in plan.decisions)
+    assert policy.yielded == {"pages_to_scan": 777} and "pages_to_scan" not in policy.written
+    for _ in range(4):                               # even when the mode changes
+        host.scan(1, 262144, 0.5, saved_pages=131072, profit={1: 512 * MiB})
+        plan = host.round()
+        assert "pages_to_scan" not in plan.knobs
+    assert plan.mode == "slow" and host.knobs["pages_to_scan"] == 777
+    policy.reconfigure(policy.cfg)                   # SIGHUP: ours to decide again
+    assert "pages_to_scan" in host.round().knobs
+
+
+def test_advisor_mode_owns_the_scan_rate():
+    vm = proc(1)
+    policy = Policy(cfg())
+    host = Host(policy, vm)
+    host.knobs.update(advisor_mode="scan-time", pages_to_scan=500)
+    first = host.round()
+    assert sum("advisor" in t for t in texts(first)) == 1      # said once
+    estimated(policy, vm, 512 * MiB)
+    plan = host.round()
+    assert plan.mode == "fast" and plan.knobs == {"run": 1}
+    assert not any("advisor" in t for t in texts(plan))
+
+
+def test_use_zero_pages_setting():
+    vm = proc(1)
+    policy = Policy(cfg(ksmd={"use_zero_pages": "on"}))
+    host = Host(policy, vm)
+    plan = host.round()
+    assert plan.knobs == {"use_zero_pages": True}
+
+
+def test_exited_process_is_forgotten():
+    a, b = proc(1, "a"), proc(2, "b")
+    policy = Policy(cfg())
+    host = Host(policy, a, b)
+    host.round()
+    host.procs = [a]
+    plan = host.round()
+    assert any(d.action == "forget" and d.pid == 2 for d in plan.decisions)
+    assert list(policy.procs) == [a.key]
+    # same pid, new process (start time differs): a new candidate, not the old estimate
+    host.procs = [a, dataclasses.replace(b, start_time=999)]
+    plan = host.round()
+    assert any(d.action == "track" and d.pid == 2 for d in plan.decisions)
+
+
+# --- fake /proc and sysfs trees ---------------------------------------------------------------------
+SMAPS_ENTRY = """{start:x}-{end:x} rw-p 00000000 00:00 0 {path}
+Size:           {kb} kB
+Rss:            {kb} kB
+Anonymous:      {kb} kB
+KSM:            0 kB
+AnonHugePages:  0 kB
+Swap:           0 kB
+VmFlags: rd wr mr mw me ac{mg}
+"""
+
+
+def fake_proc(root, pid, comm, cmdline, anon_kb, merge_any=False, mappings=(), uid=0,
+              kthread=False, cgroup="/machine.slice/vm.scope"):
+    d = root / str(pid)
+    d.mkdir(parents=True)
+    flags = 0x00200000 if kthread else 0x400000
+    (d / "stat").write_text(f"{pid} ({comm}) S 1 {pid} {pid} 0 -1 {flags} 0 0 0 0 1 2 0 0 20 0 1 0 "
+                            f"{pid * 7} 0 0\n")
+    (d / "comm").write_text(comm + "\n")
+    (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in cmdline) + b"\0")
+    (d / "status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
+                              f"VmRSS:\t{anon_kb + 100} kB\nRssAnon:\t{anon_kb} kB\n")
+    (d / "cgroup").write_text(f"0::{cgroup}\n")
+    yes = "yes" if merge_any else "no"
+    (d / "ksm_stat").write_text(f"ksm_rmap_items 0\nksm_zero_pages 0\nksm_merging_pages 0\n"
+                                f"ksm_process_profit 0\nksm_merge_any: {yes}\nksm_mergeable: {yes}\n")
+    text = ""
+    start = 0x7F0000000000
+    for kb, mg in mappings:
+        end = start + kb * 1024
+        text += SMAPS_ENTRY.format(start=start, end=end, path="", kb=kb, mg=" mg" if mg else "")
+        start = end + 0x1000
+    (d / "smaps").write_text(text)
+
+
+def fake_sysfs(root, **knobs):
+    values = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "use_zero_pages": "0",
+              "smart_scan": "1", "max_page_sharing": "256", "advisor_mode": "[none] scan-time"}
+    values.update({k: str(v) for k, v in knobs.items()})
+    root.mkdir()
+    for name, value in values.items():
+        (root / name).write_text(value + "\n")
+        os.chmod(root / name, 0o644)
+    for name in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "full_scans",
+                 "pages_scanned", "ksm_zero_pages", "general_profit"):
+        (root / name).write_text("0\n")
+        os.chmod(root / name, 0o444)
+    return root
+
+
+def truncating_sysfs(monkeypatch) -> list:
+    """Real sysfs parses each write on its own; a regular file needs truncating to behave alike."""
+    from udedup import ksm as ksm_mod
+    writes = []
+
+    def write(path, text):
+        writes.append((os.path.basename(path), text))
+        with open(path, "w") as f:
+            f.write(text)
+    monkeypatch.setattr(ksm_mod, "_sysfs_write", write)
+    return writes
+
+
+def test_discovery_and_memory_on_a_fake_proc(tmp_path):
+    procfs = tmp_path / "proc"
+    fake_proc(procfs, 10, "qemu-system-x86", ["qemu-system-x86_64", "-m", "1G"], 1048576,
+              merge_any=True, mappings=[(1048576, True), (2048, False)])
+    fake_proc(procfs, 11, "bash", ["bash"], 2048)
+    fake_proc(procfs, 2, "kthreadd", [], 0, kthread=True)
+    (procfs / "meminfo").write_text("MemTotal: 16384000 kB\nMemFree: 100 kB\nMemAvailable: 8192000 kB\n")
+    (procfs / "pressure").mkdir()
+    (procfs / "pressure" / "memory").write_text(
+        "some avg10=1.50 avg60=0.20 avg300=0.00 total=10\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+
+    found = {p.pid: p for p in daemon_mod.discover_processes(str(procfs))}
+    assert sorted(found) == [10, 11]                    # the kernel thread is skipped
+    q = found[10]
+    assert (q.name, q.cmdline, q.uid, q.cgroup, q.anon_rss, q.merge_any, q.start_time) == (
+        "qemu-system-x86", "qemu-system-x86_64 -m 1G", 0, "/machine.slice/vm.scope", GiB, True, 70)
+    q = daemon_mod.with_mappings(q, str(procfs))
+    assert q.registered_bytes == GiB and q.eligible_bytes == GiB + 2 * MiB
+    mem = daemon_mod.read_memory(str(procfs))
+    assert mem == Memory(total=16384000 * 1024, available=8192000 * 1024, psi_some_avg10=1.5)
+    assert daemon_mod.process_start_time(10, str(procfs)) == 70
+
+
+def test_daemon_rounds_on_fake_trees_write_the_fake_knobs(tmp_path, monkeypatch):
+    """Observe -> decide -> act, end to end over fake trees, with the estimator stubbed by fixed
+    predictions (a fake process has no memory to read) and a fake clock."""
+    procfs = tmp_path / "proc"
+    fake_proc(procfs, 10, "vm-dup", ["vm-dup"], 1048576, merge_any=True, mappings=[(1048576, True)])
+    fake_proc(procfs, 11, "vm-uniq", ["vm-uniq"], 1048576, merge_any=True, mappings=[(1048576, True)])
+    (procfs / "meminfo").write_text("MemTotal: 16384000 kB\nMemAvailable: 8192000 kB\n")
+    sysfs = fake_sysfs(tmp_path / "ksm")
+    c = cfg(daemon={"ksm_root": str(sysfs), "procfs": str(procfs), "state_file": str(tmp_path / "s.json")},
+            metrics={"address": ""})
+    predicted = {10: 600 * MiB, 11: 0}
+    calls = []
+
+    def fake_estimate(infos, cfg_, use_zero, now):
+        calls.append(sorted(i.pid for i in infos))
+        return {i.key: EstimateResult(now, predicted[i.pid], i.anon_rss,
+                                      100.0 * predicted[i.pid] / i.anon_rss) for i in infos}
+
+    monkeypatch.setattr(daemon_mod, "estimate_processes", fake_estimate)
+    kernel_writes = truncating_sysfs(monkeypatch)
+    clock = [100.0]
+    from udedup.ksm import Ksm
+    d = daemon_mod.Daemon(c, clock=lambda: clock[0])
+    d.ksm = Ksm(str(sysfs), procfs=str(procfs))
+    d.original = d.ksm.knobs()
+    d._round()
+    assert calls == [[10, 11]]
+    read = lambda name: (sysfs / name).read_text().strip()  # noqa: E731
+    assert read("run") == "1" and read("sleep_millisecs") == "20"
+    assert int(read("pages_to_scan")) == 2500            # 2 GiB registered, clamped by the budget
+    assert d.policy.written == {"run": 1, "pages_to_scan": 2500, "sleep_millisecs": 20}
+    assert kernel_writes == [("pages_to_scan", "2500"), ("run", "1")]    # speed first, run last
+    state = d._state()
+    assert state["mode"] == "fast" and state["original_knobs"]["run"] == 0
+    # realized: the fake counters say 600 MiB are saved, over three full scans
+    (sysfs / "pages_sharing").write_text(str(600 * MiB // PS))
+    (sysfs / "general_profit").write_text(str(600 * MiB))
+    (sysfs / "full_scans").write_text("3")
+    (procfs / "10" / "ksm_stat").write_text(
+        "ksm_rmap_items 262144\nksm_zero_pages 0\nksm_merging_pages 153600\n"
+        f"ksm_process_profit {600 * MiB}\nksm_merge_any: yes\nksm_mergeable: yes\n")
+    clock[0] += 10
+    d._round()
+    assert read("sleep_millisecs") == "200" and d.policy.mode == "slow"
+    restored, left = daemon_mod.restore_knobs(d.ksm, d.original, d.policy.written)
+    assert restored == {"run": 0, "pages_to_scan": 100, "sleep_millisecs": 20} and left == {}
+    assert (read("run"), read("pages_to_scan"), read("sleep_millisecs")) == ("0", "100", "20")
