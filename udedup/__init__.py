@@ -11,3 +11,5 @@ __all__ += ["Ksm", "KsmStats", "MergeableBuffer", "mergeable_array", "enable_pro
             "disable_process_merge", "process_merge_enabled"]
 from .procksm import process_ksm, top_processes  # noqa: E402
 __all__ += ["process_ksm", "top_processes"]
+from .inject import disable, enable  # noqa: E402
+__all__ += ["enable", "disable"]

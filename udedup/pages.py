@@ -241,3 +241,114 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
         raise NativeError(f"prctl({option}) failed: {os.strerror(err[0])}", errno=err[0],
                           call="prctl", option=option)
     return int(rc)
+
+
+# --- injection
+# Thin wrappers over csrc/inject.c (running a syscall inside another thread through ptrace). The
+# policy (refusals, modes, ranges) lives in udedup/inject.py; here only status codes become errors.
+import errno as errno_mod  # noqa: E402
+import signal as signal_mod  # noqa: E402
+
+from .errors import (InjectError, InjectRefusedError, ProcessNotFoundError,  # noqa: E402
+                     UnsupportedArchError)
+
+#: The injector works on this machine's architecture (x86_64 only).
+INJECT_SUPPORTED: bool = bool(lib.ud_inject_supported())
+
+_PTRACE_REQUESTS = {0x4206: "PTRACE_SEIZE", 0x4207: "PTRACE_INTERRUPT", 0x4204: "PTRACE_GETREGSET",
+                    0x4205: "PTRACE_SETREGSET", 7: "PTRACE_CONT", 24: "PTRACE_SYSCALL",
+                    17: "PTRACE_DETACH", 0x4202: "PTRACE_GETSIGINFO", 1: "PTRACE_PEEKTEXT"}
+
+
+class InjectOutcome(NamedTuple):
+    results: list      # raw return value per call: >= 0, or -errno
+    restarts: list     # per call: times it was cut short by a signal and run again
+    info: dict         # the C side's ud_inject_info, by field name
+
+
+def find_syscall_insn(buf) -> int:
+    """Offset of the first ``syscall`` instruction in ``buf`` (machine code), or -1."""
+    ptr, nbytes = _input(buf, "buf")
+    return int(lib.ud_inject_find_insn(ptr, nbytes)) if nbytes else -1
+
+
+def _info_dict(info) -> dict:
+    return {name: int(getattr(info, name)) for name, _ in ffi.typeof("ud_inject_info").fields}
+
+
+def _wait_status_text(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal_mod.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"killed by {name}"
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    return f"wait status {status:#x}"
+
+
+def inject_syscalls(tid: int, syscall_ip: int, calls, *, own_child: bool = False,
+                    keep_eintr: bool = False, rseq_check: bool = True) -> InjectOutcome:
+    """Run ``calls`` (``(nr, (args...))`` pairs, up to 6 args) inside thread ``tid``, one attach.
+
+    ``syscall_ip`` is the address of a ``syscall`` instruction in the target. ``own_child``: the
+    thread leads a process we started, so its exit status is left for our other waiter. The other
+    two switches exist for tests only. Raises UnsupportedArchError, InjectRefusedError (ptrace not
+    allowed: the target was not touched), ProcessNotFoundError, InjectError (``.outcome`` holds
+    the partial results)."""
+    calls = list(calls)
+    n = len(calls)
+    arr = ffi.new("ud_syscall[]", max(n, 1))
+    for i, (nr, args) in enumerate(calls):
+        args = tuple(int(a) for a in args)
+        if len(args) > 6:
+            raise UsageError(f"a syscall takes at most 6 arguments, got {len(args)}")
+        arr[i].nr = int(nr)
+        for k, a in enumerate(args):
+            arr[i].args[k] = a & 0xFFFFFFFFFFFFFFFF
+    info = ffi.new("ud_inject_info *")
+    flags = ((lib.UD_INJECT_F_KEEP_ZOMBIE if own_child else 0)
+             | (lib.UD_INJECT_F_KEEP_EINTR if keep_eintr else 0)
+             | (0 if rseq_check else lib.UD_INJECT_F_NO_RSEQ))
+    rc = lib.ud_inject_syscalls(int(tid), int(syscall_ip), arr, n, flags, info)
+    outcome = InjectOutcome([int(arr[i].result) if arr[i].done else None for i in range(n)],
+                            [int(arr[i].restarts) for i in range(n)], _info_dict(info))
+    if rc == lib.UD_INJECT_OK:
+        return outcome
+    err = int(info.err)
+    request = _PTRACE_REQUESTS.get(int(info.request), f"ptrace request {int(info.request)}")
+    fields = dict(pid=tid, tid=tid, status=int(rc), errno=err, outcome=outcome)
+    if rc == lib.UD_INJECT_E_ARCH:
+        raise UnsupportedArchError(
+            f"injecting a syscall is not implemented for {os.uname().machine} (x86_64 only)",
+            **fields)
+    if rc == lib.UD_INJECT_E_SEIZE:
+        if err == errno_mod.ESRCH:
+            raise ProcessNotFoundError(f"thread {tid} does not exist (or exited)", **fields)
+        raise InjectRefusedError(
+            f"not allowed to ptrace thread {tid} ({os.strerror(err)}): it is another user's, not "
+            "dumpable, already traced, or kernel.yama.ptrace_scope forbids it; run as root or with "
+            "CAP_SYS_PTRACE (the target was not touched)", reason="ptrace", **fields)
+    if rc == lib.UD_INJECT_E_COMPAT:
+        raise UnsupportedArchError(f"thread {tid} runs 32-bit code: only 64-bit processes can be "
+                                   "injected (the target was not changed)", **fields)
+    if rc == lib.UD_INJECT_E_GONE:
+        status = int(info.wait_status)
+        what = _wait_status_text(status)
+        if os.WIFEXITED(status):
+            raise ProcessNotFoundError(f"thread {tid} {what} during the injection", **fields)
+        raise InjectError(f"thread {tid} was {what} during the injection", **fields)
+    reasons = {
+        lib.UD_INJECT_E_INSN: "the syscall instruction chosen in its code is gone (the mapping "
+                              "changed); retry",
+        lib.UD_INJECT_E_BUSY: "it was interrupted by signals on every attempt (or stopped inside "
+                              "an rseq critical section with a bad signature); retry later",
+        lib.UD_INJECT_E_FAULT: "executing the syscall instruction faulted (its code page was "
+                               "unmapped); retry",
+        lib.UD_INJECT_E_STATE: f"it stopped unexpectedly ({_wait_status_text(int(info.wait_status))})",
+        lib.UD_INJECT_E_PTRACE: f"{request} failed: {os.strerror(err) if err else 'unknown error'}",
+    }
+    raise InjectError(f"injection into thread {tid} failed: "
+                      f"{reasons.get(rc, f'status {rc}')}; its registers were restored", **fields)
