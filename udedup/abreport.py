@@ -18,24 +18,24 @@ log = logging.getLogger(__name__)
 
 MIB = 2**20
 
-#: metric -> (label, unit kind). Kinds pick the formatting.
+#: metric -> (label with its unit, unit kind). Kinds pick the formatting.
 LABELS: dict[str, tuple[str, str]] = {
-    "saved_bytes": ("saved (general_profit)", "bytes"),
-    "saved_pages": ("saved pages (sharing+zero)", "count"),
+    "saved_bytes": ("saved, MiB (general_profit)", "bytes"),
+    "saved_pages": ("saved pages (sharing + zero)", "count"),
     "pages_shared": ("pages_shared", "count"),
     "pages_sharing": ("pages_sharing", "count"),
     "ksm_zero_pages": ("ksm_zero_pages", "count"),
-    "general_profit": ("general_profit", "bytes"),
+    "general_profit": ("general_profit, MiB", "bytes"),
     "rmap_items": ("rmap items", "count"),
-    "settle_seconds": ("time to settle", "s"),
-    "t99_seconds": ("time to 99 % of saving", "s"),
-    "ksmd_cpu_seconds": ("ksmd CPU to settle", "cpu"),
-    "cpu_t99_seconds": ("ksmd CPU to 99 %", "cpu"),
+    "settle_seconds": ("time to settle, s", "s"),
+    "t99_seconds": ("time to 99 % of saving, s", "s"),
+    "ksmd_cpu_seconds": ("ksmd CPU to settle, s", "s"),
+    "cpu_t99_seconds": ("ksmd CPU to 99 %, s", "s"),
     "saved_mib_per_cpu_second": ("saved MiB per ksmd CPU-s", "ratio"),
-    "cow_ns_per_page": ("COW write, merged page", "ns"),
-    "cow_ns_ksm_page": ("COW write, KSM page", "ns"),
-    "cow_ns_zero_page": ("COW write, zero page", "ns"),
-    "write_ns_per_page": ("plain write (baseline)", "ns"),
+    "cow_ns_per_page": ("COW write, merged page, ns", "ns"),
+    "cow_ns_ksm_page": ("COW write, KSM page, ns", "ns"),
+    "cow_ns_zero_page": ("COW write, zero page, ns", "ns"),
+    "write_ns_per_page": ("plain write (baseline), ns", "ns"),
 }
 
 TRIAL_COLUMNS = ("index", "block", "arm", "status", "timed_out", "populate_seconds", "full_scans",
@@ -43,17 +43,18 @@ TRIAL_COLUMNS = ("index", "block", "arm", "status", "timed_out", "populate_secon
 
 
 def fmt(value, kind: str, signed: bool = False) -> str:
+    """A number in the unit its label names (bytes are shown in MiB)."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     sign = "+" if signed else ""
     if kind == "bytes":
-        return f"{value / MIB:{sign}.2f} MiB"
+        return f"{value / MIB:{sign}.2f}"
     if kind == "count":
         return f"{value:{sign},.0f}"
-    if kind in ("s", "cpu"):
-        return f"{value:{sign}.2f} s"
+    if kind == "s":
+        return f"{value:{sign}.3f}" if abs(value) < 1 else f"{value:{sign}.2f}"
     if kind == "ns":
-        return f"{value:{sign},.0f} ns"
+        return f"{value:{sign},.0f}"
     return f"{value:{sign}.1f}"
 
 
@@ -101,7 +102,7 @@ def format_table(result: ABResult, metrics=METRICS) -> str:
             continue
         rows.append(row)
     counts = ["trials ok / timed out / died"] + [
-        f"{arms[n]['n'] - arms[n]['timed_out']} / {arms[n]['timed_out']} / {arms[n]['died']}"
+        f"{arms[n]['n']} / {arms[n]['timed_out']} / {arms[n]['died'] + arms[n]['failed']}"
         for n in names] + [""] * len(diffs)
     rows.append(counts)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -115,10 +116,23 @@ def format_table(result: ABResult, metrics=METRICS) -> str:
                  "* = the interval excludes 0")
     if result.interrupted:
         lines.append(f"INTERRUPTED: {len(result.trials)} trial(s) finished before the stop")
+    timed_out = [t for t in result.trials if t.timed_out]
+    if timed_out:
+        lines.append(f"note: {len(timed_out)} trial(s) did not settle within "
+                     f"{result.config.get('settle_timeout')} s and are left out of the medians "
+                     "(raise --settle-timeout or pages_to_scan)")
     foreign = [t.foreign_pages for t in result.trials if t.foreign_pages]
     if foreign:
-        lines.append(f"note: other processes had up to {max(foreign)} merged pages in the global "
+        lines.append(f"note: other processes had up to {max(foreign):,} merged pages in the global "
                      "counters during the run")
+    foreign_rmap = [t.foreign_rmap_items for t in result.trials if t.foreign_rmap_items]
+    if foreign_rmap:
+        lines.append(f"note: ksmd also tracked up to {max(foreign_rmap):,} pages of other processes "
+                     "(their scanning is in ksmd's CPU time)")
+    changed = [t for t in result.trials if t.outside_changes]
+    for t in changed:
+        lines.append(f"note: trial {t.index + 1}: someone else changed "
+                     + ", ".join(f"{k} {a!r}->{b!r}" for k, (a, b) in t.outside_changes.items()))
     died = [t for t in result.trials if t.status in ("workload-died", "workload-failed")]
     for t in died:
         lines.append(f"trial {t.index + 1} ({t.arm}): {t.status}: {t.error}")
@@ -183,10 +197,7 @@ def write_report(result: ABResult, folder: str, figure: bool = True) -> dict[str
 
 
 # --- the figure -----------------------------------------------------------------------------------
-PANELS = (("saved_bytes", "saved memory (MiB)", 1 / MIB),
-          ("cpu_t99_seconds", "ksmd CPU to 99 % (s)", 1.0),
-          ("t99_seconds", "time to 99 % of saving (s)", 1.0),
-          ("cow_ns_per_page", "COW write, merged page (ns)", 1.0))
+PANELS = ("saved_bytes", "ksmd_cpu_seconds", "settle_seconds", "cow_ns_per_page")
 
 
 def plot(result: ABResult, path: str) -> str | None:
@@ -223,16 +234,18 @@ def plot(result: ABResult, path: str) -> str | None:
     top.legend(loc="lower right", fontsize=9)
     top.set_title("saved memory over time, every trial", fontsize=11)
     diff = s["differences"][0] if s.get("differences") else None
-    for k, (metric, label, scale) in enumerate(PANELS):
+    for k, metric in enumerate(PANELS):
+        label, kind = LABELS[metric]
+        scale = 1 / MIB if kind == "bytes" else 1.0
         ax = fig.add_subplot(grid[1, k])
         for i, n in enumerate(names):
             vals = [getattr(t, metric) for t in result.trials
                     if t.arm == n and t.status in ("ok", "timeout") and getattr(t, metric) is not None]
-            xs = [i + 0.12 * ((j % 5) - 2) / 2 for j in range(len(vals))]
+            xs = [i - 0.15 + 0.05 * ((j % 5) - 2) for j in range(len(vals))]
             ax.plot(xs, [v * scale for v in vals], "o", color=colors[n], alpha=0.6, ms=5)
             st = s["arms"][n]["metrics"].get(metric, {})
             if st.get("median") is not None:
-                ax.errorbar([i + 0.28], [st["median"] * scale],
+                ax.errorbar([i + 0.2], [st["median"] * scale],
                             yerr=[[(st["median"] - st["q1"]) * scale], [(st["q3"] - st["median"]) * scale]],
                             fmt="s", color=colors[n], capsize=4, ms=6)
         ax.set_xticks(range(len(names)), names)
@@ -241,7 +254,7 @@ def plot(result: ABResult, path: str) -> str | None:
         ax.grid(alpha=0.3, axis="y")
         if diff is not None:
             d = diff["metrics"].get(metric, {})
-            ax.set_xlabel(_panel_note(d, scale, diff), fontsize=8.5)
+            ax.set_xlabel(_panel_note(d, kind, diff), fontsize=8.5)
     title = f"udedup ab - {result.config['workload']['name']}, " \
             f"{result.config['trials_per_arm']} trial(s) per arm"
     if result.interrupted:
@@ -252,11 +265,11 @@ def plot(result: ABResult, path: str) -> str | None:
     return path
 
 
-def _panel_note(d: dict, scale: float, diff: dict) -> str:
+def _panel_note(d: dict, kind: str, diff: dict) -> str:
     if not d or d.get("diff") is None:
         return ""
     rel = f" ({d['relative'] * 100:+.1f} %)" if d.get("relative") is not None else ""
-    text = f"{diff['arm']} - {diff['baseline']}: {d['diff'] * scale:+.3g}{rel}"
+    text = f"{diff['arm']} - {diff['baseline']}: {fmt(d['diff'], kind, True)}{rel}"
     if d.get("ci_low") is not None:
-        text += f"\n95 % CI {d['ci_low'] * scale:+.3g} .. {d['ci_high'] * scale:+.3g}"
+        text += f"\n95 % CI {fmt(d['ci_low'], kind, True)} .. {fmt(d['ci_high'], kind, True)}"
     return text

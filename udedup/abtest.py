@@ -51,8 +51,9 @@ METRICS = ("saved_bytes", "saved_pages", "pages_shared", "pages_sharing", "ksm_z
            "cpu_t99_seconds", "saved_mib_per_cpu_second", "cow_ns_per_page", "cow_ns_ksm_page",
            "cow_ns_zero_page", "write_ns_per_page")
 
-#: Trials whose numbers enter the summary (a timed-out trial still has its counters at the timeout).
-SUMMARISED_STATUS = ("ok", "timeout")
+#: Trials whose numbers enter the summary. A timed-out trial is left out: its counters are a moment
+#: of an unfinished merge (it is counted and reported, and its series is plotted).
+SUMMARISED_STATUS = ("ok",)
 
 
 # --- records --------------------------------------------------------------------------------------
@@ -86,6 +87,8 @@ class TrialRecord:
     saved_mib_per_cpu_second: float | None = None
     process: dict | None = None        # ksm_stat summed over the workload's processes
     foreign_pages: int | None = None   # merged pages of other processes in the global counters
+    foreign_rmap_items: int | None = None   # pages of other processes ksmd tracked (and scanned)
+    outside_changes: dict | None = None     # knobs someone else changed during the trial
     cow: dict | None = None            # the workload's COW measurement, all of it
     cow_ns_per_page: float | None = None
     cow_ns_ksm_page: float | None = None
@@ -178,11 +181,12 @@ def median_iqr(values) -> dict:
 
 
 def bootstrap_diff(a, b, n_boot: int = 10000, confidence: float = 0.95, seed: int = 0,
-                   statistic: Callable = np.median) -> dict:
+                   statistic: Callable = np.median, min_n: int = 3) -> dict:
     """``statistic(b) - statistic(a)`` with a percentile bootstrap interval (each sample resampled
     with replacement on its own), and the same for the relative change against ``statistic(a)``.
 
-    With fewer than 2 values on a side there is no interval (None)."""
+    With fewer than ``min_n`` values on a side there is no interval (None): resampling two values
+    gives an interval that looks sure and is not."""
     a, b = _clean(a), _clean(b)
     out = {"n_a": int(a.size), "n_b": int(b.size), "diff": None, "ci_low": None, "ci_high": None,
            "relative": None, "rel_ci_low": None, "rel_ci_high": None, "clear": False}
@@ -192,7 +196,7 @@ def bootstrap_diff(a, b, n_boot: int = 10000, confidence: float = 0.95, seed: in
     out["diff"] = sb - sa
     if sa != 0:
         out["relative"] = (sb - sa) / abs(sa)
-    if a.size < 2 or b.size < 2:
+    if a.size < max(2, min_n) or b.size < max(2, min_n):
         return out
     rng = np.random.default_rng(seed)
     ra = statistic(a[rng.integers(0, a.size, size=(n_boot, a.size))], axis=1)
@@ -254,7 +258,7 @@ def _words(d: dict, what: str, up: str, down: str, unit_fmt: Callable[[float], s
     rel = d["relative"]
     rel_txt = f" ({rel * 100:+.1f} %)" if rel is not None else ""
     if d["ci_low"] is None:
-        return f"{what} {unit_fmt(d['diff'])}{rel_txt}, too few trials for an interval"
+        return f"{what} {unit_fmt(d['diff'])}{rel_txt} (too few trials for an interval)"
     ci = f"95 % CI {unit_fmt(d['ci_low'])} to {unit_fmt(d['ci_high'])}"
     if not d["clear"]:
         return f"{what}: no clear difference ({ci})"
@@ -389,12 +393,35 @@ def t99(series: Mapping[str, list], final_saved_pages: int) -> tuple[float | Non
     return None, None
 
 
-def _process_totals(pids: Sequence[int]) -> dict | None:
+def other_mergeable_processes(exclude=(), procfs: str = "/proc") -> list[dict]:
+    """Processes with memory registered for KSM, other than ours: ksmd scans them in every trial,
+    so their pages show in the global counters and their cost in ksmd's CPU time."""
+    from .procksm import parse_ksm_stat
+    skip = {os.getpid(), *exclude}
+    found = []
+    for entry in os.listdir(procfs):
+        if not entry.isdigit() or int(entry) in skip:
+            continue
+        try:
+            with open(os.path.join(procfs, entry, "ksm_stat")) as f:
+                stat = parse_ksm_stat(f.read())
+            with open(os.path.join(procfs, entry, "comm")) as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if stat.get("ksm_mergeable") is True or stat.get("ksm_merge_any") is True \
+                or stat.get("ksm_rmap_items", 0):
+            found.append({"pid": int(entry), "comm": comm,
+                          "rmap_items": int(stat.get("ksm_rmap_items", 0))})
+    return found
+
+
+def _process_totals(pids: Sequence[int], procfs: str = "/proc") -> dict | None:
     from .procksm import process_ksm
     totals = {"pids": [], "rmap_items": 0, "zero_pages": 0, "merging_pages": 0, "process_profit": 0}
     for pid in pids:
         try:
-            p = process_ksm(pid, smaps=False)
+            p = process_ksm(pid, procfs=procfs, smaps=False)
         except UdedupError:
             continue
         totals["pids"].append(pid)
@@ -409,6 +436,11 @@ class _Run:
 
     def __init__(self):
         self.running = None             # the workload of the trial in progress
+
+
+def default_fixed(varied, knob_names: Sequence[str]) -> dict[str, object]:
+    """:data:`DEFAULT_FIXED` minus the knobs the arms vary and those this kernel lacks."""
+    return {k: v for k, v in DEFAULT_FIXED.items() if k not in set(varied) and k in knob_names}
 
 
 def _check_arms(arms, fixed, knob_names: Sequence[str]) -> tuple[dict, dict]:
@@ -432,8 +464,7 @@ def _check_arms(arms, fixed, knob_names: Sequence[str]) -> tuple[dict, dict]:
     if both:
         raise UsageError(f"{', '.join(sorted(both))} is both varied by the arms and fixed: choose one")
     if fixed is None:
-        # the defaults yield to the arms, and to kernels without a knob
-        user_fixed = {k: v for k, v in DEFAULT_FIXED.items() if k not in varied and k in knob_names}
+        user_fixed = default_fixed(varied, knob_names)
     for name in list(varied) + list(user_fixed):
         if name in HARNESS_KNOBS:
             raise UsageError(f"{name} is driven by the harness (unmerge, stop, start) and cannot be "
@@ -481,6 +512,13 @@ def run_ab(workload, arms: Mapping[str, Mapping[str, object]] | None = None,
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     before = ksm.snapshot()
+    others = other_mergeable_processes(
+        exclude=getattr(workload, "pids", ()) if getattr(workload, "kind", "") == "pids" else (),
+        procfs=getattr(ksm, "procfs", "/proc"))
+    if others:
+        log.warning("other processes have KSM-registered memory; ksmd scans it in every trial, so "
+                    "it adds to the counters and to ksmd's CPU time: %s",
+                    ", ".join(f"{o['comm']}[{o['pid']}]" for o in others[:8]))
     config = {
         "workload": workload.describe(), "arms": arms, "fixed": fixed,
         "machine_knobs": {k: v for k, v in before.items() if k not in fixed and k not in arms[
@@ -488,6 +526,7 @@ def run_ab(workload, arms: Mapping[str, Mapping[str, object]] | None = None,
         "trials_per_arm": trials, "seed": seed, "settle_timeout": settle_timeout,
         "sample_interval": sample_interval, "cow_sample": cow_sample, "stable_scans": stable_scans,
         "page_size": ksm.page_size, "kernel": os.uname().release, "cpus": os.cpu_count(),
+        "other_mergeable_processes": others,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     result = ABResult(config=config)
@@ -550,6 +589,7 @@ def _run_trial(ksm, workload, state: _Run, index: int, block: int, arm: str, kno
             cpu0 = ksm.ksmd_cpu_seconds()
             t0 = time.monotonic()
             ksm.set("run", 1)
+            applied = ksm.snapshot()
             sampler = _Sampler(ksm, t0, cpu0, sample_interval, progress, label)
             sampler.start()
             try:
@@ -562,8 +602,10 @@ def _run_trial(ksm, workload, state: _Run, index: int, block: int, arm: str, kno
             finally:
                 record.series = sampler.finish()
             pids = running.pids()
-            process = _process_totals(pids) if pids else None
+            process = _process_totals(pids, getattr(ksm, "procfs", "/proc")) if pids else None
             _fill_counters(record, stats, t_end - t0, cpu, process)
+            outside = {k: [a, b] for k, (a, b) in ksm.changed_since(applied).items() if k != "run"}
+            record.outside_changes = outside or None
             died = running.exit_description()
             if died is not None and running.owned:
                 record.status, record.error = "workload-died", died
@@ -603,4 +645,5 @@ def _fill_counters(record: TrialRecord, stats, settle: float, cpu: float, proces
     if process is not None:
         mine = process["merging_pages"] + process["zero_pages"]
         record.foreign_pages = max(0, stats.pages_shared + stats.saved_pages - mine)
+        record.foreign_rmap_items = max(0, stats.rmap_items - process["rmap_items"])
 

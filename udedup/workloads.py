@@ -434,6 +434,11 @@ def exec_main(argv: Sequence[str], merge: bool = True) -> int:
             print(f"udedup: error: PR_SET_MEMORY_MERGE failed: {err} (needs Linux 6.4+ and "
                   "CAP_SYS_RESOURCE)", file=sys.stderr)
             return 126
+    # Python ignores SIGPIPE and SIGXFSZ; ignored signals survive exec: give the command the defaults
+    for name in ("SIGPIPE", "SIGXFSZ"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    sys.stderr.flush()
     try:
         os.execvp(argv[0], list(argv))
     except OSError as err:

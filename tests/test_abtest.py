@@ -1,0 +1,443 @@
+"""The A/B engine without a kernel: statistics on numbers with known answers, the trial order, the
+synthetic layout's expectations, and the engine driven against a fake sysfs tree with a fake ksmd
+and fake workloads (knobs per arm, restore, timeouts, dying workloads, interrupts)."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from udedup import abtest
+from udedup import ksm as ksm_mod
+from udedup.abreport import format_table, write_report
+from udedup.abtest import (ABInterrupted, ABResult, TrialRecord, bootstrap_diff, median_iqr,
+                           run_ab, summarize, trial_order)
+from udedup.errors import KsmValueError, UsageError, WorkloadError
+from udedup.ksm import Ksm
+from udedup.workloads import (DUPLICATE, UNIQUE, VOLATILE, ZERO, SyntheticSpec, expected_counters,
+                              make_layout, parse_size, preset)
+
+
+# --- statistics -----------------------------------------------------------------------------------
+def test_median_iqr_known_answers():
+    assert median_iqr([5, 1, 4, 2, 3]) == {"n": 5, "median": 3.0, "q1": 2.0, "q3": 4.0,
+                                           "min": 1.0, "max": 5.0}
+    # None and nan are missing values, not zeros
+    assert median_iqr([None, 1.0, float("nan"), 3.0])["median"] == 2.0
+    assert median_iqr([None])["median"] is None and median_iqr([])["n"] == 0
+
+
+def test_bootstrap_of_a_pure_shift_is_exact():
+    d = bootstrap_diff([10, 10, 10], [13, 13, 13], seed=1)
+    assert (d["diff"], d["ci_low"], d["ci_high"]) == (3.0, 3.0, 3.0)
+    assert d["relative"] == pytest.approx(0.3) and d["clear"]
+
+
+def test_bootstrap_of_identical_samples_is_not_clear():
+    d = bootstrap_diff([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], seed=2)
+    assert d["diff"] == 0.0 and d["ci_low"] < 0 < d["ci_high"] and not d["clear"]
+
+
+def test_bootstrap_interval_covers_the_true_shift_with_the_right_width():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0.0, 1.0, 400), rng.normal(1.0, 1.0, 400)
+    d = bootstrap_diff(a, b, seed=4)
+    assert d["ci_low"] < 1.0 < d["ci_high"] and d["clear"]
+    # sd of a median of n normals ~ 1.2533/sqrt(n); of a difference, sqrt(2) times that
+    expected_width = 2 * 1.96 * np.sqrt(2) * 1.2533 / np.sqrt(400)
+    assert 0.7 * expected_width < d["ci_high"] - d["ci_low"] < 1.4 * expected_width
+
+
+def test_bootstrap_needs_three_values_a_side_for_an_interval():
+    d = bootstrap_diff([1, 2], [5, 6])
+    assert d["diff"] == 4.0 and d["ci_low"] is None and not d["clear"]
+    assert bootstrap_diff([], [1, 2, 3])["diff"] is None
+
+
+def test_trial_order_blocks_hold_every_arm_once_and_follow_the_seed():
+    order = trial_order(["off", "on"], 50, seed=7)
+    assert len(order) == 100
+    for block in range(50):
+        assert sorted(arm for b, arm in order if b == block) == ["off", "on"]
+    firsts = {order[2 * k][1] for k in range(50)}
+    assert firsts == {"off", "on"}                   # the order really is shuffled
+    assert order == trial_order(["off", "on"], 50, seed=7)
+    assert order != trial_order(["off", "on"], 50, seed=8)
+
+
+def _rec(i, arm, saved, cpu, status="ok"):
+    return TrialRecord(index=i, block=i // 2, arm=arm, knobs={}, status=status,
+                       timed_out=status == "timeout", saved_bytes=saved, ksmd_cpu_seconds=cpu,
+                       settle_seconds=1.0, cow_ns_per_page=2000.0, ksm_zero_pages=0 if arm == "off" else 10,
+                       pages_sharing=100 if arm == "off" else 90)
+
+
+def test_summary_uses_finished_trials_and_the_verdict_says_what_changed():
+    arms = {"off": {"use_zero_pages": 0}, "on": {"use_zero_pages": 1}}
+    trials = [_rec(0, "off", 100 << 20, 1.0), _rec(1, "on", 110 << 20, 1.0),
+              _rec(2, "off", 101 << 20, 1.1), _rec(3, "on", 111 << 20, 1.1),
+              _rec(4, "off", 99 << 20, 0.9), _rec(5, "on", 109 << 20, 0.9),
+              _rec(6, "on", 1 << 20, 5.0, status="timeout"),
+              _rec(7, "off", None, None, status="workload-died")]
+    s = summarize(trials, arms, seed=1)
+    assert s["arms"]["on"]["n"] == 3 and s["arms"]["on"]["timed_out"] == 1
+    assert s["arms"]["off"]["died"] == 1
+    assert s["arms"]["on"]["metrics"]["saved_bytes"]["median"] == 110 << 20
+    saved = s["differences"][0]["metrics"]["saved_bytes"]
+    assert saved["diff"] == 10 << 20 and saved["clear"]
+    assert not s["differences"][0]["metrics"]["ksmd_cpu_seconds"]["clear"]
+    v = s["verdict"]
+    assert v.startswith("on (use_zero_pages=1) vs off (use_zero_pages=0)")
+    assert "more saved memory" in v and "ksmd CPU: no clear difference" in v
+    assert "ksm_zero_pages +10" in v
+
+
+# --- the synthetic workload's description -------------------------------------------------------
+def test_layout_counts_groups_and_expectations():
+    ps = os.sysconf("SC_PAGE_SIZE")
+    spec = SyntheticSpec(size=1000 * ps, zero=0.25, duplicate=0.5, unique=0.15, volatile=0.10,
+                         group_sizes=(2, 3, 300), seed=5)
+    lay = make_layout(spec, ps)
+    assert [lay.count(k) for k in (ZERO, DUPLICATE, UNIQUE, VOLATILE)] == [250, 500, 150, 100]
+    assert lay.group_sizes.sum() == 500 and lay.group_sizes.min() >= 2
+    for g, size in enumerate(lay.group_sizes):
+        assert np.count_nonzero(lay.group == g) == size
+    assert not np.array_equal(lay.kinds[:250], np.zeros(250))     # placed at random
+    off = expected_counters(lay, use_zero_pages=False, max_page_sharing=256, page_size=ps)
+    on = expected_counters(lay, use_zero_pages=True, max_page_sharing=256, page_size=ps)
+    # 250 zero pages: one content, one KSM page (250 <= 256) off; all in ksm_zero_pages on
+    assert on["ksm_zero_pages"] == 250 and off["ksm_zero_pages"] == 0
+    assert off["pages_shared"] == on["pages_shared"] + 1
+    assert off["pages_sharing"] == on["pages_sharing"] + 249
+    big = expected_counters(lay, False, max_page_sharing=100, page_size=ps)
+    assert big["pages_shared"] > off["pages_shared"]   # chains: one KSM page per 100 mappings
+
+
+def test_spec_validation_and_sizes():
+    ps = os.sysconf("SC_PAGE_SIZE")
+    with pytest.raises(UsageError, match="add up to"):
+        SyntheticSpec(size=ps * 10, zero=0.5, duplicate=0.5, unique=0.5, volatile=0).validate()
+    with pytest.raises(UsageError, match="group sizes"):
+        SyntheticSpec(size=ps * 10, zero=1, duplicate=0, unique=0, volatile=0,
+                      group_sizes=(1,)).validate()
+    with pytest.raises(UsageError, match="unknown workload preset"):
+        preset("nope", 1 << 20)
+    assert parse_size("256M") == 256 << 20 and parse_size("1GiB") == 1 << 30
+    assert parse_size(str(ps + 1)) == ps
+    for bad in ("12Q", "-1M", "", "0"):
+        with pytest.raises(UsageError):
+            parse_size(bad)
+    for name in ("mixed", "zero-heavy", "vm-like", "no-zero"):
+        assert preset(name, 4 << 20).validate().name == name
+
+
+# --- the engine against a fake kernel -----------------------------------------------------------
+KNOBS = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "use_zero_pages": "0",
+         "smart_scan": "1", "max_page_sharing": "256", "advisor_mode": "[none] scan-time"}
+COUNTERS = ("full_scans", "general_profit", "ksm_zero_pages", "pages_scanned", "pages_shared",
+            "pages_sharing", "pages_unshared", "pages_volatile")
+KSMD_PID = 77
+
+
+def _atomic(path, text, mode):
+    # sysfs and procfs reads never see half a write; the readers here run in other threads. The
+    # staging file lives outside the tree: Ksm lists the directory to discover knobs.
+    tmp = path.parent.parent / f".staging-{path.parent.name}-{path.name}"
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+class FakeKernel:
+    """Files as sysfs, writes checked like mm/ksm.c does, and a ksmd thread that 'merges' the
+    running fake workload: a full scan every few ms while run=1, counters from use_zero_pages."""
+
+    def __init__(self, tmp_path):
+        self.root = tmp_path / "ksm"
+        self.proc = tmp_path / "proc"
+        self.root.mkdir()
+        for name, value in KNOBS.items():
+            (self.root / name).write_text(value + "\n")
+            os.chmod(self.root / name, 0o644)
+        for name in COUNTERS:
+            (self.root / name).write_text("0\n")
+            os.chmod(self.root / name, 0o444)
+        (self.proc / str(KSMD_PID)).mkdir(parents=True)
+        (self.proc / str(KSMD_PID) / "comm").write_text("ksmd\n")
+        self.ticks = 0
+        self._write_stat()
+        self.workload = None          # what is "mapped" now: (zero_pages, dup_pages)
+        self.stalled = False          # ksmd makes no progress (a trial that never settles)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._ksmd, daemon=True)
+
+    def _write_stat(self):
+        fields = ["S"] + ["0"] * 40
+        fields[11] = str(self.ticks)          # utime (stat field 14)
+        _atomic(self.proc / str(KSMD_PID) / "stat", f"{KSMD_PID} (ksmd) " + " ".join(fields), 0o444)
+
+    def get(self, name):
+        return (self.root / name).read_text().strip()
+
+    def put(self, name, value):
+        path = self.root / name
+        _atomic(path, f"{value}\n", 0o444 if name in COUNTERS else 0o644)
+
+    def knobs(self):
+        return {name: self.get(name) for name in KNOBS}
+
+    def write(self, path, text):
+        name = os.path.basename(path)
+        if name == "advisor_mode":
+            self.put(name, "[none] scan-time" if text == "none" else "none [scan-time]")
+            return
+        if name == "run" and text == "2":
+            for counter in COUNTERS:
+                self.put(counter, 0)
+            self.put("run", 0)
+            return
+        self.put(name, text)
+
+    def _ksmd(self):
+        while not self.stop.wait(0.004):
+            if self.get("run") != "1" or self.stalled:
+                continue
+            self.put("full_scans", int(self.get("full_scans")) + 1)
+            self.ticks += 1
+            self._write_stat()
+            if self.workload is not None:
+                zero, dup = self.workload
+                if self.get("use_zero_pages") == "1":
+                    shared, sharing, kzero = dup // 2, dup // 2, zero
+                else:
+                    shared, sharing, kzero = dup // 2 + 1, dup // 2 + zero - 1, 0
+                for name, value in (("pages_shared", shared), ("pages_sharing", sharing),
+                                    ("ksm_zero_pages", kzero)):
+                    self.put(name, value)
+                self.put("general_profit", (sharing + kzero) * 4096)
+
+
+class FakeRunning:
+    def __init__(self, kernel, workload, die):
+        self.kernel, self.workload = kernel, workload
+        self.pid = None
+        self.owned = True
+        self._dead = die
+        self.stopped = False
+
+    def pids(self):
+        return []
+
+    def alive(self):
+        return not self._dead and not self.stopped
+
+    def exit_description(self):
+        return "exited with status 3: boom" if self._dead else None
+
+    def cow(self, sample, seed):
+        return {"cow_ns_per_page": 2000.0 + seed % 7, "write_ns_per_page": 30.0}
+
+    def stop(self, grace=2.0):
+        self.stopped = True
+        self.kernel.workload = None
+        self.workload.stopped += 1
+
+
+class FakeWorkload:
+    kind = "fake"
+    name = "fake"
+
+    def __init__(self, kernel, zero=1000, dup=2000, fail_on=(), die_on=(), interrupt_on=(),
+                 stall_on=()):
+        self.kernel, self.zero, self.dup = kernel, zero, dup
+        self.fail_on, self.die_on = set(fail_on), set(die_on)
+        self.interrupt_on, self.stall_on = set(interrupt_on), set(stall_on)
+        self.started = 0
+        self.stopped = 0
+        self.seen_knobs: list[dict] = []
+
+    def describe(self):
+        return {"kind": self.kind, "name": self.name}
+
+    def preflight(self):
+        pass
+
+    def start(self, seed=0):
+        n = self.started
+        self.started += 1
+        self.seen_knobs.append(self.kernel.knobs())
+        if n in self.interrupt_on:
+            raise KeyboardInterrupt
+        if n in self.fail_on:
+            raise WorkloadError("could not start")
+        self.kernel.stalled = n in self.stall_on
+        self.kernel.workload = (self.zero, self.dup)
+        return FakeRunning(self.kernel, self, die=n in self.die_on)
+
+
+@pytest.fixture
+def kernel(tmp_path, monkeypatch):
+    k = FakeKernel(tmp_path)
+    monkeypatch.setattr(ksm_mod, "_sysfs_write", k.write)
+    k.thread.start()
+    yield k
+    k.stop.set()
+    k.thread.join()
+
+
+def _run(kernel, workload, **kw):
+    kw.setdefault("trials", 2)
+    kw.setdefault("seed", 11)
+    return run_ab(workload, ksm=Ksm(kernel.root, procfs=kernel.proc), settle_timeout=kw.pop(
+        "settle_timeout", 5.0), sample_interval=0.01, **kw)
+
+
+def test_engine_applies_each_arm_with_fixed_knobs_and_restores_everything(kernel):
+    before = kernel.knobs()
+    w = FakeWorkload(kernel)
+    result = _run(kernel, w)
+    assert kernel.knobs() == before
+    assert len(result.trials) == 4 and w.stopped == 4
+    for rec, seen in zip(result.trials, w.seen_knobs):
+        assert seen["use_zero_pages"] == ("1" if rec.arm == "on" else "0")
+        # the defaults are pinned, ksmd is stopped while the workload starts
+        assert (seen["pages_to_scan"], seen["sleep_millisecs"], seen["smart_scan"]) == ("4000", "10", "0")
+        assert seen["run"] == "0"
+        assert rec.status == "ok" and rec.settle_seconds > 0 and rec.ksmd_cpu_seconds > 0
+        assert rec.series["t"] and rec.series["t"] == sorted(rec.series["t"])
+    on = [t for t in result.trials if t.arm == "on"]
+    off = [t for t in result.trials if t.arm == "off"]
+    assert all(t.ksm_zero_pages == 1000 and t.pages_sharing == 1000 for t in on)
+    assert all(t.ksm_zero_pages == 0 and t.pages_sharing == 1999 for t in off)
+    assert result.summary["arms"]["on"]["n"] == 2
+    assert "more saved memory" in result.verdict or "saved memory" in result.verdict
+    # the trial order is the seed's
+    assert [(t.block, t.arm) for t in result.trials] == trial_order(["off", "on"], 2, 11)
+
+
+def test_engine_custom_arms_and_fixed(kernel):
+    w = FakeWorkload(kernel)
+    result = _run(kernel, w, arms={"slow": {"pages_to_scan": 100}, "fast": {"pages_to_scan": 5000}},
+                  fixed={"sleep_millisecs": 0}, trials=1)
+    seen = {rec.arm: s for rec, s in zip(result.trials, w.seen_knobs)}
+    assert seen["slow"]["pages_to_scan"] == "100" and seen["fast"]["pages_to_scan"] == "5000"
+    assert all(s["sleep_millisecs"] == "0" for s in seen.values())
+    assert all(s["smart_scan"] == "1" for s in seen.values())    # fixed={...} replaces defaults
+    assert result.config["fixed"] == {"sleep_millisecs": 0}
+
+
+@pytest.mark.parametrize("arms, fixed, match", [
+    ({"on": {"use_zero_pages": 1}}, None, "at least two arms"),
+    ({"a": {"use_zero_pages": 0}, "b": {"pages_to_scan": 5}}, None, "same knobs"),
+    ({"a": {"use_zero_pages": 0}, "b": {"use_zero_pages": 0}}, None, "identical"),
+    ({"a": {"run": 0}, "b": {"run": 1}}, None, "driven by the harness"),
+    ({"a": {"use_zero_pages": 0}, "b": {"use_zero_pages": 1}}, {"use_zero_pages": 1}, "both varied"),
+])
+def test_bad_arms_are_refused_before_anything_changes(kernel, arms, fixed, match):
+    before = kernel.knobs()
+    w = FakeWorkload(kernel)
+    with pytest.raises(UsageError, match=match):
+        _run(kernel, w, arms=arms, fixed=fixed)
+    assert w.started == 0 and kernel.knobs() == before
+
+
+def test_bad_knob_value_is_refused_before_anything_changes(kernel):
+    before = kernel.knobs()
+    w = FakeWorkload(kernel)
+    with pytest.raises(KsmValueError):
+        _run(kernel, w, arms={"a": {"use_zero_pages": 0}, "b": {"use_zero_pages": 7}})
+    assert w.started == 0 and kernel.knobs() == before
+
+
+def test_timeout_is_recorded_not_raised_and_left_out_of_the_medians(kernel):
+    w = FakeWorkload(kernel, stall_on={1})
+    result = _run(kernel, w, trials=1, settle_timeout=0.4)
+    stalled = result.trials[1]
+    assert stalled.timed_out and stalled.status == "timeout"
+    assert result.summary["arms"][stalled.arm]["n"] == 0
+    assert result.summary["arms"][stalled.arm]["timed_out"] == 1
+    assert "no finished trial" in result.verdict
+
+
+def test_dying_workload_is_reported_and_the_run_goes_on(kernel):
+    before = kernel.knobs()
+    w = FakeWorkload(kernel, die_on={2})
+    result = _run(kernel, w)
+    assert [t.status for t in result.trials].count("workload-died") == 1
+    died = result.trials[2]
+    assert died.status == "workload-died" and "status 3" in died.error and died.cow_ns_per_page is None
+    assert kernel.knobs() == before and w.stopped == 4
+    assert "workload-died" in format_table(result)
+
+
+def test_workload_that_cannot_start_first_aborts_later_is_recorded(kernel):
+    before = kernel.knobs()
+    with pytest.raises(WorkloadError, match="failed to start"):
+        _run(kernel, FakeWorkload(kernel, fail_on={0}))
+    assert kernel.knobs() == before
+    result = _run(kernel, FakeWorkload(kernel, fail_on={1}))
+    assert result.trials[1].status == "workload-failed"
+    assert kernel.knobs() == before
+
+
+def test_interrupt_keeps_finished_trials_restores_knobs_and_stops_the_workload(kernel):
+    before = kernel.knobs()
+    w = FakeWorkload(kernel, interrupt_on={3})
+    with pytest.raises(ABInterrupted) as info:
+        _run(kernel, w, trials=3)
+    result = info.value.result
+    assert result.interrupted and len(result.trials) == 3
+    assert kernel.knobs() == before
+    assert w.stopped == 3 and kernel.workload is None
+    assert isinstance(info.value, KeyboardInterrupt)
+
+
+def test_sigterm_mid_trial_is_an_interrupt(kernel):
+    """SIGTERM while waiting for the merge: cleanup runs, the trial in progress is dropped."""
+    before = kernel.knobs()
+    w = FakeWorkload(kernel, stall_on={1})
+    timer = threading.Timer(0.8, os.kill, (os.getpid(), abtest.signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(ABInterrupted) as info:
+            _run(kernel, w, trials=2, settle_timeout=30)
+    finally:
+        timer.cancel()
+    assert info.value.signame == "SIGTERM"
+    assert len(info.value.result.trials) == 1
+    assert kernel.knobs() == before and w.stopped == 2
+
+
+def test_report_files_round_trip(kernel, tmp_path):
+    result = _run(kernel, FakeWorkload(kernel), trials=3)
+    paths = write_report(result, str(tmp_path / "report"), figure=False)
+    assert set(paths) == {"json", "trials_csv", "series_csv", "summary"}
+    import json
+    doc = json.loads(open(paths["json"]).read())
+    assert set(doc["arms"]) == {"off", "on"}
+    for t in doc["trials"]:
+        assert {"arm", "pages_sharing", "ksm_zero_pages", "saved_bytes", "ksmd_cpu_seconds",
+                "settle_seconds"} <= set(t)
+    again = ABResult.from_dict(doc)
+    assert again.summary["arms"]["on"]["metrics"]["saved_bytes"] == \
+        result.summary["arms"]["on"]["metrics"]["saved_bytes"]
+    lines = open(paths["trials_csv"]).read().splitlines()
+    assert len(lines) == 1 + 6 and lines[0].startswith("index,block,arm,status")
+    assert "verdict:" in open(paths["summary"]).read()
+
+
+def test_figure_is_drawn_or_skipped_with_a_warning(kernel, tmp_path, caplog, monkeypatch):
+    from udedup.abreport import plot
+    result = _run(kernel, FakeWorkload(kernel), trials=1)
+    with monkeypatch.context() as m:
+        m.setitem(__import__("sys").modules, "matplotlib", None)    # as if not installed
+        assert plot(result, str(tmp_path / "none.png")) is None
+    assert "matplotlib is not installed" in caplog.text
+    assert not (tmp_path / "none.png").exists()
+    pytest.importorskip("matplotlib")
+    path = plot(result, str(tmp_path / "ab.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,239 @@
+"""``udedup ab``: run a workload with a KSM knob off and on, repeatedly, and say what changed."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from ..errors import UsageError, WorkloadError
+from ._util import Progress, print_json
+
+NAME = "ab"
+HELP = "A/B test a KSM knob (default: use_zero_pages off vs on) on a workload, with statistics"
+DESCRIPTION = """\
+Run the same workload under each arm's KSM settings, several times each, in an order drawn from the
+seed, and report per arm the median and quartiles of the memory saved, ksmd CPU time, time to
+settle and copy-on-write cost, the difference between arms with a bootstrap 95 % interval, and a
+one-line verdict. Every trial starts from nothing (run=2 unmerges every page on the machine), and
+every knob is restored at the end, also after Ctrl-C or SIGTERM. Needs root.
+
+Without arguments: the built-in 'mixed' workload (256 MiB), use_zero_pages=0 vs 1, 3 trials per arm;
+about 20-40 s on 2 cores. A report folder (result.json, trials.csv, series.csv, summary.txt, ab.png)
+is written to ./udedup-ab-<time>/ unless --out is given or --no-out.
+
+workloads (one of):
+  --preset NAME [--size 256M]     built-in: mixed, zero-heavy, vm-like, no-zero (the control)
+  --zero/--dup/--unique/--volatile FRACTION, --groups 2,4,16, --volatile-hz HZ   tune the built-in
+  --cmd "PROG ARGS"                any command, run with process-wide merging (like 'udedup run');
+                                   --ready-file PATH or --ready-delay SEC says when it has its memory
+  --pid PID[,PID...]               processes already running with mergeable memory (observed only)
+
+examples:
+  udedup ab
+  udedup ab --preset vm-like --size 1G --trials 5 --out report/
+  udedup ab --arm slow:pages_to_scan=100 --arm fast:pages_to_scan=5000 --fix sleep_millisecs=20
+  udedup ab --cmd "python3 myapp.py" --ready-file /tmp/ready --trials 4 --json
+
+exit codes: 0 done; 2 bad arguments; 3 no KSM; 4 not root; 6 bad knob value; 11 a workload failed
+or died (trials finished so far are still written); 130 interrupted (likewise).
+"""
+ORDER = 30
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser) -> None:
+    w = parser.add_argument_group("workload")
+    w.add_argument("--preset", default=None, help="built-in workload mix (default: mixed)")
+    w.add_argument("--size", default="256M", help="built-in workload size (default: 256M)")
+    w.add_argument("--zero", type=float, help="fraction of zero pages")
+    w.add_argument("--dup", type=float, help="fraction of duplicate pages")
+    w.add_argument("--unique", type=float, help="fraction of unique pages (default: the rest)")
+    w.add_argument("--volatile", type=float, help="fraction of volatile (constantly rewritten) pages")
+    w.add_argument("--groups", help="duplicate group sizes to draw from, e.g. 2,4,16,64")
+    w.add_argument("--volatile-hz", type=float, help="rewrites of the volatile pages per second")
+    w.add_argument("--cmd", help="run this command as the workload (process-wide merging)")
+    w.add_argument("--ready-file", help="with --cmd: the command creates this file when ready")
+    w.add_argument("--ready-delay", type=float, default=None,
+                   help="with --cmd: seconds to wait after start (default 1, or 0 with --ready-file)")
+    w.add_argument("--ready-timeout", type=float, default=120.0,
+                   help="seconds a workload may take to become ready (default 120)")
+    w.add_argument("--pid", action="append", default=[],
+                   help="observe these already-mergeable processes (repeat or comma-separate)")
+    a = parser.add_argument_group("arms and knobs")
+    a.add_argument("--arm", action="append", default=[], metavar="NAME:KNOB=V[,KNOB=V]",
+                   help="an arm; give two or more (default: off:use_zero_pages=0 on:use_zero_pages=1)")
+    a.add_argument("--fix", action="append", default=[], metavar="KNOB=V",
+                   help="pin a knob in every arm (on top of the defaults advisor_mode=none "
+                        "pages_to_scan=4000 sleep_millisecs=10 smart_scan=0)")
+    a.add_argument("--no-default-fix", action="store_true",
+                   help="pin only the --fix knobs, not the defaults")
+    r = parser.add_argument_group("run")
+    r.add_argument("--trials", type=int, default=3, help="trials per arm (default 3)")
+    r.add_argument("--seed", type=int, default=None, help="seed of the arm order (default: random)")
+    r.add_argument("--settle-timeout", type=float, default=60.0,
+                   help="seconds to wait for merging to settle per trial (default 60)")
+    r.add_argument("--sample-interval", type=float, default=0.1,
+                   help="seconds between counter samples (default 0.1)")
+    r.add_argument("--cow-sample", type=int, default=4096,
+                   help="merged pages written to time copy-on-write (default 4096, 0 = skip)")
+    o = parser.add_argument_group("output")
+    o.add_argument("--out", default=None, help="report folder (default ./udedup-ab-<time>)")
+    o.add_argument("--no-out", action="store_true", help="write no report folder")
+    o.add_argument("--no-figure", action="store_true", help="skip the PNG figure")
+
+
+def parse_knobs(text: str, what: str) -> dict[str, str]:
+    knobs = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, eq, value = part.partition("=")
+        if not eq or not name.strip() or not value.strip():
+            raise UsageError(f"{what} {text!r}: expected KNOB=VALUE[,KNOB=VALUE], e.g. use_zero_pages=1")
+        knobs[name.strip()] = value.strip()
+    if not knobs:
+        raise UsageError(f"{what} {text!r} sets no knob")
+    return knobs
+
+
+def parse_arm(text: str) -> tuple[str, dict[str, str]]:
+    """``"on:use_zero_pages=1,pages_to_scan=100"`` -> ``("on", {...})``; no name: the knobs are it."""
+    name, colon, rest = text.partition(":")
+    if colon and "=" not in name:
+        if not name.strip():
+            raise UsageError(f"--arm {text!r}: empty arm name before ':'")
+        return name.strip(), parse_knobs(rest, "--arm")
+    return text.strip(), parse_knobs(text, "--arm")
+
+
+def build_arms(specs) -> dict[str, dict[str, str]] | None:
+    if not specs:
+        return None
+    arms = {}
+    for spec in specs:
+        name, knobs = parse_arm(spec)
+        if name in arms:
+            raise UsageError(f"two arms are named {name!r}")
+        arms[name] = knobs
+    if len(arms) < 2:
+        raise UsageError("give at least two --arm options (e.g. --arm off:use_zero_pages=0 "
+                         "--arm on:use_zero_pages=1)")
+    return arms
+
+
+def build_workload(args):
+    from ..workloads import (PRESETS, CommandWorkload, PidWorkload, SyntheticSpec, SyntheticWorkload,
+                             parse_size)
+
+    custom = [args.zero, args.dup, args.unique, args.volatile, args.groups, args.volatile_hz]
+    chosen = [bool(args.cmd), bool(args.pid), bool(args.preset) or any(v is not None for v in custom)]
+    if sum(chosen) > 1:
+        raise UsageError("choose one workload: the built-in one (--preset/--size/fractions), --cmd, "
+                         "or --pid")
+    if (args.ready_file or args.ready_delay is not None) and not args.cmd:
+        raise UsageError("--ready-file and --ready-delay apply to --cmd only")
+    if args.cmd:
+        delay = args.ready_delay if args.ready_delay is not None else (0.0 if args.ready_file else 1.0)
+        return CommandWorkload(args.cmd, ready_file=args.ready_file, ready_delay=delay,
+                               ready_timeout=args.ready_timeout)
+    if args.pid:
+        pids = []
+        for item in args.pid:
+            for p in item.split(","):
+                try:
+                    pid = int(p)
+                    if pid <= 0:
+                        raise ValueError
+                except ValueError:
+                    raise UsageError(f"--pid {p!r} is not a process id") from None
+                pids.append(pid)
+        return PidWorkload(pids)
+    name = args.preset or "mixed"
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    params = dict(PRESETS[name])
+    if any(v is not None for v in custom):
+        name = f"{name}+custom"
+        for key, value in (("zero", args.zero), ("duplicate", args.dup), ("volatile", args.volatile)):
+            if value is not None:
+                params[key] = value
+        if args.unique is not None:
+            params["unique"] = args.unique
+        elif any(v is not None for v in (args.zero, args.dup, args.volatile)):
+            params["unique"] = round(1.0 - params["zero"] - params["duplicate"] - params["volatile"], 9)
+        if args.groups:
+            try:
+                params["group_sizes"] = tuple(int(g) for g in args.groups.split(",") if g.strip())
+            except ValueError:
+                raise UsageError(f"--groups {args.groups!r}: expected sizes like 2,4,16") from None
+        if args.volatile_hz is not None:
+            params["volatile_hz"] = args.volatile_hz
+    spec = SyntheticSpec(size=parse_size(args.size), name=name, **params)
+    return SyntheticWorkload(spec.validate(), ready_timeout=args.ready_timeout)
+
+
+def run(args) -> int:
+    from ..abreport import describe_run, format_table, write_report, write_json, write_trials_csv
+    from ..abtest import ABInterrupted, default_fixed, run_ab
+    from ..ksm import Ksm
+
+    if args.trials < 1:
+        raise UsageError(f"--trials {args.trials}: need at least 1 trial per arm")
+    if args.no_out and args.out:
+        raise UsageError("--out and --no-out contradict each other")
+    arms = build_arms(args.arm)
+    fixed_extra = {}
+    for item in args.fix:
+        fixed_extra.update(parse_knobs(item, "--fix"))
+    workload = build_workload(args)
+    ksm = Ksm()   # no KSM: one line, exit 3, before anything starts
+    if args.no_default_fix:
+        fixed = fixed_extra
+    else:
+        from ..abtest import DEFAULT_ARMS
+        varied = set(next(iter((arms or DEFAULT_ARMS).values())))
+        fixed = {**default_fixed(varied, ksm.knob_names()), **fixed_extra}
+
+    out = None if args.no_out else (args.out or f"udedup-ab-{time.strftime('%Y%m%d-%H%M%S')}")
+    progress = Progress(enabled=None if not args.quiet else False)
+
+    def on_trial(record, result):
+        # keep what is finished on disk: a SIGKILL of the harness still leaves the data
+        if out:
+            os.makedirs(out, exist_ok=True)
+            write_json(result, os.path.join(out, "result.json"))
+            write_trials_csv(result, os.path.join(out, "trials.csv"))
+
+    interrupted = None
+    try:
+        result = run_ab(workload, arms=arms, fixed=fixed, trials=args.trials, seed=args.seed,
+                        settle_timeout=args.settle_timeout, sample_interval=args.sample_interval,
+                        cow_sample=args.cow_sample, ksm=ksm, progress=progress.update,
+                        on_trial=on_trial)
+    except ABInterrupted as err:
+        interrupted, result = err, err.result
+    finally:
+        progress.done()
+    paths = {}
+    if out and (result.trials or not interrupted):
+        paths = write_report(result, out, figure=not args.no_figure)
+    if args.json:
+        doc = result.to_dict(series=False)
+        doc["report"] = paths
+        print_json(doc)
+    elif not args.quiet:
+        print(describe_run(result))
+        print(format_table(result))
+        if paths:
+            print(f"report: {out}/ ({', '.join(os.path.basename(p) for p in paths.values())})")
+    if interrupted is not None:
+        raise interrupted
+    bad = [t for t in result.trials if t.status in ("workload-died", "workload-failed")]
+    if bad:
+        print(f"udedup: error: the workload failed or died in {len(bad)} of {len(result.trials)} "
+              f"trials (first: {bad[0].error})", file=sys.stderr)
+        return WorkloadError.exit_code
+    return 0
