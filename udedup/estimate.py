@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 RMAP_ITEM_BYTES = 64          # sizeof(struct ksm_rmap_item) on 64-bit kernels
 DEFAULT_MAX_PAGE_SHARING = 256
+DEFAULT_CACHE_BYTES = 1 << 20  # heads of the largest duplicate groups, kept between chunks
 NONE = np.uint32(0xFFFFFFFF)  # "in no candidate group"
 _PENDING = -1
 
@@ -181,6 +182,7 @@ class Estimate:
     bytes_read: int = 0
     index_bytes: int = 0          # peak bytes of per-page bookkeeping
     buffer_bytes: int = 0         # the fixed read buffer
+    timings: dict = field(default_factory=dict)   # seconds per phase
 
     @property
     def readable_pages(self) -> int:
@@ -245,6 +247,7 @@ class Estimate:
             "cpu_seconds": round(self.cpu_seconds, 4), "bytes_read": self.bytes_read,
             "index_bytes": self.index_bytes, "bytes_per_page": round(self.bytes_per_page, 2),
             "buffer_bytes": self.buffer_bytes,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
         }
 
     _asdict = as_dict
@@ -358,9 +361,36 @@ def _current_knobs(max_page_sharing):
     return int(max_page_sharing), uzp
 
 
+class _TopRuns:
+    """The heads of the ``k`` longest runs seen, in O(k) memory."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.lengths = np.empty(0, dtype=np.int64)
+        self._heads = np.empty(0, dtype=np.int64)
+
+    def add(self, lengths, heads):
+        if not len(lengths):
+            return
+        self.lengths = np.concatenate((self.lengths, np.asarray(lengths, dtype=np.int64)))
+        self._heads = np.concatenate((self._heads, np.asarray(heads, dtype=np.int64)))
+        if self.lengths.size > 4 * self.k:
+            self._prune()
+
+    def _prune(self):
+        if self.lengths.size > self.k:
+            keep = np.argpartition(-self.lengths, self.k - 1)[: self.k]
+            self.lengths, self._heads = self.lengths[keep], self._heads[keep]
+
+    def heads(self) -> np.ndarray:
+        self._prune()
+        return self._heads
+
+
 # --- the scanner ---------------------------------------------------------------------------------
 class _Scanner:
-    def __init__(self, targets, all_eligible, procfs, buffer_bytes, progress):
+    def __init__(self, targets, all_eligible, procfs, buffer_bytes, cache_bytes, threads,
+                 progress):
         self.targets = targets
         self.all_eligible = all_eligible
         self.procfs = procfs
@@ -370,12 +400,29 @@ class _Scanner:
         self.segments: list = []
         self.reports: list = []
         self.target_reports: list = []
-        # one buffer: 3/4 for the sequential chunk, 1/4 for group heads re-read from earlier chunks
-        chunk_pages = max(8, buffer_bytes // ps * 3 // 4)
-        head_pages = max(8, buffer_bytes // ps - chunk_pages)
-        self._buf = procmem._aligned_buffer((chunk_pages + head_pages) * ps)
-        self.reader = procmem.RemoteReader(buffer=memoryview(self._buf)[: chunk_pages * ps])
-        self.heads = procmem.RemoteReader(buffer=memoryview(self._buf)[chunk_pages * ps:])
+        # One fixed allocation: the read buffer for sequential chunks, a quarter of that for group
+        # heads re-read from earlier chunks, and a cache keeping the heads of the largest groups
+        # (their members are everywhere: re-reading the head for each would double the reads).
+        # With read-ahead there are two chunk buffers: one being read, one being scanned.
+        chunk_pages = max(8, buffer_bytes // ps)
+        head_pages = max(8, chunk_pages // 4)
+        self.cache_slots = max(8, cache_bytes // ps)
+        nread = 2 if threads >= 2 else 1
+        self._buf = procmem._aligned_buffer((nread * chunk_pages + head_pages + self.cache_slots)
+                                            * ps)
+        view = memoryview(self._buf)
+        self.readers = [procmem.RemoteReader(buffer=view[i * chunk_pages * ps:
+                                                         (i + 1) * chunk_pages * ps])
+                        for i in range(nread)]
+        at = nread * chunk_pages * ps
+        self.heads = procmem.RemoteReader(buffer=view[at: at + head_pages * ps])
+        self.reader = self.readers[0]
+        for r in self.readers[1:] + [self.heads]:
+            r.exited = self.reader.exited    # one process exit stops every reader
+        self.cache_flat = np.frombuffer(self._buf, dtype=np.uint8, offset=at + head_pages * ps)
+        self.cache = self.cache_flat.reshape(self.cache_slots, ps)
+        self.cache_heads = np.empty(0, dtype=np.int64)
+        self.cache_valid = np.empty(0, dtype=bool)
         self.cap = chunk_pages
         self._ctmp = np.empty(chunk_pages, dtype=np.uint32)
         self._htmp = np.empty(chunk_pages, dtype=np.uint64)
@@ -387,9 +434,15 @@ class _Scanner:
         self.leftovers: list = []
         self.exited_in: dict = {}
 
+    @property
+    def bytes_read(self) -> int:
+        return sum(r.bytes_read for r in self.readers) + self.heads.bytes_read
+
     def close(self):
-        self.reader.close()
+        for r in self.readers:
+            r.close()
         self.heads.close()
+        self.cache = self.cache_flat = None
         self._buf.close()
 
     # scope ---------------------------------------------------------------------------------------
@@ -450,7 +503,7 @@ class _Scanner:
 
     # chunk iteration -------------------------------------------------------------------------------
     def _chunks(self):
-        """(pid, first ordinal, addresses) per chunk, in ordinal order, never mixing processes."""
+        """(pid, addresses, first ordinal) per chunk, in ordinal order, never mixing processes."""
         cap, ps = self.cap, self.ps
         segs = self.segments
         i = 0
@@ -471,11 +524,11 @@ class _Scanner:
                     count += take
                     pos += take
                     if count == cap:
-                        yield pid, first, pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+                        yield pid, pieces[0] if len(pieces) == 1 else np.concatenate(pieces), first
                         first += count
                         pieces, count = [], 0
             if count and pid not in self.reader.exited:
-                yield pid, first, pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+                yield pid, pieces[0] if len(pieces) == 1 else np.concatenate(pieces), first
             if pid in self.reader.exited:
                 end = segs[j - 1].base + segs[j - 1].offsets.size
                 self.flags[first:end] |= UNREADABLE
@@ -521,12 +574,16 @@ class _Scanner:
         self.index_bytes = offsets + self.crc.nbytes + self.hsh.nbytes + self.flags.nbytes + \
             self.rep.nbytes
 
+    def _pass(self):
+        """(first ordinal, page count, buffer, ok) per chunk, read ahead where there are cores."""
+        ps = self.ps
+        for o, reader, ok in procmem.read_ahead(self._chunks(), self.readers):
+            n = ok.size
+            yield o, n, reader.buffer[: n * ps], ok
+
     def pass_first(self, passes):
         ps = self.ps
-        for pid, o, addrs in self._chunks():
-            n = addrs.size
-            ok = self.reader.read(addrs, pid)
-            buf = self.reader.buffer[: n * ps]
+        for o, n, buf, ok in self._pass():
             z = self._ztmp[:n]
             pages.scan_pages(buf, ps, crc_out=self.crc[o:o + n], hash_out=self.hsh[o:o + n],
                              zero_out=z)
@@ -539,11 +596,9 @@ class _Scanner:
 
     def pass_middle(self, pass_no, passes):
         ps = self.ps
-        for pid, o, addrs in self._chunks():
-            n = addrs.size
-            ok = self.reader.read(addrs, pid)
+        for o, n, buf, ok in self._pass():
             c = self._ctmp[:n]
-            pages.crc32c_pages(self.reader.buffer[: n * ps], ps, out=c)
+            pages.crc32c_pages(buf, ps, out=c)
             f = self.flags[o:o + n]
             f[c != self.crc[o:o + n]] |= VOLATILE
             self.crc[o:o + n] = c
@@ -553,18 +608,22 @@ class _Scanner:
         self._note_exits(pass_no)
 
     def _note_exits(self, pass_no):
-        for pid in self.reader.exited | self.heads.exited:
+        for pid in self.reader.exited:
             self.exited_in.setdefault(pid, pass_no)
 
     def group(self):
-        """Turn the hash array into sorted (hash bits | ordinal) keys; mark candidate groups."""
+        """Turn the hash array into sorted (hash bits | ordinal) keys; mark candidate groups.
+
+        Keys sort by hash bits, then ordinal, so a run of equal hash bits is a candidate group and
+        its first key holds its lowest ordinal: the head, which the last pass meets first. The
+        largest runs' heads are remembered for the head cache."""
         n = self.total
         if n == 0:
             return
         obits = max(1, int(n).bit_length())
         shift = np.uint64(obits)
         keys = self.hsh
-        step = 1 << 20
+        step = 1 << 16    # bounded temporaries: the budget is per page, not per chunk
         for lo in range(0, n, step):
             hi = min(n, lo + step)
             k = keys[lo:hi]
@@ -576,10 +635,10 @@ class _Scanner:
         valid = int(np.searchsorted(keys, np.uint64(2 ** 64 - 1)))
         mask = np.uint64((1 << obits) - 1)
         rep = self.rep
+        top = _TopRuns(self.cache_slots)
         carry_prefix, carry_head, carry_count = None, 0, 0
-        piece = 1 << 18
-        for lo in range(0, valid, piece):
-            k = keys[lo:min(valid, lo + piece)]
+        for lo in range(0, valid, step):
+            k = keys[lo:min(valid, lo + step)]
             pre = k >> shift
             ords = (k & mask).astype(np.uint32)
             m = k.size
@@ -595,6 +654,8 @@ class _Scanner:
                 carry_count += s0
             if not starts.size:
                 continue
+            if carry_count >= 2:
+                top.add(np.array([carry_count]), np.array([carry_head]))
             ends = np.append(starts[1:], m)
             lengths = ends - starts
             inner = lengths[:-1]
@@ -603,13 +664,19 @@ class _Scanner:
                 sel = np.repeat(inner >= 2, inner)
                 head_of = np.repeat(heads, inner)
                 rep[ords[s0: starts[-1]][sel]] = head_of[sel]
+                big = inner >= 2
+                top.add(inner[big], heads[big])
             last = int(starts[-1])
             carry_prefix, carry_head, carry_count = pre[last], int(ords[last]), m - last
             if carry_count >= 2:
                 rep[ords[last:]] = carry_head
+        if carry_count >= 2:
+            top.add(np.array([carry_count]), np.array([carry_head]))
         # the keys are the hash array, now sorted: nothing maps back to it any more
         self.hsh = None
         del keys
+        self.cache_heads = np.sort(top.heads()).astype(np.int64)
+        self.cache_valid = np.zeros(self.cache_heads.size, dtype=bool)
 
     def _current_heads(self, g: np.ndarray) -> np.ndarray:
         cur = g.astype(np.int64)
@@ -629,10 +696,7 @@ class _Scanner:
 
     def pass_last(self, passes):
         ps = self.ps
-        for pid, o, addrs in self._chunks():
-            n = addrs.size
-            ok = self.reader.read(addrs, pid)
-            buf = self.reader.buffer[: n * ps]
+        for o, n, buf, ok in self._pass():
             c, h, z = self._ctmp[:n], self._htmp[:n], self._ztmp[:n]
             pages.scan_pages(buf, ps, crc_out=c, hash_out=h, zero_out=z)
             f = self.flags[o:o + n]
@@ -648,8 +712,17 @@ class _Scanner:
         self._note_exits(passes)
         self.crc = None
 
+    def _cache_lookup(self, heads: np.ndarray):
+        """(slot, hit) of heads in the head cache."""
+        ch = self.cache_heads
+        if not ch.size:
+            return np.zeros(heads.size, np.int64), np.zeros(heads.size, bool)
+        slot = np.minimum(np.searchsorted(ch, heads), ch.size - 1)
+        return slot, (ch[slot] == heads) & self.cache_valid[slot]
+
     def _confirm(self, o, buf, cand, r, f, h):
         """Byte-compare each candidate of this chunk with its group's current head."""
+        ps = self.ps
         g = r[cand].astype(np.int64)
         ords = cand + o
         bad = (f[cand] & (VOLATILE | UNREADABLE)) != 0
@@ -673,19 +746,36 @@ class _Scanner:
                 cur[pos] = updates[gg]
             self._set_heads(updates)
         need = cur != ords
-        heads_here = ~need
-        if heads_here.any():   # heads, including members just promoted to head
-            r[cand[heads_here]] = ords[heads_here].astype(np.uint32)
-        if not need.any():
-            return
+        here = np.flatnonzero(~need)
+        if here.size:   # heads, including members just promoted to head
+            r[cand[here]] = ords[here].astype(np.uint32)
+            if self.cache_heads.size:
+                hords = ords[here]
+                slot = np.minimum(np.searchsorted(self.cache_heads, hords),
+                                  self.cache_heads.size - 1)
+                hit = self.cache_heads[slot] == hords
+                if hit.any():
+                    pages2d = buf.reshape(-1, ps)
+                    self.cache[slot[hit]] = pages2d[cand[here[hit]]]
+                    self.cache_valid[slot[hit]] = True
         idx = np.flatnonzero(need)
+        if not idx.size:
+            return
         equal = np.zeros(idx.size, dtype=bool)
         heads = cur[idx]
+        members = cand[idx]
         inside = heads >= o
         if inside.any():
-            equal[inside] = pages.compare_pages(buf, cand[idx[inside]], heads[inside] - o,
-                                                page_size=self.ps)
+            equal[inside] = pages.compare_pages(buf, members[inside], heads[inside] - o,
+                                                page_size=ps)
         outside = np.flatnonzero(~inside)
+        if outside.size:
+            slot, hit = self._cache_lookup(heads[outside])
+            if hit.any():
+                which = outside[hit]
+                equal[which] = pages.compare_pages(buf, members[which], slot[hit],
+                                                   b=self.cache_flat, page_size=ps)
+                outside = outside[~hit]
         if outside.size:
             uniq, inv = np.unique(heads[outside], return_inverse=True)
             cap = self.heads.capacity
@@ -695,10 +785,9 @@ class _Scanner:
                 sel = (inv >= lo) & (inv < lo + batch.size)
                 which = outside[sel]
                 slots = inv[sel] - lo
-                hb = self.heads.buffer[: batch.size * self.ps]
-                equal[which] = pages.compare_pages(buf, cand[idx[which]], slots, b=hb,
-                                                   page_size=self.ps) & got[slots]
-        members = cand[idx]
+                hb = self.heads.buffer[: batch.size * ps]
+                equal[which] = pages.compare_pages(buf, members[which], slots, b=hb,
+                                                   page_size=ps) & got[slots]
         r[members[equal]] = heads[equal].astype(np.uint32)
         if not equal.all():
             miss = members[~equal]
@@ -747,7 +836,9 @@ class _Scanner:
 # --- the entry point ------------------------------------------------------------------------------
 def estimate(targets, passes: int = 2, interval: float = 0.5, all_eligible: bool = False,
              max_page_sharing: int | None = None, procfs: str = "/proc",
-             buffer_bytes: int = procmem.DEFAULT_BUFFER_BYTES, progress=None) -> Estimate:
+             buffer_bytes: int = procmem.DEFAULT_BUFFER_BYTES,
+             cache_bytes: int = DEFAULT_CACHE_BYTES, threads: int | None = None,
+             progress=None) -> Estimate:
     """Predict what KSM would save on ``targets``: PIDs and/or buffers of this process (a list,
     or one of them). Pages merge across all targets together, as KSM merges across processes.
 
@@ -768,26 +859,38 @@ def estimate(targets, passes: int = 2, interval: float = 0.5, all_eligible: bool
     t_wall, t_cpu = time.monotonic(), time.process_time()
     mps, uzp = _current_knobs(max_page_sharing)
     tlist = _normalize_targets(targets, procfs)
-    scanner = _Scanner(tlist, all_eligible, procfs, buffer_bytes, progress)
+    if threads is None:
+        threads = 2 if len(os.sched_getaffinity(0)) >= 2 else 1
+    scanner = _Scanner(tlist, all_eligible, procfs, buffer_bytes, cache_bytes, threads, progress)
+    timings: dict = {}
+
+    def timed(name, fn, *a):
+        t = time.perf_counter()
+        out = fn(*a)
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
+        return out
+
     try:
-        scanner.build_scope()
+        timed("scope", scanner.build_scope)
         scanner.allocate()
         visit = time.monotonic()
-        scanner.pass_first(passes)
-        scanner.group()
+        timed("pass_first", scanner.pass_first, passes)
+        timed("group", scanner.group)
         for pass_no in range(2, passes + 1):
             # each page is revisited at least `interval` after its previous visit
             wait = visit + interval - time.monotonic()
             if wait > 0:
-                time.sleep(wait)
+                timed("wait", time.sleep, wait)
             visit = time.monotonic()
             if pass_no < passes:
-                scanner.pass_middle(pass_no, passes)
+                timed("pass_middle", scanner.pass_middle, pass_no, passes)
             else:
-                scanner.pass_last(passes)
-        unconfirmed = scanner.regroup_leftovers()
-        est = _summarize(scanner, passes, interval, all_eligible, mps, uzp, unconfirmed)
-        est.bytes_read = scanner.reader.bytes_read + scanner.heads.bytes_read
+                timed("pass_last", scanner.pass_last, passes)
+        unconfirmed = timed("regroup", scanner.regroup_leftovers)
+        est = timed("summarize", _summarize, scanner, passes, interval, all_eligible, mps, uzp,
+                    unconfirmed)
+        est.timings = timings
+        est.bytes_read = scanner.bytes_read
         est.buffer_bytes = len(scanner._buf)
     finally:
         scanner.close()

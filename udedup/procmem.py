@@ -16,6 +16,8 @@ import contextlib
 import errno as errno_mod
 import mmap
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -34,7 +36,7 @@ PM_PRESENT = 1 << 63
 
 #: Default size of the read buffer: half of a typical 1-2 MiB L2, so the scan that follows each
 #: read finds the bytes still in cache.
-DEFAULT_BUFFER_BYTES = 512 << 10
+DEFAULT_BUFFER_BYTES = 1 << 20
 #: pagemap entries per read(): 64 Ki entries = 512 KiB, covering 256 MiB of address space.
 PAGEMAP_BLOCK = 64 << 10
 
@@ -439,6 +441,57 @@ class RemoteReader:
         return ok
 
 
+def read_ahead(chunks, readers: list):
+    """Read chunks in a background thread while the caller works on the previous one.
+
+    ``chunks`` yields ``(pid, addrs, tag)``; this yields ``(tag, reader, ok)`` in the same order,
+    the pages being in ``reader.buffer``. Each reader is reused once the caller asks for the next
+    chunk, so with two readers one chunk is read while the other is scanned: reading runs in the
+    kernel and scanning in native code, both without the GIL, so on two cores the pair costs about
+    as much wall time as the reads alone. With one reader it is a plain loop in the caller's
+    thread. Exceptions in the reader thread are raised here."""
+    if len(readers) < 2:
+        reader = readers[0]
+        for pid, addrs, tag in chunks:
+            yield tag, reader, reader.read(addrs, pid)
+        return
+    free: queue.Queue = queue.Queue()
+    full: queue.Queue = queue.Queue()
+    for r in readers:
+        free.put(r)
+    stop = threading.Event()
+    done = object()
+
+    def work():
+        try:
+            for pid, addrs, tag in chunks:
+                reader = free.get()
+                if stop.is_set():
+                    return
+                full.put((tag, reader, reader.read(addrs, pid)))
+        except BaseException as err:  # handed to the caller's thread
+            full.put(err)
+        finally:
+            full.put(done)
+
+    thread = threading.Thread(target=work, name="udedup-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = full.get()
+            if item is done:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            free.put(item[1])
+    finally:
+        stop.set()
+        for _ in readers:
+            free.put(None)
+        thread.join()
+
+
 def _runs(addrs: np.ndarray, page_size: int):
     """Coalesce page addresses into (start, length) iovecs: one per contiguous run."""
     if addrs.size == 1:
@@ -463,6 +516,6 @@ def ksm_stat(pid: int, procfs: str = "/proc") -> dict[str, object]:
     out: dict[str, object] = {}
     for line in text.splitlines():
         key, _, value = line.partition(" ")
-        value = value.strip()
+        key, value = key.rstrip(":"), value.strip()
         out[key] = int(value) if value.lstrip("-").isdigit() else value
     return out

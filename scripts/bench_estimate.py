@@ -1,0 +1,318 @@
+#!/usr/bin/env python3
+"""Benchmark the estimator against KSM itself, every figure beside its baseline from the same run.
+
+A child process holds SIZE of mixed content, registered with KSM (MADV_MERGEABLE, no THP):
+20 % zero pages, 30 % pages drawn from 1024 contents, 10 % pairs, 40 % unique random pages,
+interleaved at random.
+Then, in this order:
+
+1. plain read loop: process_vm_readv of every present page, chunk by chunk, nothing else;
+2. read + fused scan loop: the same reads plus pages.scan_pages (crc32c, hash64, is-zero) per chunk;
+3. the estimate (udedup.estimate, default passes and interval) in a fresh Python process, so its
+   peak RSS (VmHWM) minus its RSS before scanning, less the fixed read buffer, gives the scanner's
+   bytes per scanned page;
+4. KSM fast: run=1 pages_to_scan=10000 sleep_millisecs=0 smart_scan=0 until settled: wall time and
+   ksmd CPU-seconds until the savings first reached their final value, and those final counters
+   against the prediction;
+5. KSM at its default rate (pages_to_scan=100 sleep_millisecs=20): one full scan is timed and
+   the time to settle extrapolated from the number of pages ksmd needed in step 4.
+
+Every KSM knob is restored and everything unmerged at the end. Needs root and a writable
+/sys/kernel/mm/ksm for steps 4-5 (``--no-ksm`` skips them).
+
+    python scripts/bench_estimate.py                 # 4 GiB
+    python scripts/bench_estimate.py --size 64M --default-scan sample --json
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from udedup import pages, procmem  # noqa: E402
+
+LOCK_PATH = "/tmp/udedup-ksm.lock"
+MIX = (("zero", 0.20), ("many", 0.30), ("pairs", 0.10), ("unique", 0.40))
+
+
+def parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().rstrip("ib")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+# --- the child ------------------------------------------------------------------------------------
+def child(size: int) -> None:
+    import mmap
+    ps = pages.PAGE_SIZE
+    n = size // ps
+    mem = mmap.mmap(-1, n * ps, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mem.madvise(getattr(mmap, "MADV_NOHUGEPAGE", 15))
+    mem.madvise(getattr(mmap, "MADV_MERGEABLE", 12))
+    arr = np.frombuffer(mem, dtype=np.uint8).reshape(n, ps)
+    rng = np.random.default_rng(12345)
+    # content kinds interleaved at random, as in real memory (ksmd meets them in any order)
+    kinds = rng.choice(len(MIX), n, p=[share for _, share in MIX]).astype(np.int8)
+    pair_slots = np.flatnonzero(kinds == 2)
+    if pair_slots.size % 2:
+        kinds[pair_slots[-1]] = 3
+        pair_slots = pair_slots[:-1]
+    partner = np.zeros(n, dtype=np.int64)
+    partner[rng.permutation(pair_slots)] = np.repeat(np.arange(pair_slots.size // 2), 2)
+    table = rng.integers(0, 256, (1024, ps), dtype=np.uint8)
+    # a pair's content is a window of a random pool shifted by 8 bytes per pair: distinct pages
+    pool = rng.integers(0, 256, pair_slots.size * 4 + 2 * ps, dtype=np.uint8)
+    windows = np.lib.stride_tricks.sliding_window_view(pool, ps)
+    step = 8192
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        block, kind = arr[lo:hi], kinds[lo:hi]
+        block[kind == 0] = 0
+        many = kind == 1
+        block[many] = table[rng.integers(0, 1024, int(many.sum()))]
+        pairs = np.flatnonzero(kind == 2)
+        block[pairs] = windows[partner[lo + pairs] * 8]
+        uniq = kind == 3
+        block[uniq] = rng.integers(0, 256, (int(uniq.sum()), ps), dtype=np.uint8)
+    print(json.dumps({"pid": os.getpid(), "start": int(arr.ctypes.data), "pages": n}), flush=True)
+    sys.stdin.read()
+
+
+def estimate_child(pid: int, max_page_sharing: int | None) -> None:
+    """Run one estimate in this fresh process and report its memory high-water mark."""
+    from udedup.estimate import estimate
+    with open("/proc/self/status") as f:
+        before = _status_kb(f.read(), "VmRSS")
+    est = estimate(pid, max_page_sharing=max_page_sharing)
+    with open("/proc/self/status") as f:
+        peak = _status_kb(f.read(), "VmHWM")
+    print(json.dumps({"rss_before": before, "peak": peak, "estimate": est.as_dict()}))
+
+
+def _status_kb(text: str, key: str) -> int:
+    for line in text.splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# --- measurements ---------------------------------------------------------------------------------
+def read_loop(pid: int, addrs: np.ndarray, buffer_bytes: int, scan: bool) -> dict:
+    reader = procmem.RemoteReader(pid, buffer_bytes=buffer_bytes)
+    cap, ps = reader.capacity, reader.page_size
+    crc = np.empty(cap, np.uint32)
+    hsh = np.empty(cap, np.uint64)
+    zero = np.empty(cap, np.bool_)
+    t, c = time.perf_counter(), time.process_time()
+    for lo in range(0, addrs.size, cap):
+        part = addrs[lo:lo + cap]
+        reader.read(part)
+        if scan:
+            k = part.size
+            pages.scan_pages(reader.buffer[: k * ps], ps, crc_out=crc[:k], hash_out=hsh[:k],
+                             zero_out=zero[:k])
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    nbytes = addrs.size * ps
+    reader.close()
+    return {"wall": wall, "cpu": cpu, "gbps": nbytes / wall / 1e9}
+
+
+def ksm_fast(ksm, pid: int, timeout: float) -> dict:
+    """Time ksmd from start to the moment its savings reached their final value."""
+    ksm.unmerge_all()
+    cpu0 = ksm.ksmd_cpu_seconds()
+    scanned0 = ksm.stats().pages_scanned
+    history = []
+    with ksm.settings(run=1, pages_to_scan=10000, sleep_millisecs=0, smart_scan=0):
+        t0 = time.monotonic()
+        while True:
+            st = ksm.stats()
+            now = time.monotonic()
+            history.append((now - t0, st.saved_pages, st.pages_shared, ksm.ksmd_cpu_seconds() - cpu0,
+                            st.full_scans, st.pages_scanned - scanned0, st))
+            final = history[-1][1:3]
+            changed_at = max((i for i, h in enumerate(history) if h[1:3] != final), default=-1)
+            stable_scans = st.full_scans - history[changed_at + 1][4] if changed_at + 1 < len(
+                history) else 0
+            if st.full_scans >= 4 and stable_scans >= 3 and st.saved_pages:
+                break
+            if now - t0 > timeout:
+                raise SystemExit(f"KSM did not settle in {timeout} s")
+            time.sleep(0.01)
+        first = history[changed_at + 1]
+        end = history[-1][6]
+        per_proc = procmem.ksm_stat(pid)
+    ksm.unmerge_all()
+    return {"wall": first[0], "ksmd_cpu": first[3], "pages_scanned": first[5],
+            "full_scans_at_final": first[4], "counters": end.counters, "ksm_stat": per_proc}
+
+
+def ksm_default_scan(ksm, mode: str, sample_seconds: float) -> dict:
+    """One full scan at the default rate (or a sample of it): seconds per page visited."""
+    ksm.unmerge_all()
+    cpu0 = ksm.ksmd_cpu_seconds()
+    with ksm.settings(run=1, pages_to_scan=100, sleep_millisecs=20, smart_scan=0):
+        s0 = ksm.stats()
+        t0 = time.monotonic()
+        while True:
+            time.sleep(0.05)
+            st = ksm.stats()
+            elapsed = time.monotonic() - t0
+            if mode == "full" and st.full_scans >= 1:
+                break
+            if mode == "sample" and elapsed >= sample_seconds:
+                break
+        cpu = ksm.ksmd_cpu_seconds() - cpu0
+    ksm.unmerge_all()
+    visited = st.pages_scanned - s0.pages_scanned
+    return {"mode": mode, "wall": elapsed, "ksmd_cpu": cpu, "pages_scanned": visited,
+            "seconds_per_page": elapsed / max(1, visited)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="4G", help="memory of the child process (default 4G)")
+    ap.add_argument("--buffer-bytes", type=parse_size, default=procmem.DEFAULT_BUFFER_BYTES,
+                    help="read buffer for the plain and fused read loops")
+    ap.add_argument("--no-ksm", action="store_true", help="skip the KSM comparisons")
+    ap.add_argument("--default-scan", choices=("full", "sample"), default="full",
+                    help="time a whole default-rate full scan, or sample it (--sample-seconds)")
+    ap.add_argument("--sample-seconds", type=float, default=5.0)
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--child", type=parse_size, help=argparse.SUPPRESS)
+    ap.add_argument("--estimate-pid", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--mps", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args.child)
+        return 0
+    if args.estimate_pid:
+        estimate_child(args.estimate_pid, args.mps)
+        return 0
+
+    size = parse_size(args.size)
+    proc = subprocess.Popen([sys.executable, __file__, "--child", str(size)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    results: dict = {"size_bytes": size, "page_size": pages.PAGE_SIZE, "isa": pages.isa()}
+    lock = None
+    try:
+        info = json.loads(proc.stdout.readline())
+        pid = info["pid"]
+        addrs = procmem.present_pages(pid, info["start"], info["start"] + info["pages"] *
+                                      pages.PAGE_SIZE)
+        results["pages"] = int(addrs.size)
+        ksm = None
+        if not args.no_ksm:
+            from udedup.ksm import Ksm
+            ksm = Ksm()
+            lock = open(LOCK_PATH, "a+")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        mps = ksm.get("max_page_sharing") if ksm else None
+
+        results["plain_read"] = read_loop(pid, addrs, args.buffer_bytes, scan=False)
+        results["read_scan"] = read_loop(pid, addrs, args.buffer_bytes, scan=True)
+        out = subprocess.run([sys.executable, __file__, "--estimate-pid", str(pid)] +
+                             (["--mps", str(mps)] if mps else []),
+                             check=True, capture_output=True, text=True).stdout
+        est = json.loads(out)
+        e = est["estimate"]
+        scanner_bytes = est["peak"] - est["rss_before"] - e["buffer_bytes"]
+        results["estimate"] = {
+            "wall": e["elapsed_seconds"], "cpu": e["cpu_seconds"],
+            "pages_scanned": e["pages_scanned"], "peak_rss": est["peak"],
+            "rss_before": est["rss_before"], "buffer_bytes": e["buffer_bytes"],
+            "index_bytes_per_page": e["bytes_per_page"],
+            "peak_bytes_per_page": scanner_bytes / max(1, e["pages_scanned"]),
+            "predictions": e["predictions"]}
+        if ksm:
+            with ksm.settings(run=0):
+                fast = ksm_fast(ksm, pid, args.timeout)
+                default = ksm_default_scan(ksm, args.default_scan, args.sample_seconds)
+            results["ksm_fast"] = {k: v for k, v in fast.items() if k != "counters"}
+            results["ksm_fast"]["counters"] = fast["counters"]
+            default["extrapolated_wall"] = default["seconds_per_page"] * fast["pages_scanned"]
+            results["ksm_default"] = default
+            uzp = int(ksm.get("use_zero_pages"))
+            pred = e["predictions"][uzp]
+            got = fast["counters"]
+            results["accuracy"] = {
+                key: {"predicted": pred[key], "kernel": got.get(key),
+                      "error_percent": _err(pred[key], got.get(key))}
+                for key in ("pages_shared", "pages_sharing", "ksm_zero_pages", "general_profit")}
+    finally:
+        if proc.poll() is None:
+            proc.stdin.close()
+            proc.wait(timeout=30)
+        if lock:
+            lock.close()
+    results["ratios"] = _ratios(results)
+    results["bench_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    else:
+        _print(results)
+    return 0
+
+
+def _err(pred, got):
+    if got is None:
+        return None
+    if got == pred:
+        return 0.0
+    return round(100.0 * abs(pred - got) / max(1, abs(got)), 4)
+
+
+def _ratios(r: dict) -> dict:
+    out = {"read_scan_vs_plain_read": r["plain_read"]["wall"] / r["read_scan"]["wall"],
+           "bytes_per_scanned_page": r["estimate"]["peak_bytes_per_page"]}
+    if "ksm_fast" in r:
+        e, f, d = r["estimate"], r["ksm_fast"], r["ksm_default"]
+        out["speedup_vs_ksm_fast"] = f["wall"] / e["wall"]
+        out["cpu_fraction_of_ksm_fast"] = e["cpu"] / f["ksmd_cpu"] if f["ksmd_cpu"] else None
+        out["speedup_vs_ksm_default"] = d["extrapolated_wall"] / e["wall"]
+    return out
+
+
+def _print(r: dict) -> None:
+    gib = r["size_bytes"] / (1 << 30)
+    print(f"memory: {gib:.3g} GiB, {r['pages']} present pages of {r['page_size']} B, isa {r['isa']}")
+    pr, rs = r["plain_read"], r["read_scan"]
+    print(f"plain process_vm_readv loop: {pr['wall']:.3f} s ({pr['gbps']:.2f} GB/s), "
+          f"CPU {pr['cpu']:.3f} s")
+    print(f"read + fused scan loop:      {rs['wall']:.3f} s ({rs['gbps']:.2f} GB/s), "
+          f"CPU {rs['cpu']:.3f} s")
+    e = r["estimate"]
+    print(f"estimate: {e['wall']:.3f} s wall, {e['cpu']:.3f} CPU-s, {e['pages_scanned']} pages; "
+          f"scanner peak RSS {e['peak_rss'] / 2**20:.1f} MiB (before scan "
+          f"{e['rss_before'] / 2**20:.1f} MiB, buffer {e['buffer_bytes'] >> 10} KiB): "
+          f"{e['peak_bytes_per_page']:.1f} B per page (index {e['index_bytes_per_page']:.1f})")
+    if "ksm_fast" in r:
+        f, d = r["ksm_fast"], r["ksm_default"]
+        print(f"KSM pages_to_scan=10000 sleep=0: final savings after {f['wall']:.3f} s, ksmd "
+              f"{f['ksmd_cpu']:.2f} CPU-s, {f['pages_scanned']} pages visited "
+              f"(full_scans {f['full_scans_at_final']})")
+        print(f"KSM default rate: {d['mode']} scan {d['pages_scanned']} pages in {d['wall']:.1f} s"
+              f" -> {d['extrapolated_wall']:.1f} s to final savings (extrapolated)")
+        for key, a in r["accuracy"].items():
+            print(f"  {key}: predicted {a['predicted']}, kernel {a['kernel']} "
+                  f"(error {a['error_percent']} %)")
+    print("ratios:")
+    for key, value in r["ratios"].items():
+        print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
