@@ -69,32 +69,43 @@ def knob(root, name) -> str:
 
 
 class Notify:
-    """The systemd end of NOTIFY_SOCKET: collects every datagram."""
+    """The systemd end of NOTIFY_SOCKET: a thread collects every datagram as it arrives."""
 
     def __init__(self, path):
+        import threading
         self.path = str(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
+        self.sock.settimeout(0.05)
         self.messages: list[str] = []
+        self._seen = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+
+    def _collect(self):
+        while not self._closed:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except socket.timeout:
+                continue
+            except OSError:
+                return
 
     def wait_for(self, line: str, timeout: float = 15.0) -> str:
+        """The first message after the previous match that has ``line``."""
         deadline = time.monotonic() + timeout
-        for msg in self.messages:
-            if line in msg.splitlines():
-                self.messages.remove(msg)
-                return msg
         while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                msg = self.sock.recv(4096).decode()
-            except socket.timeout:
-                break
-            if line in msg.splitlines():
-                return msg
-            self.messages.append(msg)
-        raise AssertionError(f"no {line!r} from the daemon within {timeout}s; got {self.messages}")
+            for i in range(self._seen, len(self.messages)):
+                if line in self.messages[i].splitlines():
+                    self._seen = i + 1
+                    return self.messages[i]
+            time.sleep(0.02)
+        raise AssertionError(f"no {line!r} from the daemon within {timeout}s; got {self.messages[-5:]}")
 
     def close(self):
+        self._closed = True
+        self._thread.join()
         self.sock.close()
 
 
@@ -310,3 +321,81 @@ def test_sd_notify_abstract_socket_and_watchdog_env():
     assert n.address == "\0udedup-test" and n.watchdog_seconds == 2.0
     assert SdNotify({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}).watchdog_seconds is None
     assert SdNotify({}).send("READY=1") is False
+
+
+# --- end to end on the real kernel ------------------------------------------------------------------
+def _bench_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_daemon_peers", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _mg_bytes(pid) -> int:
+    from udedup.procmem import read_mappings
+    return sum(m.anonymous for m in read_mappings(pid) if m.registered)
+
+
+def _injection_available() -> bool:
+    try:
+        import udedup.inject  # noqa: F401
+    except Exception:  # noqa: BLE001 - not built here: the variant is skipped, with the reason
+        return False
+    return True
+
+
+@pytest.mark.ksm
+@pytest.mark.slow
+@pytest.mark.parametrize("registered_by", ["injection", "udedup run"])
+def test_end_to_end_registers_the_duplicate_rich_workload_only(tmp_path, registered_by):
+    if registered_by == "injection" and not _injection_available():
+        pytest.skip("udedup.inject is not available in this build")
+    from udedup.ksm import Ksm
+    bench = _bench_module()
+    mib = 1 << 20
+    dup = bench.Child("udd-dup", 48 * mib, dup=0.9, templates=64,
+                      register="none" if registered_by == "injection" else "prctl")
+    uniq = bench.Child("udd-uniq", 48 * mib, private_seed=5)
+    ksm = Ksm()
+    try:
+        dup.wait_ready()
+        uniq.wait_ready()
+        with ksm.settings(run=0, pages_to_scan=100, sleep_millisecs=20, smart_scan=0,
+                          use_zero_pages=0):
+            before = ksm.snapshot()
+            text = config(tmp_path, ksm.root,
+                          candidates={"names": ["udd-*"], "min_anon_rss": "8 MiB"},
+                          registration={"allow_injection": registered_by == "injection",
+                                        "min_saving": "8 MiB"},
+                          ksmd={"use_zero_pages": "keep", "fast_scan_seconds": 0.5},
+                          metrics={"address": ""}, daemon={"interval": 0.5})
+            d = Daemon(tmp_path, text, name="e2e")
+            try:
+                d.notify.wait_for("READY=1", timeout=30)
+                templates, copies = 64, int(48 * mib // bench.PAGE * 0.9)
+                expected_sharing = copies - templates
+                wait_until(lambda: ksm.stats().pages_sharing >= 0.9 * expected_sharing, timeout=30,
+                           what=f"{expected_sharing} pages_sharing (daemon log:\n{d.stderr})")
+                assert _mg_bytes(dup.pid) > 40 * mib
+                assert _mg_bytes(uniq.pid) == 0           # left alone: never registered
+                state = read_daemon_state(str(tmp_path / "run" / "state.json"))
+                by_name = {p["name"]: p for p in state["processes"]}
+                assert by_name["udd-dup"]["worthwhile"] and not by_name["udd-uniq"]["worthwhile"]
+                assert by_name["udd-dup"]["predicted_saved_bytes"] > 0.9 * expected_sharing * bench.PAGE - 4 * mib
+                d.signal(signal.SIGTERM)
+                assert d.wait() == 0
+            finally:
+                d.stop()
+            assert ksm.knobs() == before.as_dict()            # the daemon put back what it changed
+            err = d.stderr
+            assert "udd-uniq: predicted saving" in err and "below registration.min_saving" in err
+            if registered_by == "injection":
+                assert "udd-dup: predicted saving" in err and "opting it in by injection" in err
+            else:
+                assert "already registered (merge-any (prctl))" in err
+            assert "fast: " in err and "Traceback" not in err
+            ksm.unmerge_all()
+    finally:
+        dup.stop()
+        uniq.stop()

@@ -63,11 +63,14 @@ class SdNotify:
             return False
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # non-blocking: a datagram socket whose reader lags blocks the sender once ten
+                # messages queue up, and the daemon must never stall on its supervisor
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                                           | socket.SOCK_NONBLOCK)
             self._sock.sendto("\n".join(lines).encode(), self.address)
             return True
         except OSError as err:
-            # systemd gone or socket not ours to use: the daemon itself keeps working
+            # systemd gone, lagging, or the socket not ours to use: the daemon keeps working
             log.debug("sd_notify %s failed: %s", lines[0] if lines else "", err)
             return False
 
@@ -632,16 +635,19 @@ class Daemon:
     def _round(self) -> None:
         self.rounds += 1
         try:
-            for _ in range(3):
+            for attempt in range(3):
                 obs = self._observe()
                 plan = self.policy.decide(obs)
-                self._log(plan)
-                if not (plan.estimate or plan.register):
-                    break
+                final = attempt == 2 or not (plan.estimate or plan.register)
+                # only the last plan of the round has its knobs applied: only it reports them
+                self._log(plan, knobs=final)
+                # the policy counts planned actions as done: they must run, final plan or not
                 if plan.estimate:
                     self._estimate(plan, obs)
                 if plan.register:
                     self._register(plan)
+                if final:
+                    break
             self._apply(plan, obs)
             self._last_plan, self._last_obs = plan, obs
         except KsmError as err:
@@ -694,8 +700,10 @@ class Daemon:
             self.policy.record_written({name: value})
             self.knob_writes += 1
 
-    def _log(self, plan: Plan) -> None:
+    def _log(self, plan: Plan, knobs: bool = True) -> None:
         for d in plan.decisions:
+            if d.kind == "knobs" and not knobs:
+                continue
             if d.kind == "knobs" and self.opts.dry_run:
                 if self._dry_logged.get("knobs") == plan.knobs:
                     continue

@@ -463,7 +463,11 @@ class Policy:
             self._scan_saved[self._change_scan] = (int(obs.counters.get("pages_sharing", 0))
                                                    + int(obs.counters.get("ksm_zero_pages", 0)))
         self._managed_keys = keys
-        registered_pages = sum(p.info.registered_bytes for p in self.procs.values()) // obs.page_size
+        # memory being registered right now counts already: the knobs are for the next minutes
+        registered_pages = sum(p.info.eligible_bytes if (p.registered_at is not None
+                                                         and not p.info.registered)
+                               else p.info.registered_bytes
+                               for p in self.procs.values()) // obs.page_size
         plan.predicted_bytes = sum(p.estimate.saved_bytes for p in managed)
         profits = sum(max(0, p.info.ksm_profit) for p in managed)
         plan.realized_bytes = max(0, min(obs.saved_bytes, profits))

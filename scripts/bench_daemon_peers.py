@@ -1,0 +1,570 @@
+#!/usr/bin/env python3
+"""The udedup daemon against its peers, on one host scenario.
+
+The scenario: four processes, a few GiB in all.
+  vm-a, vm-b   two "VMs" booted from one image: 75 % of their pages are the same image pages in
+               both, 10 % zero pages (freed guest memory), 15 % private
+  db-c         a cache of unique pages
+  calc-d       unique pages rewritten several times a second (volatile)
+They look like QEMU guests to ksmtuned (argv[0] qemu-system-x86_64, -enable-kvm).
+
+The peers, each from the same start (fresh processes, everything unmerged, kernel-default knobs):
+  reference    every process registered, pages_to_scan=10000 sleep_millisecs=0 smart_scan=0, until
+               settled: its saving is the "achievable" one
+  default      every process registered (KSM on everything), default knobs (100 pages / 20 ms)
+  ksmtuned     every process registered, Debian's ksmtuned driving the knobs
+  advisor      every process registered, advisor_mode=scan-time
+  udedup       the daemon with candidates = these processes: it estimates them, registers by
+               injection only what is worth it, and tunes ksmd
+
+Reported per peer: saved memory over time, time to 90 % and 95 % of the achievable saving, CPU-
+seconds of ksmd plus the tuner up to then and over the whole window, saved MiB per CPU-second. Every
+KSM knob is restored at the end, also on Ctrl-C; every process started is killed.
+
+  python scripts/bench_daemon_peers.py [--scale 1] [--window 150] [--out report.txt]
+  python scripts/bench_daemon_peers.py child --name vm-a --size 64M ...   (a workload process)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import fcntl
+import json
+import mmap
+import os
+import shutil
+import signal
+import site
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MiB = 1 << 20
+LOCK_PATH = "/tmp/udedup-ksm.lock"      # the test suite's machine-wide KSM lock
+PR_SET_NAME, PR_SET_PDEATHSIG, PR_SET_MEMORY_MERGE = 15, 1, 67
+MADV_MERGEABLE = 12
+
+
+# --- the workload process -------------------------------------------------------------------------
+def _prctl(option, arg):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+def child_main(args) -> int:
+    """Fill a private anonymous buffer, say ready on stdout, live until stdin closes."""
+    import numpy as np
+
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc = ctypes.CDLL(None)
+    libc.prctl(PR_SET_NAME, args.name.encode()[:15], 0, 0, 0)
+    if args.register == "prctl":
+        _prctl(PR_SET_MEMORY_MERGE, 1)
+    n = args.size // PAGE
+    buf = mmap.mmap(-1, n * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_NOHUGEPAGE)
+    if args.register == "madvise":
+        buf.madvise(MADV_MERGEABLE)
+    pages = np.frombuffer(buf, dtype=np.uint8).reshape(n, PAGE)
+    n_dup = int(n * args.dup)
+    if n_dup:
+        # duplicates within the process: copies of a few template pages
+        templates = np.random.default_rng(args.image_seed ^ 0xD0D0).integers(
+            0, 256, size=(args.templates, PAGE), dtype=np.uint8)
+        pages[n - n_dup:] = templates[np.arange(n_dup) % args.templates]
+        n = n - n_dup
+    n_zero, n_image = int(n * args.zero), int(n * args.image)
+    # zero pages are written once: real zero-filled pages, not the shared zero page
+    pages[:n_zero, 0] = 0
+    if n_image:
+        image = np.random.default_rng(args.image_seed)
+        for lo in range(n_zero, n_zero + n_image, 4096):
+            hi = min(n_zero + n_image, lo + 4096)
+            pages[lo:hi] = image.integers(0, 256, size=(hi - lo, PAGE), dtype=np.uint8)
+    private = np.random.default_rng(args.private_seed)
+    for lo in range(n_zero + n_image, n, 4096):
+        hi = min(n, lo + 4096)
+        pages[lo:hi] = private.integers(0, 256, size=(hi - lo, PAGE), dtype=np.uint8)
+    stop = threading.Event()
+    if args.volatile_hz > 0:
+        words = pages[n_zero + n_image:n, :8].view(np.uint64)
+
+        def churn():
+            while not stop.wait(1.0 / args.volatile_hz):
+                words[:, 0] += np.uint64(1)     # one write per page: its checksum changes
+        threading.Thread(target=churn, daemon=True).start()
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    sys.stdout.write(json.dumps({"ready": True, "pid": os.getpid(), "address": address,
+                                 "pages": n}) + "\n")
+    sys.stdout.flush()
+    sys.stdin.read()        # until the parent closes our stdin (or dies)
+    stop.set()
+    return 0
+
+
+class Child:
+    """A workload process; ``looks_like_qemu`` makes ksmtuned count it as a guest."""
+
+    def __init__(self, name, size, zero=0.0, image=0.0, image_seed=1, private_seed=2,
+                 volatile_hz=0.0, register="none", looks_like_qemu=False, dup=0.0, templates=64):
+        argv = [sys.executable, os.path.abspath(__file__), "child", "--name", name, "--size",
+                str(size), "--dup", str(dup), "--templates", str(templates),
+                "--zero", str(zero), "--image", str(image), "--image-seed",
+                str(image_seed), "--private-seed", str(private_seed), "--volatile-hz",
+                str(volatile_hz), "--register", register]
+        env = dict(os.environ)
+        if looks_like_qemu:
+            # argv[0] is only a name: the interpreter is still sys.executable, which then needs
+            # its packages on the path explicitly
+            argv = ["qemu-system-x86_64"] + argv[1:] + ["-enable-kvm"]
+            env["PYTHONPATH"] = os.pathsep.join([REPO] + site.getsitepackages())
+        self.name = name
+        self.proc = subprocess.Popen(argv, executable=sys.executable, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env, start_new_session=True)
+        self.info = None
+
+    def wait_ready(self, timeout=300.0) -> dict:
+        import select
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else b""
+        if not line:
+            self.stop()
+            raise RuntimeError(f"workload {self.name} did not start (exit {self.proc.poll()})")
+        self.info = json.loads(line)
+        return self.info
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                f.close()
+
+
+# --- measuring --------------------------------------------------------------------------------------
+def proc_cpu(pid: int) -> float | None:
+    """utime+stime+cutime+cstime of ``pid`` in seconds (children it waited for included)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+class Sampler(threading.Thread):
+    """Saved pages, general_profit, ksmd CPU and the tuner's CPU every ``period`` seconds."""
+
+    def __init__(self, ksm, period=0.5):
+        super().__init__(daemon=True)
+        self.ksm, self.period = ksm, period
+        self.samples = []
+        self.tool_pids: list[int] = []
+        self._tool_cpu_last: dict[int, float] = {}
+        self._halt = threading.Event()
+        self.t0 = time.monotonic()
+        self.ksmd0 = ksm.ksmd_cpu_seconds()
+
+    def tool_cpu(self) -> float:
+        for pid in self.tool_pids:
+            cpu = proc_cpu(pid)
+            if cpu is not None:
+                self._tool_cpu_last[pid] = cpu    # keep the last value once the process is gone
+        return sum(self._tool_cpu_last.values())
+
+    def sample(self):
+        s = self.ksm.stats()
+        self.samples.append({"t": time.monotonic() - self.t0, "saved_pages": s.saved_pages,
+                             "saved_bytes": s.saved_bytes, "pages_sharing": s.pages_sharing,
+                             "ksm_zero_pages": s.ksm_zero_pages, "full_scans": s.full_scans,
+                             "ksmd_cpu": self.ksm.ksmd_cpu_seconds() - self.ksmd0,
+                             "tool_cpu": self.tool_cpu()})
+
+    def run(self):
+        while not self._halt.wait(self.period):
+            self.sample()
+
+    def halt(self):
+        self._halt.set()
+        self.join()
+        self.sample()
+
+
+def summarize(name, samples, achievable_pages, note="", tool_cpu_base=0.0) -> dict:
+    out = {"peer": name, "note": note, "window_s": samples[-1]["t"] if samples else 0.0}
+    if not samples:
+        return out
+    last = samples[-1]
+    cpu = lambda s: s["ksmd_cpu"] + s["tool_cpu"] - tool_cpu_base  # noqa: E731
+    out.update(final_saved_mib=last["saved_pages"] * PAGE / MiB,
+               final_profit_mib=last["saved_bytes"] / MiB,
+               cpu_s_window=cpu(last), ksmd_cpu_s_window=last["ksmd_cpu"],
+               tool_cpu_s_window=last["tool_cpu"] - tool_cpu_base)
+    out["mib_per_cpu_s_window"] = out["final_saved_mib"] / out["cpu_s_window"] if out["cpu_s_window"] else None
+    for pct in (90, 95):
+        hit = next((s for s in samples if s["saved_pages"] >= pct / 100 * achievable_pages), None)
+        out[f"t{pct}_s"] = hit["t"] if hit else None
+        out[f"cpu{pct}_s"] = cpu(hit) if hit else None
+        if pct == 95 and hit:
+            out["mib_per_cpu_s_at_95"] = hit["saved_pages"] * PAGE / MiB / cpu(hit) if cpu(hit) else None
+    return out
+
+
+# --- the host scenario ----------------------------------------------------------------------------
+def scenario(scale: float, register: str, qemu: bool) -> list[Child]:
+    def size(mib):
+        return max(16, int(mib * scale)) * MiB
+    common = dict(register=register, looks_like_qemu=qemu)
+    return [Child("vm-a", size(512), zero=0.10, image=0.75, image_seed=7, private_seed=11, **common),
+            Child("vm-b", size(512), zero=0.10, image=0.75, image_seed=7, private_seed=12, **common),
+            Child("db-c", size(768), private_seed=13, **common),
+            Child("calc-d", size(512), private_seed=14, volatile_hz=4.0, **common)]
+
+
+BASELINE = {"run": 0, "pages_to_scan": 100, "sleep_millisecs": 20, "smart_scan": 1,
+            "use_zero_pages": 0, "advisor_mode": "none"}
+
+
+@contextlib.contextmanager
+def ksm_lock():
+    with open(LOCK_PATH, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def fresh_start(ksm, knobs: dict) -> None:
+    """Nothing merged, no stale rmap items, kernel-default knobs, then the peer's own."""
+    ksm.set("advisor_mode", "none")
+    ksm.set("run", 2)
+    for name, value in BASELINE.items():
+        if name in ksm.knob_names():
+            ksm.set(name, value)
+    if knobs.get("advisor_mode") == "scan-time":
+        ksm.set("advisor_mode", "scan-time")
+    for name, value in knobs.items():
+        if name not in ("advisor_mode", "run"):
+            ksm.set(name, value)
+    if "run" in knobs:
+        ksm.set("run", knobs["run"])
+
+
+def start_children(scale, register, qemu, log) -> list[Child]:
+    kids = scenario(scale, register, qemu)
+    try:
+        for k in kids:
+            k.wait_ready()
+    except BaseException:
+        for k in kids:
+            k.stop()
+        raise
+    log(f"  workload ready: {', '.join(f'{k.name}={k.pid}' for k in kids)}")
+    return kids
+
+
+def run_peer(ksm, name, args, log, achievable_pages, register="prctl", knobs=None, tool=None,
+             until_settled=False) -> tuple[dict, list]:
+    """One peer on fresh processes; ``tool(children, sampler) -> stop()`` starts the tuner."""
+    with ksm_lock():
+        kids = start_children(args.scale, register, qemu=(name == "ksmtuned"), log=log)
+        stop_tool = None
+        try:
+            fresh_start(ksm, knobs or {})
+            sampler = Sampler(ksm)
+            note = ""
+            if tool is not None:
+                stop_tool, note = tool(kids, sampler)
+            sampler.start()
+            deadline = time.monotonic() + (args.reference_timeout if until_settled else args.window)
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                if until_settled and len(sampler.samples) > 6:
+                    a, b = sampler.samples[-6], sampler.samples[-1]
+                    if b["full_scans"] >= 4 and b["full_scans"] > a["full_scans"] and \
+                            b["saved_pages"] == a["saved_pages"]:
+                        break
+            sampler.halt()
+        finally:
+            if stop_tool is not None:
+                stop_tool()
+            for k in kids:
+                k.stop()
+            ksm.set("advisor_mode", "none")
+            ksm.set("run", 2)
+    samples = sampler.samples
+    if achievable_pages is None:
+        achievable_pages = samples[-1]["saved_pages"]
+    return summarize(name, samples, achievable_pages, note), samples
+
+
+def ksmtuned_tool(workdir, log):
+    path = shutil.which("ksmtuned") or ("/usr/sbin/ksmtuned" if os.path.exists("/usr/sbin/ksmtuned") else None)
+
+    def start(kids, sampler):
+        pidfile = os.path.join(workdir, "ksmtuned.pid")
+        total_kb = int(next(l for l in open("/proc/meminfo") if l.startswith("MemTotal")).split()[1])
+        committed_kb = sum(k.info["pages"] for k in kids) * PAGE // 1024
+        # ksmtuned starts ksmd only when guests commit memory within KSM_THRES_COEF % of the total;
+        # model a host whose guests commit most of its RAM: the threshold just below what is left
+        coef = max(20, min(99, int(100 * (total_kb - committed_kb) / total_kb) + 2))
+        env = dict(os.environ, PIDFILE=pidfile, KSM_THRES_COEF=str(coef))
+        subprocess.run([path], env=env, check=True, start_new_session=True, timeout=10)
+        pid = int(open(pidfile).read())
+        sampler.tool_pids.append(pid)
+        time.sleep(0.2)
+        os.kill(pid, signal.SIGUSR1)   # as libvirt does when a guest starts: retune now
+
+        def stop():
+            with contextlib.suppress(OSError):
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+        return stop, (f"Debian ksmtuned {path}, KSM_THRES_COEF={coef} (default 20: see note), "
+                      "KSM_MONITOR_INTERVAL=60 (default), SIGUSR1 at start")
+    return start if path else None
+
+
+def ksmtuned_default_check(ksm, workdir, args, log) -> str:
+    """What stock ksmtuned does with this workload on this host: a few seconds suffice."""
+    path = shutil.which("ksmtuned") or "/usr/sbin/ksmtuned"
+    with ksm_lock():
+        kids = start_children(args.scale, "prctl", True, log)
+        pid = None
+        try:
+            fresh_start(ksm, {"run": 1})
+            pidfile = os.path.join(workdir, "ksmtuned-default.pid")
+            subprocess.run([path], env=dict(os.environ, PIDFILE=pidfile), check=True,
+                           start_new_session=True, timeout=10)
+            pid = int(open(pidfile).read())
+            time.sleep(0.3)
+            os.kill(pid, signal.SIGUSR1)
+            time.sleep(3.0)
+            run = ksm.get("run")
+        finally:
+            if pid:
+                with contextlib.suppress(OSError):
+                    os.killpg(os.getpgid(pid), signal.SIGKILL)
+            for k in kids:
+                k.stop()
+            ksm.set("run", 2)
+    return (f"stock ksmtuned (KSM_THRES_COEF=20) on this host with this workload set run={run} "
+            "within 3 s of SIGUSR1" + (" (it stops ksmd: the guests commit far less than 80 % "
+                                       "of RAM)" if run == 0 else ""))
+
+
+def udedup_tool(workdir, args, log, injection: bool):
+    def start(kids, sampler):
+        cfg = os.path.join(workdir, "udedup.toml")
+        names = ", ".join(f'"{k.name}"' for k in kids)
+        with open(cfg, "w") as f:
+            f.write(f"[candidates]\nnames = [{names}]\n"
+                    f"[registration]\nallow_injection = {'true' if injection else 'false'}\n"
+                    f"[metrics]\naddress = \"\"\n"
+                    f"[daemon]\nstate_file = \"{workdir}/state.json\"\ninterval = {args.interval}\n")
+        err = open(os.path.join(workdir, "daemon.log"), "w")
+        proc = subprocess.Popen([sys.executable, "-m", "udedup", "daemon", "--config", cfg, "-v"],
+                                cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stderr=err,
+                                stdout=subprocess.DEVNULL, start_new_session=True)
+        sampler.tool_pids.append(proc.pid)
+
+        def stop():
+            # sample its CPU one last time, then let it restore what it changed
+            sampler.tool_cpu()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            err.close()
+        return stop, (f"udedup daemon, defaults except candidates.names and "
+                      f"registration.allow_injection={str(injection).lower()}, interval {args.interval}s; "
+                      + ("workload started unregistered" if injection else
+                         "workload started registered (udedup run): no injection available"))
+    return start
+
+
+def fmt(v, unit="", digits=1):
+    if v is None:
+        return "-"
+    return f"{v:.{digits}f}{unit}"
+
+
+def report(results, series, achievable_pages, predicted_pages, notes, args) -> str:
+    lines = [f"udedup daemon vs peers — {time.strftime('%Y-%m-%d %H:%M')} — {os.uname().release}, "
+             f"{os.cpu_count()} CPUs, page {PAGE} B",
+             f"scenario (scale {args.scale}): vm-a, vm-b {int(512 * args.scale)} MiB each (75 % shared "
+             f"image, 10 % zero, 15 % private), db-c {int(768 * args.scale)} MiB unique, calc-d "
+             f"{int(512 * args.scale)} MiB volatile (rewritten at 4 Hz)",
+             f"achievable saving (reference, settled): {achievable_pages * PAGE / MiB:.1f} MiB "
+             f"({achievable_pages} pages); estimator predicted {fmt(predicted_pages and predicted_pages * PAGE / MiB, ' MiB')}",
+             f"window per peer: {args.window:.0f} s; CPU = ksmd + the tuner (daemon or ksmtuned)", ""]
+    head = (f"{'peer':<10} {'t90':>7} {'t95':>7} {'CPU@95':>8} {'MiB/CPUs@95':>12} {'saved@end':>10} "
+            f"{'CPU(win)':>9} {'ksmd':>7} {'tool':>7} {'MiB/CPUs':>9}")
+    lines += [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r['peer']:<10} {fmt(r.get('t90_s'), 's'):>7} "
+                     f"{fmt(r.get('t95_s'), 's'):>7} {fmt(r.get('cpu95_s'), 's', 2):>8} "
+                     f"{fmt(r.get('mib_per_cpu_s_at_95')):>12} {fmt(r.get('final_saved_mib'), 'M'):>10} "
+                     f"{fmt(r.get('cpu_s_window'), 's', 2):>9} {fmt(r.get('ksmd_cpu_s_window'), 's', 2):>7} "
+                     f"{fmt(r.get('tool_cpu_s_window'), 's', 2):>7} {fmt(r.get('mib_per_cpu_s_window')):>9}")
+    lines.append("t90/t95: seconds to 90/95 % of the achievable saving ('-': not within the window); "
+                 "CPU@95: CPU-seconds until then")
+    lines.append("")
+    lines.append("saved MiB over time:")
+    marks = [5, 10, 20, 30, 45, 60, 90, 120, 150, 180, 240, 300]
+    marks = [m for m in marks if m <= args.window + 1]
+    lines.append(f"{'peer':<10} " + " ".join(f"{m:>6}s" for m in marks))
+    for r in results:
+        s = series[r["peer"]]
+        row = []
+        for m in marks:
+            hit = [x for x in s if x["t"] <= m]
+            row.append(f"{hit[-1]['saved_pages'] * PAGE / MiB:>7.0f}" if hit and s[-1]["t"] >= m - 1 else f"{'':>7}")
+        lines.append(f"{r['peer']:<10} " + " ".join(row))
+    lines.append("")
+    for r in results:
+        if r.get("note"):
+            lines.append(f"{r['peer']}: {r['note']}")
+    lines += notes
+    udedup = next((r for r in results if r["peer"] == "udedup"), None)
+    peers = [r for r in results if r["peer"] not in ("udedup", "reference") and r.get("cpu95_s")]
+    if udedup and udedup.get("cpu95_s") and peers:
+        best = min(peers, key=lambda r: r["cpu95_s"])
+        lines.append(f"target check: udedup reached 95 % in {udedup['t95_s']:.1f} s with "
+                     f"{udedup['cpu95_s']:.2f} CPU-s; best peer ({best['peer']}) {best['t95_s']:.1f} s "
+                     f"with {best['cpu95_s']:.2f} CPU-s: ratio {udedup['cpu95_s'] / best['cpu95_s']:.2f} "
+                     f"(target <= 0.33), wall {'<=' if udedup['t95_s'] <= best['t95_s'] else '>'} best peer")
+    elif udedup:
+        lines.append("target check: no peer other than the reference reached 95 % within the window; "
+                     f"udedup: t95 {fmt(udedup.get('t95_s'), 's')}, CPU {fmt(udedup.get('cpu95_s'), 's', 2)}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd")
+    c = sub.add_parser("child")
+    c.add_argument("--name", required=True)
+    c.add_argument("--size", type=int, required=True)
+    c.add_argument("--dup", type=float, default=0.0, help="fraction copied from --templates pages")
+    c.add_argument("--templates", type=int, default=64)
+    c.add_argument("--zero", type=float, default=0.0, help="fraction of zero pages (of the rest)")
+    c.add_argument("--image", type=float, default=0.0)
+    c.add_argument("--image-seed", type=int, default=1)
+    c.add_argument("--private-seed", type=int, default=2)
+    c.add_argument("--volatile-hz", type=float, default=0.0)
+    c.add_argument("--register", choices=("none", "prctl", "madvise"), default="none")
+    parser.add_argument("--scale", type=float, default=1.0, help="workload size multiplier (1 = 2.25 GiB)")
+    parser.add_argument("--window", type=float, default=150.0, help="seconds each peer runs")
+    parser.add_argument("--reference-timeout", type=float, default=120.0)
+    parser.add_argument("--interval", type=float, default=10.0, help="daemon.interval for udedup")
+    parser.add_argument("--peers", default="reference,default,ksmtuned,advisor,udedup")
+    parser.add_argument("--out", help="also write the report here (and JSON next to it)")
+    args = parser.parse_args(argv)
+    if args.cmd == "child":
+        return child_main(args)
+
+    from udedup.ksm import Ksm
+    ksm = Ksm()
+    snap = ksm.snapshot()
+    workdir = tempfile.mkdtemp(prefix="udedup-bench-")
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    peers = args.peers.split(",")
+    results, series, notes = [], {}, []
+    achievable = predicted = None
+    try:
+        injection = True
+        try:
+            import udedup.inject  # noqa: F401
+        except Exception as err:  # noqa: BLE001 - any failure means: no injection here
+            injection = False
+            notes.append(f"udedup: injection unavailable ({err}); its workload started registered")
+        # reference first: it defines the achievable saving
+        log("reference (everything registered, 10000 pages / 0 ms, smart_scan=0)")
+        with ksm_lock():
+            kids = start_children(args.scale, "prctl", False, log)
+            try:
+                from udedup.estimate import estimate
+                est = estimate([k.pid for k in kids], passes=2, interval=0.5, all_eligible=True)
+                predicted = est.predicted(use_zero_pages=False).saved_pages
+            finally:
+                for k in kids:
+                    k.stop()
+        r, s = run_peer(ksm, "reference", args, log, None,
+                        knobs={"run": 1, "pages_to_scan": 10000, "sleep_millisecs": 0, "smart_scan": 0},
+                        until_settled=True)
+        achievable = s[-1]["saved_pages"]
+        r = summarize("reference", s, achievable, "every process registered; settled counters define "
+                      "the achievable saving")
+        results.append(r)
+        series["reference"] = s
+        log(f"  achievable {achievable * PAGE / MiB:.1f} MiB in {r['window_s']:.1f} s")
+        for peer in peers:
+            if peer == "reference":
+                continue
+            log(peer)
+            if peer == "default":
+                r, s = run_peer(ksm, peer, args, log, achievable, knobs={"run": 1})
+                r["note"] = "every process registered (KSM on everything), kernel-default knobs"
+            elif peer == "advisor":
+                r, s = run_peer(ksm, peer, args, log, achievable,
+                                knobs={"advisor_mode": "scan-time", "run": 1})
+                r["note"] = "every process registered, advisor_mode=scan-time with its defaults"
+            elif peer == "ksmtuned":
+                tool = ksmtuned_tool(workdir, log)
+                if tool is None:
+                    notes.append("ksmtuned: not installed (apt-get install -y ksmtuned); not measured")
+                    continue
+                notes.append("ksmtuned: " + ksmtuned_default_check(ksm, workdir, args, log))
+                r, s = run_peer(ksm, peer, args, log, achievable, tool=tool)
+            elif peer == "udedup":
+                r, s = run_peer(ksm, peer, args, log, achievable,
+                                register="none" if injection else "prctl",
+                                tool=udedup_tool(workdir, args, log, injection))
+                with open(os.path.join(workdir, "daemon.log")) as f:
+                    daemon_log = f.read()
+                notes.append("udedup daemon log (decisions):")
+                notes += ["  " + line for line in daemon_log.splitlines()
+                          if any(w in line for w in ("register", "fast", "slow", "stopped", "not-worth",
+                                                     "skip", "set", "estimate", "restored"))][:40]
+            else:
+                raise SystemExit(f"unknown peer {peer!r}")
+            results.append(r)
+            series[peer] = s
+            log(f"  t95 {fmt(r.get('t95_s'), 's')}, CPU@95 {fmt(r.get('cpu95_s'), 's', 2)}, "
+                f"saved {fmt(r.get('final_saved_mib'), ' MiB')}, CPU(window) {fmt(r.get('cpu_s_window'), 's', 2)}")
+    finally:
+        with contextlib.suppress(Exception):
+            ksm.set("advisor_mode", "none")
+            ksm.unmerge_all()
+        ksm.restore(snap)
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = report(results, series, achievable or 0, predicted, notes, args)
+    print(text, end="")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            json.dump({"results": results, "series": series, "achievable_pages": achievable,
+                       "predicted_pages": predicted, "notes": notes}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
