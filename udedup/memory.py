@@ -172,8 +172,11 @@ def _prctl_error(err: NativeError, what: str) -> UdedupError:
     code = err.errno
     release = os.uname().release
     if code == _errno.EPERM:
-        return KsmPermissionError(f"{what} needs CAP_SYS_RESOURCE: run as root (or grant the "
-                                  "capability)", errno=code)
+        # 6.18 lets any process set it on itself (measured with no capabilities); early patch
+        # versions, some distribution kernels and security modules ask for CAP_SYS_RESOURCE
+        return KsmPermissionError(f"{what} was refused (EPERM): this kernel or a security policy "
+                                  "wants privilege; run as root or grant CAP_SYS_RESOURCE",
+                                  errno=code)
     if code == _errno.EINVAL:
         return KsmUnavailableError(f"{what}: kernel {release} has no PR_SET_MEMORY_MERGE (needs "
                                    "Linux 6.4+ built with CONFIG_KSM)", errno=code)
@@ -182,7 +185,8 @@ def _prctl_error(err: NativeError, what: str) -> UdedupError:
 
 def enable_process_merge() -> None:
     """prctl(PR_SET_MEMORY_MERGE, 1): every compatible mapping of this process, now and later,
-    becomes mergeable; children inherit it (across exec from Linux 6.7)."""
+    becomes mergeable; children inherit it (across exec from Linux 6.7). No privilege is needed on
+    6.18 (a process may opt itself in); EPERM is still mapped for kernels that ask for one."""
     try:
         pages.prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
     except NativeError as err:
