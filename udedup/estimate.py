@@ -794,8 +794,10 @@ class _Scanner:
             r[miss] = NONE
             self.leftovers.append((miss + o, h[miss].copy()))
 
-    def regroup_leftovers(self):
-        """Candidates that did not match their head: group them by full hash64, compare again."""
+    def regroup_leftovers(self, max_rounds: int = 64):
+        """Candidates that did not match their head: group them by full hash64 and compare again,
+        round after round (each round confirms one content of a run), so pages whose hash bits
+        collided still find their true twins. Returns the pages left unconfirmed."""
         if not self.leftovers:
             return 0
         ords = np.concatenate([a for a, _ in self.leftovers])
@@ -806,31 +808,37 @@ class _Scanner:
         starts = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1]])
         ends = np.r_[starts[1:], hashes.size]
         unconfirmed = 0
-        cap = self.reader.capacity
         for s, e in zip(starts, ends):
-            if e - s < 2:
-                continue
-            group = np.sort(ords[s:e])
-            head = group[:1]
-            if not self._read_ordinals(self.heads, head)[0]:
-                unconfirmed += e - s
-                continue
-            hb = self.heads.buffer[: self.ps]
-            matched = [head]
-            for lo in range(1, group.size, cap):
-                part = group[lo:lo + cap]
-                got = self._read_ordinals(self.reader, part)
-                eq = pages.compare_pages(self.reader.buffer[: part.size * self.ps],
-                                         np.arange(part.size), np.zeros(part.size, np.int64),
-                                         b=hb, page_size=self.ps) & got
-                matched.append(part[eq])
-                unconfirmed += int((~eq).sum())
-            matched = np.concatenate(matched)
-            if matched.size >= 2:
-                self.rep[matched] = np.uint32(head[0])
-            else:
-                unconfirmed += 1
-        return unconfirmed
+            pending = np.sort(ords[s:e])
+            rounds = 0
+            while pending.size >= 2 and rounds < max_rounds:
+                rounds += 1
+                head, rest = pending[:1], pending[1:]
+                if not self._read_ordinals(self.heads, head)[0]:
+                    pending = rest
+                    continue
+                eq = self._equal_to_head(rest)
+                if eq.any():
+                    self.rep[head] = np.uint32(head[0])
+                    self.rep[rest[eq]] = np.uint32(head[0])
+                else:
+                    unconfirmed += 1
+                pending = rest[~eq]
+            unconfirmed += pending.size if pending.size >= 2 or rounds else 0
+        return int(unconfirmed)
+
+    def _equal_to_head(self, ords: np.ndarray) -> np.ndarray:
+        """Pages (by ordinal) byte-equal to the page in head slot 0."""
+        ps, cap = self.ps, self.reader.capacity
+        hb = self.heads.buffer[:ps]
+        eq = np.zeros(ords.size, dtype=bool)
+        for lo in range(0, ords.size, cap):
+            part = ords[lo:lo + cap]
+            got = self._read_ordinals(self.reader, part)
+            eq[lo:lo + part.size] = pages.compare_pages(
+                self.reader.buffer[: part.size * ps], np.arange(part.size),
+                np.zeros(part.size, np.int64), b=hb, page_size=ps) & got
+        return eq
 
 
 # --- the entry point ------------------------------------------------------------------------------

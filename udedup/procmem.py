@@ -387,7 +387,10 @@ class RemoteReader:
     def close(self) -> None:
         self.buffer = None
         if self._owned is not None:
-            self._owned.close()
+            try:
+                self._owned.close()
+            except BufferError:
+                pass   # a caller still holds a view: unmapped when the last one goes
             self._owned = None
 
     def __enter__(self):

@@ -1,0 +1,313 @@
+"""The estimator without ksmd: exact page classification, byte confirmation, errors, partial scans.
+
+Accuracy against the real kernel is in test_estimate_kernel.py.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from udedup import pages, procmem
+from udedup.errors import KernelThreadError, ProcessNotFoundError, UsageError
+from udedup.estimate import RMAP_ITEM_BYTES, estimate, ksm_pages
+
+PS = pages.PAGE_SIZE
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Buffer:
+    """Private anonymous pages, optionally MADV_MERGEABLE, never THP."""
+
+    def __init__(self, npages, register=True):
+        self.mm = mmap.mmap(-1, npages * PS, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.mm.madvise(mmap.MADV_NOHUGEPAGE)
+        if register:
+            self.mm.madvise(mmap.MADV_MERGEABLE)
+        self.pages = np.frombuffer(self.mm, dtype=np.uint8).reshape(npages, PS)
+        self.address = int(self.pages.ctypes.data)
+        self.nbytes = npages * PS
+
+    def close(self):
+        self.pages = None
+        self.mm.close()
+
+
+@pytest.fixture
+def buffers():
+    made = []
+
+    def make(npages, register=True):
+        b = Buffer(npages, register)
+        made.append(b)
+        return b
+    yield make
+    for b in made:
+        b.close()
+
+
+def _content(i):
+    return np.random.default_rng([7, i]).integers(0, 256, PS, dtype=np.uint8)
+
+
+def _layout(buf, zero, groups, unique, absent=0, readzero=0, seed=0):
+    """Fill: zero pages, groups of given sizes (shuffled), unique pages, absent, read-only."""
+    p = buf.pages
+    rng = np.random.default_rng(seed)
+    at = 0
+    p[at:at + zero] = 1
+    p[at:at + zero] = 0
+    at += zero
+    labels = np.repeat(np.arange(len(groups)), groups)
+    labels = labels[rng.permutation(labels.size)]
+    for k, lab in enumerate(labels):
+        p[at + k] = _content(int(lab))
+    at += labels.size
+    p[at:at + unique] = rng.integers(0, 256, (unique, PS), dtype=np.uint8)
+    at += unique + absent
+    int(p[at:at + readzero, 0].sum())
+    return at + readzero
+
+
+def test_ksm_pages_model_matches_the_kernel_accounting():
+    # measured on 6.18 with max_page_sharing=16 (see the accuracy tests)
+    assert ksm_pages([2], 16) == (1, 1, 0)
+    assert ksm_pages([16], 16) == (1, 15, 0)
+    assert ksm_pages([17], 16) == (1, 15, 1)      # a leftover single page stays unshared
+    assert ksm_pages([18], 16) == (2, 16, 0)
+    assert ksm_pages([33, 40], 16) == (5, 67, 1)
+    assert ksm_pages([262144], 256) == (1024, 261120, 0)   # KSM.md: 1 GiB of one page
+    assert ksm_pages([], 256) == (0, 0, 0)
+
+
+def test_exact_classification_and_predictions(buffers):
+    groups = [2, 3, 15, 16, 17, 18, 33, 40]
+    buf = buffers(100 + sum(groups) + 50 + 20 + 10)
+    _layout(buf, zero=100, groups=groups, unique=50, absent=20, readzero=10)
+    before = buf.pages.copy()
+    est = estimate(buf, interval=0, max_page_sharing=16)
+    assert np.array_equal(before, buf.pages)          # nothing written
+    assert est.pages_scanned == 100 + sum(groups) + 50 + (0 if procmem.zero_page_pfns() else 10)
+    assert est.zero_pages == 100 + (0 if procmem.zero_page_pfns() else 10)
+    assert est.duplicate_pages == sum(groups) and est.duplicate_groups == len(groups)
+    assert est.largest_group == 40 and sorted(est.group_sizes.tolist()) == groups
+    assert est.unique_pages == 50 and est.volatile_pages == 0 and not est.partial
+    p0, p1 = est.predicted(False), est.predicted(True)
+    shared, sharing, unshared = ksm_pages(groups, 16)
+    assert (p0.pages_shared, p0.pages_sharing) == (shared + 7, sharing + 93)  # 100 zero pages
+    assert (p1.pages_shared, p1.pages_sharing, p1.ksm_zero_pages) == (shared, sharing,
+                                                                      est.zero_pages)
+    assert p0.rmap_items == est.pages_scanned and p1.rmap_items == est.pages_scanned - \
+        est.zero_pages
+    assert p1.general_profit == (sharing + est.zero_pages) * PS - p1.rmap_items * RMAP_ITEM_BYTES
+    assert p1.saved_bytes == p1.general_profit
+    assert 0 < p0.saved_percent < 100
+    assert est.bytes_per_page <= 24
+    d = est.as_dict()
+    assert {"pages_scanned", "zero_pages", "duplicate_pages", "volatile_pages"} <= d.keys()
+    assert [p["use_zero_pages"] for p in d["predictions"]] == [0, 1]
+    json.dumps(d)
+
+
+def test_absent_pages_are_not_faulted_in(buffers):
+    buf = buffers(64)
+    buf.pages[:8] = 3
+    estimate(buf, interval=0)
+    present = procmem.present_pages(os.getpid(), buf.address, buf.address + buf.nbytes)
+    assert present.size == 8
+
+
+def test_zero_is_a_byte_check(buffers):
+    buf = buffers(6)
+    buf.pages[:] = 1
+    buf.pages[:] = 0
+    buf.pages[1, PS - 1] = 1     # zero but for its last byte
+    buf.pages[2, 0] = 1
+    est = estimate(buf, interval=0)
+    assert est.zero_pages == 4
+    assert est.unique_pages == 2   # pages 1 and 2 differ from each other and from zero
+
+
+def test_scope_registered_by_default_all_eligible_on_request(buffers):
+    reg, plain = buffers(8), buffers(8, register=False)
+    reg.pages[:] = 5
+    plain.pages[:] = 5
+    est = estimate([reg, plain], interval=0)
+    assert est.pages_scanned == 8 and est.duplicate_pages == 8
+    est = estimate([reg, plain], interval=0, all_eligible=True)
+    assert est.pages_scanned == 16 and est.duplicate_pages == 16 and est.duplicate_groups == 1
+    assert {t.scanned_pages for t in est.targets} == {8}
+    assert est.predicted(False).pages_sharing == 15
+
+
+def test_hash_matches_alone_never_count(buffers, monkeypatch):
+    """With a hash that collides for different contents, groups come only from byte compares."""
+    real = pages.scan_pages
+
+    def coarse(buf, page_size=None, crc_out=None, hash_out=None, zero_out=None):
+        res = real(buf, page_size, crc_out, hash_out, zero_out)
+        res.hash[:] = res.hash % np.uint64(3)    # three buckets for every content there is
+        return res
+    monkeypatch.setattr(pages, "scan_pages", coarse)
+    groups = [2, 5, 9, 3, 4]
+    buf = buffers(sum(groups) + 40)
+    _layout(buf, zero=0, groups=groups, unique=40, seed=3)
+    est = estimate(buf, interval=0, max_page_sharing=4)
+    assert sorted(est.group_sizes.tolist()) == sorted(groups)
+    assert est.duplicate_pages == sum(groups) and est.unique_pages == 40
+    assert est.predicted(False).pages_sharing == ksm_pages(groups, 4)[1]
+
+
+def test_all_unique_with_identical_hashes_has_no_duplicates(buffers, monkeypatch):
+    real = pages.scan_pages
+
+    def constant(buf, page_size=None, crc_out=None, hash_out=None, zero_out=None):
+        res = real(buf, page_size, crc_out, hash_out, zero_out)
+        res.hash[:] = 12345
+        return res
+    monkeypatch.setattr(pages, "scan_pages", constant)
+    buf = buffers(30)
+    buf.pages[:] = np.random.default_rng(1).integers(0, 256, (30, PS), dtype=np.uint8)
+    est = estimate(buf, interval=0)
+    assert est.duplicate_pages == 0 and est.unique_pages == 30
+    assert est.predicted(True).pages_sharing == 0
+
+
+def test_volatile_pages_are_excluded(buffers):
+    buf = buffers(48)
+    buf.pages[:] = 9                       # one content everywhere
+    stop = threading.Event()
+    hot = buf.pages[:16]
+
+    def churn():
+        while not stop.is_set():
+            hot[:, 100] += 1
+            time.sleep(0.0005)
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        est = estimate(buf, interval=0.05, passes=3)
+    finally:
+        stop.set()
+        t.join()
+    assert est.volatile_pages == 16
+    assert est.duplicate_pages == 32 and est.largest_group == 32
+    assert est.predicted(False).rmap_items == 48
+
+
+def test_many_chunks_heads_in_earlier_chunks_and_cache_off(buffers):
+    """Small buffers force heads to be re-read from earlier chunks; results must not change."""
+    groups = [2] * 40 + [7] * 10 + [100]
+    buf = buffers(sum(groups) + 60)
+    _layout(buf, zero=0, groups=groups, unique=60, seed=5)
+    want = sorted(groups)
+    for kwargs in ({}, {"buffer_bytes": 8 * PS, "cache_bytes": 8 * PS},
+                   {"buffer_bytes": 8 * PS, "cache_bytes": 0, "threads": 1}):
+        est = estimate(buf, interval=0, **kwargs)
+        assert sorted(est.group_sizes.tolist()) == want, kwargs
+        assert est.unique_pages == 60
+
+
+def _spawn(spec):
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "estimate_targets.py"),
+                          json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    return p, json.loads(p.stdout.readline())
+
+
+@pytest.fixture
+def children():
+    made = []
+
+    def spawn(spec):
+        p, info = _spawn(spec)
+        made.append(p)
+        return p, info
+    yield spawn
+    for p in made:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def test_processes_merge_across_each_other(children):
+    shared = {"kind": "dup", "pages": 64, "contents": 8, "seed": 11}
+    _, a = children([{"kind": "zero", "pages": 10}, shared, {"kind": "unique", "pages": 20}])
+    _, b = children([shared, {"kind": "unique", "pages": 30}])
+    est = estimate([a["pid"], b["pid"], a["pid"]], interval=0, max_page_sharing=256)
+    assert [t.pid for t in est.targets] == [a["pid"], b["pid"]]
+    assert est.pages_scanned == 94 + 94 and est.zero_pages == 10 and est.unique_pages == 50
+    assert est.duplicate_groups == 8 and est.largest_group == 16
+    by_pid = {t.pid: t for t in est.targets}
+    assert by_pid[a["pid"]].duplicate_pages == 64 and by_pid[b["pid"]].duplicate_pages == 64
+    # each process gets half of every group's saving (8 groups of 16 pages: 15 saved each)
+    assert by_pid[b["pid"]].saved_pages[1] == pytest.approx(60.0)
+    assert est.top_processes(1, use_zero_pages=False)[0].pid == a["pid"]
+    top = est.top_mappings(1, use_zero_pages=True)[0]
+    assert top.pid in (a["pid"], b["pid"]) and top.saved_pages[1] >= 60
+
+
+def test_process_exiting_mid_scan_gives_a_partial_result(children):
+    proc, info = children([{"kind": "dup", "pages": 512, "contents": 4}])
+    _, other = children([{"kind": "dup", "pages": 64, "contents": 4}])
+    killed = []
+
+    def progress(pass_no, passes, done, total):
+        if pass_no == 2 and not killed:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed.append(done)
+    est = estimate([info["pid"], other["pid"]], interval=0, buffer_bytes=16 * PS,
+                   progress=progress, threads=1)
+    assert killed and est.partial
+    assert any(f"PID {info['pid']} exited during pass 2" in n for n in est.notes)
+    gone = next(t for t in est.targets if t.pid == info["pid"])
+    assert gone.exited and gone.unreadable_pages == 512
+    assert est.duplicate_pages == 64 and est.predicted(False).rmap_items == 64
+
+
+def test_errors():
+    with pytest.raises(UsageError):
+        estimate([])
+    with pytest.raises(UsageError, match="passes"):
+        estimate(os.getpid(), passes=1)
+    with pytest.raises(UsageError, match="interval"):
+        estimate(os.getpid(), interval=-1)
+    with pytest.raises(UsageError, match="max_page_sharing"):
+        estimate(os.getpid(), max_page_sharing=1)
+    with pytest.raises(ProcessNotFoundError):
+        estimate(999_999_999)
+    with pytest.raises(UsageError, match="buffer"):
+        estimate(object())
+    with open("/proc/2/comm") as f:
+        if f.read().strip() == "kthreadd":
+            with pytest.raises(KernelThreadError):
+                estimate(2)
+
+
+def test_nothing_registered_says_so(buffers):
+    buf = buffers(4, register=False)
+    buf.pages[:] = 1
+    est = estimate(buf, interval=0)
+    assert est.pages_scanned == 0 and est.predicted(True).general_profit == 0
+    assert any("--all-eligible" in n for n in est.notes)
+
+
+def test_bench_script_runs_without_ksm():
+    script = os.path.join(os.path.dirname(HERE), "scripts", "bench_estimate.py")
+    r = subprocess.run([sys.executable, script, "--size", "4M", "--no-ksm", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["pages"] == (4 << 20) // PS
+    assert out["estimate"]["pages_scanned"] == out["pages"]
+    assert out["ratios"]["read_scan_vs_plain_read"] > 0
+    assert out["estimate"]["index_bytes_per_page"] <= 24
