@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass
 
 from .config import Config
-from .errors import DaemonError, KsmError, KsmPermissionError, ProcessError, UdedupError
+from .errors import (DaemonError, KernelThreadError, KsmError, KsmPermissionError, ProcessAccessError,
+                     ProcessError, ProcessNotFoundError, UdedupError)
 from .policy import EstimateResult, Memory, Observation, Plan, Policy, ProcessInfo, match_process
 
 log = logging.getLogger(__name__)
@@ -207,14 +208,15 @@ def discover_processes(procfs: str = "/proc", exclude_pid: int | None = None) ->
 
 
 def with_mappings(info: ProcessInfo, procfs: str = "/proc") -> ProcessInfo | None:
-    """``info`` plus registered and eligible resident bytes from smaps (None if it exited)."""
+    """``info`` plus registered and eligible resident bytes from smaps (None if it exited;
+    ProcessAccessError if we may not read it)."""
     from dataclasses import replace
 
     from .procmem import read_mappings
 
     try:
         maps = read_mappings(info.pid, procfs)
-    except ProcessError:
+    except (ProcessNotFoundError, KernelThreadError):
         return None
     registered = sum(m.anonymous for m in maps if m.registered)
     eligible = sum(m.anonymous for m in maps if m.eligible)
@@ -395,6 +397,7 @@ class Daemon:
         self._last_plan: Plan | None = None
         self._last_obs: Observation | None = None
         self._dry_logged: dict = {}
+        self._unreadable: set = set()          # candidates we were refused: reported once
         self._own_start = process_start_time(os.getpid())
 
     # --- lifecycle
@@ -618,10 +621,19 @@ class Daemon:
         procs = []
         for info in discover_processes(d.procfs, exclude_pid=os.getpid()):
             ok, _why = match_process(self.cfg, info)
-            if ok:
+            if not ok:
+                continue
+            try:
                 detailed = with_mappings(info, d.procfs)
-                if detailed is not None and match_process(self.cfg, detailed)[0]:
-                    procs.append(detailed)
+            except ProcessAccessError as err:
+                if info.key not in self._unreadable:
+                    self._unreadable.add(info.key)
+                    log.warning("pid %d (%s): matches the candidates but %s (reading another user's "
+                                "process needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH)", info.pid,
+                                info.name, err)
+                continue
+            if detailed is not None and match_process(self.cfg, detailed)[0]:
+                procs.append(detailed)
         stats = self.ksm.stats()
         try:
             ksmd_cpu = self.ksm.ksmd_cpu_seconds()
