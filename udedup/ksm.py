@@ -87,14 +87,15 @@ _FALSE = {"0", "n", "no", "off", "false"}
 
 # --- errno: the one place ----------------------------------------------------------------------
 def _translate_oserror(err: OSError, *, knob: str, path: str, value=None, action: str = "write"):
-    """Turn an OSError from sysfs into the matching :class:`KsmError` (caller does ``raise ... from``)."""
+    """The matching :class:`KsmError` for an OSError from sysfs (caller does ``raise ... from``)."""
     code = err.errno
     shown = "" if value is None else f"={value}"
     if code in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
         if code == _errno.EROFS:
             why = "sysfs is mounted read-only here (a container?)"
         else:
-            why = "writing KSM knobs needs root (CAP_SYS_ADMIN); run as root or with sudo"
+            why = ("writing KSM knobs needs root (the files are root-owned, mode 0644); run as "
+                   "root or with sudo")
         return KsmPermissionError(f"cannot {action} {knob}{shown} ({path}): {why}",
                                   knob=knob, path=path, value=value, errno=code)
     if code == _errno.EBUSY:
@@ -297,7 +298,7 @@ class Ksm:
         return list(self._scan_dir()[1])
 
     def spec(self, name: str) -> KnobSpec:
-        """How knob ``name`` is parsed; :class:`KsmValueError` / :class:`KsmUnavailableError` if none."""
+        """How knob ``name`` is parsed; KsmValueError / KsmUnavailableError if there is no such knob."""
         if self._specs is None:
             self._specs = {}
         if name in self._specs:
@@ -590,8 +591,8 @@ class Ksm:
         busy = [name for name in UNMERGE_KNOBS if name in typed]
         if busy and not allow_unmerge:
             raise KsmBusyError(
-                f"settings({', '.join(busy)}=...) needs allow_unmerge=True: the kernel accepts a change "
-                "of them only with no KSM page on the machine, so applying and restoring them "
+                f"settings({', '.join(busy)}=...) needs allow_unmerge=True: the kernel accepts a "
+                "change of them only with no KSM page on the machine, so applying and restoring them "
                 "unmerges everything", knob=busy[0])
         before = self.apply(typed, allow_unmerge=allow_unmerge)
         applied = None

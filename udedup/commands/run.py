@@ -14,10 +14,11 @@ from ..memory import enable_process_merge, kernel_version
 NAME = "run"
 HELP = "run a command with KSM enabled for all its memory (prctl PR_SET_MEMORY_MERGE + exec)"
 DESCRIPTION = """\
-Turn on KSM merge-any for this process (prctl PR_SET_MEMORY_MERGE), then exec CMD in its place: same pid, CMD's exit code and signals are its own. Every compatible mapping
-of CMD and of its children becomes mergeable. Needs Linux 6.7+ (6.4-6.6 have the prctl but drop
-it at exec); no privilege on current kernels (some kernels or security policies want
-CAP_SYS_RESOURCE). ksmd must be running (udedup set run=1) for anything to merge.
+Turn on KSM merge-any for this process (prctl PR_SET_MEMORY_MERGE), then exec CMD in its place:
+same pid, CMD's exit code and signals are its own. Every compatible mapping of CMD and of its
+children becomes mergeable. Needs Linux 6.7+ (6.4-6.6 have the prctl but drop it at exec); no
+privilege on current kernels (some kernels or security policies want CAP_SYS_RESOURCE). ksmd
+must be running (udedup set run=1) for anything to merge.
 
 exit codes: CMD's own; 127 CMD not found; 126 CMD not executable; udedup's codes before the exec.
 
