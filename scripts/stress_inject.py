@@ -180,8 +180,12 @@ def inject_once(t: TargetProcess, i: int, rng: random.Random, stopped: bool = Fa
     return udedup.disable(who, mode="madvise")
 
 
-def ksm_merge_check(pid: int, dup: tuple[int, int], timeout: float = 30.0) -> dict:
-    """Register everything with KSM in ``pid``, run ksmd fast until its duplicate pages merge."""
+def ksm_merge_check(pid: int, dup: tuple[int, int], timeout: float = 30.0,
+                    lock: bool = True) -> dict:
+    """Register everything with KSM in ``pid`` (an injected madvise), run ksmd fast until the
+    target's duplicate pages merge, then unmerge everything and restore every knob.
+
+    ``lock``: take the machine-wide KSM test lock (tests already hold it)."""
     from udedup.ksm import Ksm
     page = udedup.PAGE_SIZE
     dup_pages = (dup[1] - dup[0]) // page
@@ -189,25 +193,30 @@ def ksm_merge_check(pid: int, dup: tuple[int, int], timeout: float = 30.0) -> di
     knobs = {"run": 1, "pages_to_scan": 5000, "sleep_millisecs": 0}
     if "smart_scan" in ksm.knob_names():
         knobs["smart_scan"] = 0
-    res = udedup.enable(pid, mode="madvise")
-    t0 = time.monotonic()
-    merging = 0
-    with open(KSM_LOCK, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            with ksm.settings(**knobs):
-                try:
-                    while time.monotonic() - t0 < timeout:
-                        merging = _merging_pages(pid)
-                        if merging >= dup_pages * 0.95:
-                            break
-                        time.sleep(0.05)
-                finally:
-                    ksm.unmerge_all()
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return {"dup_pages": dup_pages, "merging_pages": merging, "merge_s": time.monotonic() - t0,
-            "registered_bytes": res.bytes, "merged": merging >= dup_pages * 0.95}
+    with contextlib.ExitStack() as stack:
+        w0 = time.monotonic()
+        if lock:
+            fd = stack.enter_context(open(KSM_LOCK, "a+"))
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            stack.callback(fcntl.flock, fd, fcntl.LOCK_UN)
+        lock_wait = time.monotonic() - w0
+        before = _merging_pages(pid)
+        res = udedup.enable(pid, mode="madvise")
+        t0 = time.monotonic()
+        merging = 0
+        with ksm.settings(**knobs):
+            try:
+                while time.monotonic() - t0 < timeout:
+                    merging = _merging_pages(pid)
+                    if merging >= dup_pages * 0.95:
+                        break
+                    time.sleep(0.02)
+                merge_s = time.monotonic() - t0
+            finally:
+                ksm.unmerge_all()
+    return {"dup_pages": dup_pages, "merging_before": before, "merging_pages": merging,
+            "merge_s": merge_s, "lock_wait_s": lock_wait, "registered_bytes": res.bytes,
+            "merged": before == 0 and merging >= dup_pages * 0.95}
 
 
 def _merging_pages(pid: int) -> int:
@@ -289,11 +298,11 @@ def _fmt(v, unit=""):
 
 def print_table(rows, out=sys.stdout):
     head = ("type", "inject", "ok", "refused", "errors", "crash", "target", "EINTR", "retries",
-            "sigfwd", "eintrfix", "rseq", "hold med/p99/max us", "KSM merged")
+            "sigfwd", "eintrfix", "rseq", "hold med/p99/max us", "call med us", "KSM merged")
     print(" | ".join(head), file=out)
     for r in rows:
         ksm = r.get("ksm")
-        ksm_txt = (f"{ksm['merging_pages']}/{ksm['dup_pages']} in {ksm['merge_s']:.1f}s"
+        ksm_txt = (f"{ksm['merging_pages']}/{ksm['dup_pages']} in {ksm['merge_s']:.2f}s"
                    if ksm else "-")
         print(" | ".join([
             r["type"], str(r["injections"]), str(r["ok"]), str(r["refused"]),
@@ -301,7 +310,7 @@ def print_table(rows, out=sys.stdout):
             "ok" if r["target_ok"] else "FAIL", str(r["eintr"]), str(r["retries"]),
             str(r["signals_forwarded"]), str(r["eintr_fixups"]), str(r["rseq_aborts"]),
             f"{_fmt(r['hold_us_median'])}/{_fmt(r['hold_us_p99'])}/{_fmt(r['hold_us_max'])}",
-            ksm_txt]), file=out)
+            _fmt(r["wall_us_median"]), ksm_txt]), file=out)
         detail = {k: v for k, v in r["result"].items()}
         print(f"    target report: {' '.join(f'{k}={v}' for k, v in detail.items())}", file=out)
         for err, n in r["errors"].items():

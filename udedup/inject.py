@@ -85,6 +85,7 @@ class InjectResult:
 
     pid: int
     tid: int                            # the thread that ran the calls
+    name: str                           # the process's comm
     action: str                         # "enable" | "disable"
     mode: str                           # "prctl" | "madvise": what was done in the end
     requested_mode: str                 # what was asked ("auto" included)
@@ -230,6 +231,24 @@ def _check_ptrace_allowed(pid: int, status: dict, procfs: str) -> None:
             "user or CAP_SYS_PTRACE; run as root", pid=pid, reason="ptrace")
 
 
+def _probe_attach(pid: int, comm: str, procfs: str) -> None:
+    # Opening /proc/PID/mem takes the same ptrace access check as attaching (PTRACE_MODE_ATTACH),
+    # and touches nothing: it catches what the checks above cannot see (a non-dumpable process,
+    # another user namespace, an LSM).
+    try:
+        fd = os.open(os.path.join(procfs, str(pid), "mem"), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ProcessNotFoundError(f"no process with PID {pid} (it has exited)", pid=pid) from None
+    except PermissionError:
+        raise InjectRefusedError(
+            f"not allowed to ptrace PID {pid} ({comm}): it is not dumpable, lives in a user "
+            "namespace we have no CAP_SYS_PTRACE in, or a security module forbids it",
+            pid=pid, reason="ptrace") from None
+    except OSError:
+        return
+    os.close(fd)
+
+
 def _elf_class(pid: int, procfs: str) -> int | None:
     try:
         with open(os.path.join(procfs, str(pid), "exe"), "rb") as f:
@@ -271,6 +290,7 @@ def check_target(pid, force: bool = False, procfs: str = "/proc") -> Target:
         raise UnsupportedArchError(f"PID {pid} ({comm}) is a 32-bit program: only 64-bit "
                                    "processes can be injected", pid=pid)
     _check_ptrace_allowed(pid, status, procfs)
+    _probe_attach(tgid, comm, procfs)
 
     threads = [pid] if tgid != pid else _live_threads(pid, procfs)
     if not threads:
@@ -480,7 +500,8 @@ class _Session:
             nr = first["saved_orig_rax"]
             was = _SYSCALL_NAMES.get(nr, f"syscall {nr}")
         return InjectResult(
-            pid=self.target.pid, tid=self.target.tid, action=action, mode=mode,
+            pid=self.target.pid, tid=self.target.tid, name=self.target.name, action=action,
+            mode=mode,
             requested_mode=requested, ranges=tuple(ranges), calls=tuple(self.calls),
             fallback=fallback, note=note, was_in_syscall=was,
             group_stopped=bool(first.get("group_stop", 0)),

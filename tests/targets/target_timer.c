@@ -4,10 +4,13 @@
  *   Real-time signals are never merged, and one signal number is delivered in queue order, so the
  *   handler can check that none is lost, duplicated or reordered and that siginfo (the value)
  *   survived being passed through a tracer;
- * - the main thread (the only one accepting the signals) blocked in read(2) on the tester's pipe,
- *   which SA_RESTART must restart: an EINTR is counted. */
+ * - the main thread (the only one accepting the signals) blocked alternately in read(2) on the
+ *   tester's pipe, which SA_RESTART must restart (an EINTR is counted), and in epoll_wait(2) on the
+ *   same pipe, which returns EINTR whenever a handler runs: one without a handler having run
+ *   during the call is a spurious EINTR (counted). */
 #include "common.c"
 #include <pthread.h>
+#include <sys/epoll.h>
 #include <sys/time.h>
 
 static volatile sig_atomic_t alarms;
@@ -80,10 +83,29 @@ int main(int argc, char **argv)
     setitimer(ITIMER_REAL, &it, NULL);
     ready("tids=%d,%d", (int)getpid(), atomic_load(&sender_tid));
 
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = 0};
+    if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, 0, &ev) < 0)
+        die("epoll");
     struct stream s = {0};
     uint8_t buf[4096];
-    uint64_t reads = 0, eintr = 0, errors = 0;
-    for (;;) {
+    uint64_t reads = 0, eintr = 0, errors = 0, epoll_eintr = 0, spurious = 0;
+    for (uint64_t round = 0;; round++) {
+        if (round & 1) {
+            uint64_t handled = (uint64_t)alarms + rt_received;
+            struct epoll_event out;
+            int n = epoll_wait(ep, &out, 1, -1);
+            if (n < 0 && errno == EINTR) {
+                epoll_eintr++;
+                if ((uint64_t)alarms + rt_received == handled)
+                    spurious++;
+                continue;
+            }
+            if (n < 0) {
+                errors++;
+                break;
+            }
+        }
         ssize_t n = read(0, buf, sizeof(buf));
         if (n > 0) {
             reads++;
@@ -107,8 +129,10 @@ int main(int argc, char **argv)
         sched_yield();
     uint64_t sent = atomic_load(&rt_sent);
     uint64_t lost = sent > rt_received ? sent - rt_received : rt_received - sent;
-    return report(eintr, errors + s.bad + (s.have != 0) + lost + rt_bad + (alarms == 0),
-                  "reads=%llu alarms=%d rt_sent=%llu rt_received=%llu rt_bad=%llu",
+    return report(eintr + spurious, errors + s.bad + (s.have != 0) + lost + rt_bad + (alarms == 0),
+                  "reads=%llu alarms=%d rt_sent=%llu rt_received=%llu rt_bad=%llu "
+                  "epoll_eintr_with_handler=%llu spurious_eintr=%llu",
                   (unsigned long long)reads, (int)alarms, (unsigned long long)sent,
-                  (unsigned long long)rt_received, (unsigned long long)rt_bad);
+                  (unsigned long long)rt_received, (unsigned long long)rt_bad,
+                  (unsigned long long)(epoll_eintr - spurious), (unsigned long long)spurious);
 }
