@@ -89,8 +89,9 @@ def _fields(line: str) -> dict[str, str]:
 class TargetProcess:
     """A running target: READY fields parsed, optional counter feeder on its stdin."""
 
-    def __init__(self, path: str, mib: int = 4, feed: bool = False, feed_interval=0.002):
-        self.proc = subprocess.Popen([path, str(mib)], stdin=subprocess.PIPE,
+    def __init__(self, path: str, mib: int = 4, feed: bool = False, feed_interval=0.002,
+                 args=()):
+        self.proc = subprocess.Popen([path, str(mib), *map(str, args)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=False)
         line = self.proc.stdout.readline().decode()
         if not line.startswith("READY"):

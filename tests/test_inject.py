@@ -72,8 +72,8 @@ def targets(tmp_path_factory):
 def spawn(targets):
     started = []
 
-    def start(name, feed=False, mib=1):
-        t = stress.TargetProcess(targets[name], mib=mib, feed=feed)
+    def start(name, feed=False, mib=1, args=()):
+        t = stress.TargetProcess(targets[name], mib=mib, feed=feed, args=args)
         started.append(t)
         return t
 
@@ -493,3 +493,19 @@ def test_stress_script_runs(tmp_path):
                            "pipe,seccomp"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASSED" in proc.stdout
+
+
+@needs_ptrace
+def test_nanosleep_keeps_its_remaining_time(spawn):
+    # One 300 ms sleep interrupted 10 times: restart_syscall must continue to the original end;
+    # restarting the whole interval each time would make it last well over 300 ms + 100 ms.
+    t = spawn("target_nanosleep", args=(300,))
+    ip = inject.find_syscall_address(t.pid)
+    time.sleep(0.02)
+    for _ in range(10):
+        out = pages.inject_syscalls(t.pid, ip, [(39, ())], own_child=True)
+        assert out.info["saved_rax"] == -516  # -ERESTART_RESTARTBLOCK: it was in the sleep
+        time.sleep(0.02)
+    result = t.finish()
+    assert result["ok"] == "1" and int(result["short"]) == 0, result
+    assert int(result["max_overshoot_us"]) < 100_000, result

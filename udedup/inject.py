@@ -430,7 +430,11 @@ def find_syscall_address(pid: int) -> int:
 
     The vdso first (always there, never unmapped by ordinary programs), then libc, then any other
     executable file mapping."""
-    maps = procmem.read_mappings(pid)
+    try:  # maps, not smaps: only addresses and permissions are needed, and it is much cheaper
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            maps = procmem.parse_smaps(f.read().decode("utf-8", "replace"))
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessNotFoundError(f"no process with PID {pid} (it has exited)", pid=pid) from None
     execs = [m for m in maps if "x" in m.perms and m.path not in ("[vsyscall]", "[uprobes]")]
     execs.sort(key=lambda m: (m.path != "[vdso]", "libc" not in m.path, m.start))
     for m in execs:

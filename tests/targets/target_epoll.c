@@ -4,6 +4,7 @@
  * epoll_pwait(30 ms, mask {SIGUSR2}). Counted as failures: EINTR, a timeout return before 30 ms,
  * a signal mask not restored after epoll_pwait, a corrupted counter stream. */
 #include "common.c"
+
 #include <sys/epoll.h>
 
 #define TIMEOUT_MS 30

@@ -6,6 +6,7 @@
  *   the shared counter equals the value it expects when its turn comes.
  * The READY line lists every thread id so the tester can inject into any of them. */
 #include "common.c"
+
 #include <linux/futex.h>
 #include <pthread.h>
 

@@ -6,6 +6,7 @@
  * settled for another instruction pointer: a violation. Exit 77 when glibc did not register
  * rseq (old glibc, or GLIBC_TUNABLES=glibc.pthread.rseq=0). */
 #include "common.c"
+
 #include <stddef.h>
 #include <sys/rseq.h>
 

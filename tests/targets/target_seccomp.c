@@ -3,6 +3,7 @@
  * allows everything else, so a forced injection is observable without killing the target. Then
  * it behaves like target_pipe: blocked in read(2), verifying the counter stream. */
 #include "common.c"
+
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>

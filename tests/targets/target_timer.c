@@ -9,6 +9,7 @@
  *   same pipe, which returns EINTR whenever a handler runs: one without a handler having run
  *   during the call is a spurious EINTR (counted). */
 #include "common.c"
+
 #include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/time.h>
