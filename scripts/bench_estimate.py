@@ -192,6 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-seconds", type=float, default=5.0)
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-lock", action="store_true",
+                    help="do not take the KSM test lock (the caller holds it)")
     ap.add_argument("--child", type=parse_size, help=argparse.SUPPRESS)
     ap.add_argument("--estimate-pid", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--mps", type=int, help=argparse.SUPPRESS)
@@ -218,8 +220,9 @@ def main(argv=None) -> int:
         if not args.no_ksm:
             from udedup.ksm import Ksm
             ksm = Ksm()
-            lock = open(LOCK_PATH, "a+")
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not args.no_lock:
+                lock = open(LOCK_PATH, "a+")
+                fcntl.flock(lock, fcntl.LOCK_EX)
         mps = ksm.get("max_page_sharing") if ksm else None
 
         results["plain_read"] = read_loop(pid, addrs, args.buffer_bytes, scan=False)
@@ -245,13 +248,8 @@ def main(argv=None) -> int:
             results["ksm_fast"]["counters"] = fast["counters"]
             default["extrapolated_wall"] = default["seconds_per_page"] * fast["pages_scanned"]
             results["ksm_default"] = default
-            uzp = int(ksm.get("use_zero_pages"))
-            pred = e["predictions"][uzp]
-            got = fast["counters"]
-            results["accuracy"] = {
-                key: {"predicted": pred[key], "kernel": got.get(key),
-                      "error_percent": _err(pred[key], got.get(key))}
-                for key in ("pages_shared", "pages_sharing", "ksm_zero_pages", "general_profit")}
+            results["accuracy"] = _accuracy(e["predictions"][int(ksm.get("use_zero_pages"))],
+                                            fast)
     finally:
         if proc.poll() is None:
             proc.stdin.close()
@@ -265,6 +263,23 @@ def main(argv=None) -> int:
     else:
         _print(results)
     return 0
+
+
+def _accuracy(pred: dict, fast: dict) -> dict:
+    """Prediction against the settled kernel: the child's own ksm_stat always, the global
+    counters when the child is the only registered memory."""
+    own, glob = fast["ksm_stat"], fast["counters"]
+    pairs = {"ksm_pages_mapped": (pred["pages_shared"] + pred["pages_sharing"],
+                                  own.get("ksm_merging_pages")),
+             "ksm_zero_pages": (pred["ksm_zero_pages"], own.get("ksm_zero_pages")),
+             "rmap_items": (pred["rmap_items"], own.get("ksm_rmap_items"))}
+    rmap_global = sum(glob.get(k, 0) for k in ("pages_shared", "pages_sharing", "pages_unshared",
+                                               "pages_volatile"))
+    if rmap_global == own.get("ksm_rmap_items"):
+        for key in ("pages_shared", "pages_sharing", "general_profit"):
+            pairs[key] = (pred[key], glob.get(key))
+    return {key: {"predicted": p, "kernel": g, "error_percent": _err(p, g)}
+            for key, (p, g) in pairs.items()}
 
 
 def _err(pred, got):

@@ -1,0 +1,151 @@
+"""Accuracy against the real ksmd: the prediction made before KSM runs must match the counters KSM
+settles at (within 1 %; exact for static content), for use_zero_pages 0 and 1, groups larger than
+max_page_sharing, in one process and across several.
+
+Global counters also hold memory other programs registered: the per-process figures of our own
+targets (ksm_stat) are always compared, the global ones only when nothing else is registered.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from udedup import pages, procmem
+from udedup.estimate import estimate
+
+pytestmark = pytest.mark.ksm
+
+PS = pages.PAGE_SIZE
+HERE = os.path.dirname(os.path.abspath(__file__))
+MPS = 16    # small, so groups larger than max_page_sharing stay small
+
+
+def _spawn(spec):
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "estimate_targets.py"),
+                          json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    return p, json.loads(p.stdout.readline())
+
+
+@pytest.fixture
+def children():
+    made = []
+
+    def spawn(spec):
+        p, info = _spawn(spec)
+        made.append(p)
+        return info["pid"]
+    yield spawn
+    for p in made:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+@pytest.fixture
+def ksm():
+    from udedup.ksm import Ksm
+    k = Ksm()
+    yield k
+    k.unmerge_all()    # leave no merged page behind, whatever happened
+
+
+def _close(pred, got, what):
+    assert abs(pred - got) <= 0.01 * max(abs(got), 1), f"{what}: predicted {pred}, kernel {got}"
+
+
+def _check_settled(ksm, est, pids, use_zero_pages, own_rmap=None):
+    st = ksm.wait_settled(timeout=40)
+    pred = est.predicted(use_zero_pages)
+    stats = [procmem.ksm_stat(pid) for pid in pids]
+    merging = sum(s["ksm_merging_pages"] for s in stats)
+    zero = sum(s["ksm_zero_pages"] for s in stats)
+    rmap = sum(s["ksm_rmap_items"] for s in stats) if own_rmap is None else own_rmap
+    _close(pred.pages_shared + pred.pages_sharing, merging, "mappings of KSM pages")
+    _close(pred.ksm_zero_pages, zero, "ksm_zero_pages")
+    if own_rmap is None:
+        _close(pred.rmap_items, rmap, "rmap items")
+    if st.rmap_items == rmap:     # nothing else registered: the global counters are ours alone
+        _close(pred.pages_shared, st.pages_shared, "pages_shared")
+        _close(pred.pages_sharing, st.pages_sharing, "pages_sharing")
+        _close(pred.ksm_zero_pages, st.ksm_zero_pages, "ksm_zero_pages (global)")
+        if st.general_profit is not None:
+            _close(pred.general_profit, st.general_profit, "general_profit")
+    return st
+
+
+def _both_zero_modes(ksm, est, pids):
+    with ksm.settings(allow_unmerge=True, run=1, pages_to_scan=5000, sleep_millisecs=0,
+                      smart_scan=0, max_page_sharing=MPS):
+        for uzp in (False, True):
+            with ksm.settings(use_zero_pages=uzp):
+                _check_settled(ksm, est, pids, uzp)
+            ksm.unmerge_all()
+
+
+def test_one_process_zero_groups_above_max_page_sharing_unique(ksm, children):
+    pid = children([{"kind": "zero", "pages": 150},
+                    {"kind": "dup", "pages": 144, "sizes": [2, 3, 15, 16, 17, 18, 33, 40]},
+                    {"kind": "unique", "pages": 100}, {"kind": "absent", "pages": 50},
+                    {"kind": "readzero", "pages": 30},
+                    {"kind": "dup", "pages": 256, "contents": 4, "seed": 5}])
+    est = estimate(pid, interval=0, max_page_sharing=MPS)
+    assert est.largest_group > MPS and est.zero_pages == 150
+    _both_zero_modes(ksm, est, [pid])
+
+
+def test_several_processes(ksm, children):
+    common = {"kind": "dup", "pages": 120, "sizes": [20, 40, 60], "seed": 21}
+    a = children([{"kind": "zero", "pages": 70}, common, {"kind": "unique", "pages": 64}])
+    b = children([common, {"kind": "dup", "pages": 33, "sizes": [17, 16], "seed": 9},
+                  {"kind": "zero", "pages": 19}])
+    c = children([{"kind": "dup", "pages": 40, "sizes": [40], "seed": 21},
+                  {"kind": "unique", "pages": 10}])
+    est = estimate([a, b, c], interval=0, max_page_sharing=MPS)
+    assert sorted(est.group_sizes.tolist()) == [16, 17, 2 * 20 + 40, 2 * 40, 2 * 60]
+    _both_zero_modes(ksm, est, [a, b, c])
+
+
+def test_mergeable_buffer_in_this_process(ksm):
+    from udedup.memory import MergeableBuffer
+    with MergeableBuffer(300 * PS) as buf:
+        a = buf.array("u1").reshape(300, PS)
+        a[:60] = 0
+        a[60:160] = 7                   # one content, 100 pages: several KSM pages at MPS=16
+        a[160:200] = np.arange(100, 140, dtype=np.uint8)[:, None]    # unique
+        a[200:] = np.random.default_rng(2).integers(0, 256, (100, PS), dtype=np.uint8)
+        est = estimate(buf, interval=0, max_page_sharing=MPS)
+        assert (est.zero_pages, est.duplicate_pages, est.unique_pages) == (60, 100, 140)
+        with ksm.settings(allow_unmerge=True, run=1, pages_to_scan=5000, sleep_millisecs=0,
+                          smart_scan=0, max_page_sharing=MPS, use_zero_pages=True):
+            # this process has other registered memory only if something else registered it:
+            # compare what the buffer's smaps KSM line and ksm_zero_pages say
+            st = ksm.wait_settled(timeout=40)
+            pred = est.predicted(True)
+            m = next(m for m in procmem.read_mappings(os.getpid()) if m.start == buf.address)
+            assert m.ksm // PS == pred.pages_shared + pred.pages_sharing
+            assert procmem.ksm_stat(os.getpid())["ksm_zero_pages"] == pred.ksm_zero_pages
+            if st.rmap_items == procmem.ksm_stat(os.getpid())["ksm_rmap_items"]:
+                assert (st.pages_shared, st.pages_sharing) == (pred.pages_shared,
+                                                               pred.pages_sharing)
+        del a
+
+
+@pytest.mark.slow
+def test_bench_script_tiny(tmp_path):
+    script = os.path.join(os.path.dirname(HERE), "scripts", "bench_estimate.py")
+    r = subprocess.run([sys.executable, script, "--size", "16M", "--default-scan", "sample",
+                        "--sample-seconds", "0.5", "--json", "--no-lock"],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ("speedup_vs_ksm_fast", "cpu_fraction_of_ksm_fast", "speedup_vs_ksm_default",
+                "read_scan_vs_plain_read", "bytes_per_scanned_page"):
+        assert out["ratios"][key] is not None and out["ratios"][key] > 0, key
+    for key, acc in out["accuracy"].items():
+        assert acc["error_percent"] is not None and acc["error_percent"] <= 1.0, (key, acc)
