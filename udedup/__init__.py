@@ -13,3 +13,8 @@ from .procksm import process_ksm, top_processes  # noqa: E402
 __all__ += ["process_ksm", "top_processes"]
 from .inject import disable, enable  # noqa: E402
 __all__ += ["enable", "disable"]
+from . import estimate  # noqa: E402  (callable: udedup.estimate(pid) runs estimate.estimate)
+from .estimate import Estimate, Prediction  # noqa: E402
+from .procmem import Mapping, RemoteReader, present_pages, read_mappings  # noqa: E402
+__all__ += ["estimate", "Estimate", "Prediction", "Mapping", "RemoteReader", "present_pages",
+            "read_mappings"]

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
+import types
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1000,3 +1002,14 @@ def largest_groups_note(est: Estimate) -> str:
 
 __all__ = ["estimate", "Estimate", "Prediction", "MappingReport", "TargetReport", "ksm_pages",
            "RMAP_ITEM_BYTES"]
+
+
+class _CallableModule(types.ModuleType):
+    """``udedup.estimate(pid)`` calls :func:`estimate`, while ``from udedup import estimate``
+    still gives this module (its classes and helpers): the package exports both under one name."""
+
+    def __call__(self, *args, **kwargs):
+        return estimate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
