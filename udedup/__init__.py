@@ -18,3 +18,6 @@ from .estimate import Estimate, Prediction  # noqa: E402
 from .procmem import Mapping, RemoteReader, present_pages, read_mappings  # noqa: E402
 __all__ += ["estimate", "Estimate", "Prediction", "Mapping", "RemoteReader", "present_pages",
             "read_mappings"]
+from .config import Config, load_config  # noqa: E402  (the daemon's configuration)
+from .daemon import read_daemon_state  # noqa: E402
+__all__ += ["Config", "load_config", "read_daemon_state"]
