@@ -235,7 +235,8 @@ def main(argv=None) -> int:
         scanner_bytes = est["peak"] - est["rss_before"] - e["buffer_bytes"]
         results["estimate"] = {
             "wall": e["elapsed_seconds"], "cpu": e["cpu_seconds"],
-            "pages_scanned": e["pages_scanned"], "peak_rss": est["peak"],
+            "pages_scanned": e["pages_scanned"], "zero_mapped_pages": e["zero_mapped_pages"],
+            "peak_rss": est["peak"],
             "rss_before": est["rss_before"], "buffer_bytes": e["buffer_bytes"],
             "index_bytes_per_page": e["bytes_per_page"],
             "peak_bytes_per_page": scanner_bytes / max(1, e["pages_scanned"]),
