@@ -10,6 +10,7 @@ The guard reads sysfs directly, not through udedup.ksm, so a bug there cannot hi
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 
@@ -62,17 +63,31 @@ def _raw_restore(saved: dict[str, str]) -> None:
 _session_knobs: dict[str, str] = {}
 
 
+@contextlib.contextmanager
+def _ksm_lock():
+    with open(LOCK_PATH, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def pytest_sessionstart(session):
-    _session_knobs.update(_writable_knobs())
+    # under the lock: another pytest process's test may have knobs changed right now
+    with _ksm_lock():
+        _session_knobs.update(_writable_knobs())
 
 
 def pytest_sessionfinish(session, exitstatus):
     if not _session_knobs:
         return
-    now = _writable_knobs()
-    leaked = {k: (v, now.get(k)) for k, v in _session_knobs.items() if now.get(k) != v}
+    with _ksm_lock():
+        now = _writable_knobs()
+        leaked = {k: (v, now.get(k)) for k, v in _session_knobs.items() if now.get(k) != v}
+        if leaked:
+            _raw_restore(_session_knobs)
     if leaked:
-        _raw_restore(_session_knobs)
         lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in leaked.items())
         session.config.pluginmanager.get_plugin("terminalreporter").write_line(
             f"KSM KNOB LEAK: the test run changed {lines}; restored them", red=True)
@@ -88,9 +103,5 @@ def _ksm_marker(request):
     reason = ksm_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    with open(LOCK_PATH, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with _ksm_lock():
+        yield
