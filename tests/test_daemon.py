@@ -20,7 +20,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from udedup.daemon import SdNotify, read_daemon_state
+from udedup.daemon import SdNotify, describe_daemon_state, read_daemon_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "scripts", "bench_daemon_peers.py")
@@ -203,6 +203,9 @@ def test_lifecycle_ready_metrics_reload_external_change_and_sigterm(tmp_path, sy
         assert state["running"] and state["pid"] == d.proc.pid and state["mode"] == "stopped"
         assert state["original_knobs"]["run"] == 1 and state["original_knobs"]["use_zero_pages"] is False
         assert state["written_knobs"]["run"] == 0
+        text = "\n".join(describe_daemon_state(state))     # what `udedup status` shows
+        assert f"udedup daemon: pid {d.proc.pid}, stopped: nothing worth merging" in text
+        assert "knobs it changed: " in text and "run=0" in text and state["metrics_url"] in text
 
         m = scrape(state["metrics_url"])
         assert m[("udedup_up", ())] == 1.0
@@ -257,6 +260,7 @@ def test_sigkill_then_restart_restores_the_knobs(tmp_path, sysfs):
     assert (knob(sysfs, "run"), knob(sysfs, "use_zero_pages")) == ("0", "1")   # nobody restored
     stale = read_daemon_state(str(state_file))
     assert stale is not None and not stale["running"] and stale["written_knobs"]["run"] == 0
+    assert "did not exit cleanly: the next start restores" in describe_daemon_state(stale)[0]
 
     second = Daemon(tmp_path, text, name="second")
     try:

@@ -267,6 +267,35 @@ def read_daemon_state(path: str = DEFAULT_STATE_FILE, procfs: str = "/proc") -> 
     return state
 
 
+def describe_daemon_state(state: dict | None) -> list[str]:
+    """Lines for ``udedup status``: the daemon's mode, savings and per-process decisions."""
+    if state is None:
+        return ["udedup daemon: not running (no state file)"]
+    if not state.get("running"):
+        return [f"udedup daemon: not running; state left by pid {state.get('pid')} (it did not exit "
+                "cleanly: the next start restores the knobs it changed: "
+                f"{_fmt_knobs(state.get('written_knobs') or {}) or 'none'})"]
+    lines = [f"udedup daemon: pid {state['pid']}{' (dry run)' if state.get('dry_run') else ''}, "
+             f"{state.get('mode')}: {state.get('mode_reason')}",
+             f"  predicted {_mib(state.get('predicted_bytes') or 0)}, realized "
+             f"{_mib(state.get('realized_bytes') or 0)}, machine saving {_mib(state.get('saved_bytes') or 0)}"
+             + (f"; ksmd {state['ksmd_cpu_percent']:.1f}% CPU" if state.get("ksmd_cpu_percent") is not None else ""),
+             f"  knobs it changed: {_fmt_knobs(state.get('written_knobs') or {}) or 'none'}"
+             + (f"; left to others: {_fmt_knobs(state['yielded_knobs'])}" if state.get("yielded_knobs") else "")]
+    if state.get("metrics_url"):
+        lines.append(f"  metrics: {state['metrics_url']}")
+    for p in state.get("processes") or []:
+        pred = p.get("predicted_saved_bytes")
+        lines.append(f"  {p['pid']:>7} {p['name'][:16]:16} predicted "
+                     f"{_mib(pred) if pred is not None else '?':>11} realized "
+                     f"{_mib(p.get('realized_saved_bytes') or 0):>11}  {p.get('decision') or ''}")
+    return lines
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
 def _write_json_atomic(path: str, data: dict) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
@@ -493,6 +522,9 @@ class Daemon:
         elif state["running"] and state.get("pid") != os.getpid():
             raise DaemonError(f"another udedup daemon is running (pid {state['pid']}, state file "
                               f"{path}); stop it first, or give this one another daemon.state_file")
+        elif os.path.realpath(state.get("ksm_root") or "") != os.path.realpath(self.cfg.daemon.ksm_root):
+            raise DaemonError(f"the state file {path} belongs to a daemon of {state.get('ksm_root')}, "
+                              f"not {self.cfg.daemon.ksm_root}: give this one another daemon.state_file")
         else:
             written = state.get("written_knobs") or {}
             original = state.get("original_knobs") or {}
