@@ -183,8 +183,8 @@ def inject_once(t: TargetProcess, i: int, rng: random.Random, stopped: bool = Fa
 
 def ksm_merge_check(pid: int, dup: tuple[int, int], timeout: float = 30.0,
                     lock: bool = True) -> dict:
-    """Register everything with KSM in ``pid`` (an injected madvise), run ksmd fast until the
-    target's duplicate pages merge, then unmerge everything and restore every knob.
+    """Unmerge everything, register ``pid``'s memory with KSM (an injected madvise), run ksmd fast
+    until the target's duplicate pages merge, then unmerge everything and restore every knob.
 
     ``lock``: take the machine-wide KSM test lock (tests already hold it)."""
     from udedup.ksm import Ksm
@@ -201,12 +201,15 @@ def ksm_merge_check(pid: int, dup: tuple[int, int], timeout: float = 30.0,
             fcntl.flock(fd, fcntl.LOCK_EX)
             stack.callback(fcntl.flock, fd, fcntl.LOCK_UN)
         lock_wait = time.monotonic() - w0
-        before = _merging_pages(pid)
-        res = udedup.enable(pid, mode="madvise")
-        t0 = time.monotonic()
         merging = 0
         with ksm.settings(**knobs):
             try:
+                # start from nothing merged: ksm_merging_pages lags behind MADV_UNMERGEABLE until
+                # ksmd next runs, and someone else's ksmd run may have merged pages meanwhile
+                ksm.unmerge_all()
+                before = _merging_pages(pid)
+                res = udedup.enable(pid, mode="madvise")
+                t0 = time.monotonic()
                 while time.monotonic() - t0 < timeout:
                     merging = _merging_pages(pid)
                     if merging >= dup_pages * 0.95:
@@ -285,11 +288,19 @@ def stress_type(kind: str, path: str, count: int, mib: int, do_ksm: bool, seed: 
     stats["hold_us_max"] = max(hold) if hold else None
     stats["wall_us_median"] = statistics.median(wall) if wall else None
     expected_refusals = count if kind == "seccomp" else 0
-    stats["passed"] = (not stats["crashed"] and stats["target_ok"] and stats["eintr"] == 0
-                       and not stats["errors"] and stats["refused"] == expected_refusals
-                       and stats["stop_lost"] == 0 and stats["injections"] == count
-                       and (kind == "seccomp" or stats["ok"] == count)
-                       and stats.get("ksm", {}).get("merged", True))
+    checks = {
+        "crashed": not stats["crashed"],
+        "target reported a failure": stats["target_ok"],
+        "EINTR visible": stats["eintr"] == 0,
+        "injection errors": not stats["errors"],
+        "refusals": stats["refused"] == expected_refusals,
+        "group stop lost": stats["stop_lost"] == 0,
+        "injections missing": stats["injections"] == count,
+        "injections not ok": kind == "seccomp" or stats["ok"] == count,
+        "KSM did not merge": stats.get("ksm", {}).get("merged", True),
+    }
+    stats["failed_checks"] = [name for name, good in checks.items() if not good]
+    stats["passed"] = not stats["failed_checks"]
     return stats
 
 
@@ -316,6 +327,8 @@ def print_table(rows, out=sys.stdout):
         print(f"    target report: {' '.join(f'{k}={v}' for k, v in detail.items())}", file=out)
         for err, n in r["errors"].items():
             print(f"    error x{n}: {err}", file=out)
+        if r["failed_checks"]:
+            print(f"    FAILED: {', '.join(r['failed_checks'])}", file=out)
         if r.get("refusal"):
             print(f"    refusal: {r['refusal']}", file=out)
 
