@@ -16,7 +16,6 @@ pressure), acts (estimates, registrations, knob writes) and keeps these promises
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 
 from .config import Config
 from .errors import (DaemonError, KernelThreadError, KsmError, KsmPermissionError, ProcessAccessError,
-                     ProcessError, ProcessNotFoundError, UdedupError)
+                     ProcessNotFoundError, UdedupError)
 from .policy import EstimateResult, Memory, Observation, Plan, Policy, ProcessInfo, match_process
 
 log = logging.getLogger(__name__)
@@ -346,7 +345,7 @@ def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float) -> 
     results: dict = {}
     try:
         est = estimate_mod.estimate(pids, passes=e.passes, interval=e.pass_interval, all_eligible=True)
-    except (ProcessError, UdedupError) as err:
+    except UdedupError as err:
         if len(infos) == 1:
             return {infos[0].key: str(err)}
         # one bad process must not stop the others: estimate them one by one
