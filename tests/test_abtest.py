@@ -171,6 +171,7 @@ class FakeKernel:
         self._write_stat()
         self.workload = None          # what is "mapped" now: (zero_pages, dup_pages)
         self.stalled = False          # ksmd makes no progress (a trial that never settles)
+        self.meddle = False           # "another tool" writes a knob once ksmd runs
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._ksmd, daemon=True)
 
@@ -205,6 +206,9 @@ class FakeKernel:
         while not self.stop.wait(0.004):
             if self.get("run") != "1" or self.stalled:
                 continue
+            if self.meddle and int(self.get("full_scans")) >= 3:
+                self.meddle = False    # well after the harness's snapshot at run=1
+                self.put("sleep_millisecs", 99)
             self.put("full_scans", int(self.get("full_scans")) + 1)
             self.ticks += 1
             self._write_stat()
@@ -251,10 +255,11 @@ class FakeWorkload:
     name = "fake"
 
     def __init__(self, kernel, zero=1000, dup=2000, fail_on=(), die_on=(), interrupt_on=(),
-                 stall_on=()):
+                 stall_on=(), meddle_on=()):
         self.kernel, self.zero, self.dup = kernel, zero, dup
         self.fail_on, self.die_on = set(fail_on), set(die_on)
         self.interrupt_on, self.stall_on = set(interrupt_on), set(stall_on)
+        self.meddle_on = set(meddle_on)
         self.started = 0
         self.stopped = 0
         self.seen_knobs: list[dict] = []
@@ -274,6 +279,7 @@ class FakeWorkload:
         if n in self.fail_on:
             raise WorkloadError("could not start")
         self.kernel.stalled = n in self.stall_on
+        self.kernel.meddle = n in self.meddle_on
         self.kernel.workload = (self.zero, self.dup)
         return FakeRunning(self.kernel, self, die=n in self.die_on)
 
@@ -371,6 +377,16 @@ def test_dying_workload_is_reported_and_the_run_goes_on(kernel):
     assert died.status == "workload-died" and "status 3" in died.error and died.cow_ns_per_page is None
     assert kernel.knobs() == before and w.stopped == 4
     assert "workload-died" in format_table(result)
+
+
+def test_knobs_changed_by_someone_else_mark_the_trial_disturbed(kernel):
+    before = kernel.knobs()
+    result = _run(kernel, FakeWorkload(kernel, meddle_on={1}), trials=2)
+    t = result.trials[1]
+    assert t.status == "disturbed" and t.outside_changes == {"sleep_millisecs": [10, 99]}
+    assert result.summary["arms"][t.arm]["n"] == 1 and result.summary["arms"][t.arm]["disturbed"] == 1
+    assert "left out" in format_table(result)
+    assert kernel.knobs() == before
 
 
 def test_workload_that_cannot_start_first_aborts_later_is_recorded(kernel):

@@ -129,10 +129,9 @@ def format_table(result: ABResult, metrics=METRICS) -> str:
     if foreign_rmap:
         lines.append(f"note: ksmd also tracked up to {max(foreign_rmap):,} pages of other processes "
                      "(their scanning is in ksmd's CPU time)")
-    changed = [t for t in result.trials if t.outside_changes]
-    for t in changed:
-        lines.append(f"note: trial {t.index + 1}: someone else changed "
-                     + ", ".join(f"{k} {a!r}->{b!r}" for k, (a, b) in t.outside_changes.items()))
+    for t in result.trials:
+        if t.status == "disturbed":
+            lines.append(f"note: trial {t.index + 1} ({t.arm}) left out: {t.error}")
     died = [t for t in result.trials if t.status in ("workload-died", "workload-failed")]
     for t in died:
         lines.append(f"trial {t.index + 1} ({t.arm}): {t.status}: {t.error}")

@@ -65,7 +65,7 @@ class TrialRecord:
     block: int
     arm: str
     knobs: dict
-    status: str = "running"            # ok | timeout | workload-died | workload-failed
+    status: str = "running"            # ok | timeout | workload-died | workload-failed | disturbed
     timed_out: bool = False
     error: str | None = None
     started_at: float = 0.0            # wall clock (time.time())
@@ -229,6 +229,7 @@ def summarize(trials: Sequence[TrialRecord], arms: Mapping[str, Mapping], seed: 
             "timed_out": sum(t.timed_out for t in mine),
             "died": sum(t.status == "workload-died" for t in mine),
             "failed": sum(t.status == "workload-failed" for t in mine),
+            "disturbed": sum(t.status == "disturbed" for t in mine),
             "metrics": {m: median_iqr(values[name][m]) for m in METRICS}}
     differences = []
     if names:
@@ -476,7 +477,8 @@ def _preflight(ksm, arms: Mapping[str, dict], fixed: Mapping[str, object]) -> No
     """Refuse before anything changes: knobs unknown or invalid, or no right to write them."""
     for name, knobs in arms.items():
         ksm.validate({**fixed, **knobs})
-    for name in set(HARNESS_KNOBS) | set(fixed) | {k for v in arms.values() for k in v}:
+    knobs = set(fixed) | {k for v in arms.values() for k in v}
+    for name in list(HARNESS_KNOBS) + sorted(knobs - set(HARNESS_KNOBS)):
         path = os.path.join(ksm.root, name)
         if not os.access(path, os.W_OK):
             raise KsmPermissionError(f"cannot write {path}: 'udedup ab' changes KSM knobs and needs "
@@ -508,6 +510,9 @@ def run_ab(workload, arms: Mapping[str, Mapping[str, object]] | None = None,
     ksm = ksm if ksm is not None else Ksm()
     arms, fixed = _check_arms(DEFAULT_ARMS if arms is None else arms, fixed, ksm.knob_names())
     _preflight(ksm, arms, fixed)
+    # typed as the kernel takes them ("1", 1, "y" -> True for a boolean knob): records compare equal
+    arms = {name: ksm.validate(knobs) for name, knobs in arms.items()}
+    fixed = ksm.validate(fixed)
     workload.preflight()
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
@@ -604,8 +609,15 @@ def _run_trial(ksm, workload, state: _Run, index: int, block: int, arm: str, kno
             pids = running.pids()
             process = _process_totals(pids, getattr(ksm, "procfs", "/proc")) if pids else None
             _fill_counters(record, stats, t_end - t0, cpu, process)
-            outside = {k: [a, b] for k, (a, b) in ksm.changed_since(applied).items() if k != "run"}
-            record.outside_changes = outside or None
+            outside = {k: [a, b] for k, (a, b) in ksm.changed_since(applied).items()}
+            if outside:
+                # another tool wrote KSM knobs mid-trial: its numbers measure something else
+                record.outside_changes = outside
+                record.status = "disturbed"
+                record.error = "knobs changed by someone else during the trial: " + ", ".join(
+                    f"{k} {a!r}->{b!r}" for k, (a, b) in outside.items())
+                log.warning("trial %d (%s): %s; left out of the summary", index + 1, arm, record.error)
+                return record
             died = running.exit_description()
             if died is not None and running.owned:
                 record.status, record.error = "workload-died", died

@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""The full study: what does use_zero_pages change? Every built-in workload preset, a larger size and
+more trials than the quick `udedup ab`, one report folder:
+
+  OUT/README.md        method, machine, one table across presets, the verdicts
+  OUT/overview.csv     one row per preset: each key metric's difference (on - off) with its 95 % CI
+  OUT/overview.png     the relative differences with their intervals, per preset
+  OUT/<preset>/        the full `udedup ab` report of that preset (result.json, trials.csv,
+                       series.csv, summary.txt, ab.png)
+
+Needs root (it changes KSM knobs; each is restored at the end, also after Ctrl-C or SIGTERM, and
+what finished is still written). Typical: 512M x 6 trials x 4 presets in about 5 minutes on 2 cores.
+
+  sudo python3 scripts/ab_use_zero_pages.py --size 512M --trials 6 --out ab_study/
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from udedup.abreport import format_table, write_report  # noqa: E402
+from udedup.abtest import ABInterrupted, DEFAULT_FIXED, run_ab  # noqa: E402
+from udedup.errors import UdedupError  # noqa: E402
+from udedup.workloads import PRESETS, SyntheticWorkload, parse_size, preset  # noqa: E402
+
+log = logging.getLogger("ab_use_zero_pages")
+
+#: (metric, label, unit) of the overview, in order
+KEY_METRICS = (("saved_bytes", "saved memory", "MiB"), ("ksmd_cpu_seconds", "ksmd CPU to settle", "s"),
+               ("settle_seconds", "time to settle", "s"), ("cow_ns_per_page", "COW per merged page", "ns"),
+               ("rmap_items", "rmap items", "items"), ("ksm_zero_pages", "ksm_zero_pages", "pages"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="512M", help="workload size per preset (default 512M)")
+    ap.add_argument("--trials", type=int, default=6, help="trials per arm and preset (default 6)")
+    ap.add_argument("--presets", default=",".join(PRESETS),
+                    help=f"comma-separated presets (default: all: {','.join(PRESETS)})")
+    ap.add_argument("--seed", type=int, default=2024, help="seed of the arm orders (default 2024)")
+    ap.add_argument("--settle-timeout", type=float, default=120.0)
+    ap.add_argument("--fix", action="append", default=[], metavar="KNOB=V",
+                    help="override a pinned knob (defaults: "
+                         + " ".join(f"{k}={v}" for k, v in DEFAULT_FIXED.items()) + ")")
+    ap.add_argument("--out", default=None, help="report folder (default ./ab-use-zero-pages-<time>)")
+    ap.add_argument("--no-figure", action="store_true")
+    ap.add_argument("--lock", default=None,
+                    help="hold an flock on this file for the whole run (to keep other KSM users out)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+    names = [p.strip() for p in args.presets.split(",") if p.strip()]
+    bad = [p for p in names if p not in PRESETS]
+    if bad or not names:
+        print(f"error: unknown preset(s) {', '.join(bad) or '(none)'}; choose from {', '.join(PRESETS)}",
+              file=sys.stderr)
+        return 2
+    fixed = dict(DEFAULT_FIXED)
+    for item in args.fix:
+        key, eq, value = item.partition("=")
+        if not eq:
+            print(f"error: --fix {item!r}: expected KNOB=VALUE", file=sys.stderr)
+            return 2
+        fixed[key.strip()] = value.strip()
+    out = args.out or f"ab-use-zero-pages-{time.strftime('%Y%m%d-%H%M%S')}"
+    lock = None
+    if args.lock:
+        lock = open(args.lock, "a+")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    results = {}
+    status = 0
+    started = time.monotonic()
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_term)    # between presets too: stop, and write what finished
+    try:
+        size = parse_size(args.size)
+        for k, name in enumerate(names):
+            workload = SyntheticWorkload(preset(name, size))
+            log.info("[%d/%d] %s, %d trial(s) per arm ...", k + 1, len(names), workload.name, args.trials)
+            try:
+                result = run_ab(workload, fixed=fixed, trials=args.trials, seed=args.seed + k,
+                                settle_timeout=args.settle_timeout)
+            except ABInterrupted as err:
+                results[name] = err.result
+                write_report(err.result, os.path.join(out, name), figure=not args.no_figure)
+                status = 130
+                log.info("interrupted: writing what finished")
+                break
+            results[name] = result
+            write_report(result, os.path.join(out, name), figure=not args.no_figure)
+            log.info("  %s", result.verdict)
+    except UdedupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        status = err.exit_code
+    except KeyboardInterrupt:
+        status = 130
+        log.info("interrupted: writing what finished")
+    finally:
+        if lock:
+            lock.close()
+    if results:
+        write_overview(results, out, args, time.monotonic() - started, figure=not args.no_figure)
+        log.info("report: %s/", out)
+    return status
+
+
+def _row(name, result) -> dict:
+    row = {"preset": name, "size_mib": result.config["workload"]["spec"]["size"] >> 20,
+           "trials_per_arm": result.config["trials_per_arm"], "interrupted": result.interrupted}
+    diff = result.summary["differences"][0]["metrics"] if result.summary.get("differences") else {}
+    for metric, _, _ in KEY_METRICS:
+        d = diff.get(metric, {})
+        for arm in result.arm_names:
+            row[f"{metric}_{arm}_median"] = result.summary["arms"][arm]["metrics"][metric]["median"]
+        for key in ("diff", "ci_low", "ci_high", "relative", "rel_ci_low", "rel_ci_high", "clear"):
+            row[f"{metric}_{key}"] = d.get(key)
+    row["verdict"] = result.verdict
+    return row
+
+
+def write_overview(results: dict, out: str, args, seconds: float, figure: bool = True) -> None:
+    os.makedirs(out, exist_ok=True)
+    rows = [_row(name, r) for name, r in results.items()]
+    with open(os.path.join(out, "overview.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    first = next(iter(results.values()))
+    lines = ["# What use_zero_pages changes: the full A/B study", "",
+             f"Made by `scripts/ab_use_zero_pages.py --size {args.size} --trials {args.trials} "
+             f"--presets {','.join(results)} --seed {args.seed}` in {seconds / 60:.1f} minutes.", "",
+             "Method: for each workload preset, the built-in synthetic workload (a child process filling "
+             "a MADV_MERGEABLE, MADV_NOHUGEPAGE buffer with zero, duplicate, unique and volatile pages) "
+             "runs with use_zero_pages=0 (off) and =1 (on), alternating in seeded random order. Every "
+             "trial starts from run=2 (nothing merged), starts ksmd once the workload is ready, waits "
+             "until merging settles, then stops ksmd and times writes into a sample of merged pages "
+             "(copy-on-write). Numbers are medians [quartiles] per arm; differences are on - off with "
+             "bootstrap 95 % intervals; * marks an interval that excludes zero.", "",
+             f"Machine: kernel {first.config['kernel']}, {first.config['cpus']} CPUs, page size "
+             f"{first.config['page_size']} B; pinned knobs: "
+             + ", ".join(f"{k}={v}" for k, v in first.config["fixed"].items()) + ".", "",
+             "| preset | saved, MiB off / on | saved on - off [95 % CI] | ksmd CPU-s off / on | "
+             "CPU on - off [95 % CI] | settle s off / on | COW ns off / on | COW on - off [95 % CI] |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        a = r.summary["arms"]
+        d = r.summary["differences"][0]["metrics"] if r.summary.get("differences") else {}
+
+        def med(metric, arm, scale=1.0, f="{:.2f}"):
+            v = a[arm]["metrics"][metric]["median"]
+            return "-" if v is None else f.format(v * scale)
+
+        def ci(metric, scale=1.0, f="{:+.2f}"):
+            x = d.get(metric, {})
+            if x.get("diff") is None:
+                return "-"
+            text = f.format(x["diff"] * scale)
+            if x.get("relative") is not None:
+                text += f" ({x['relative'] * 100:+.1f} %)"
+            if x.get("ci_low") is not None:
+                text += f" [{f.format(x['ci_low'] * scale)}, {f.format(x['ci_high'] * scale)}]"
+                text += " *" if x.get("clear") else ""
+            return text
+
+        mib = 1 / 2**20
+        lines.append(f"| {name} | {med('saved_bytes', 'off', mib)} / {med('saved_bytes', 'on', mib)} | "
+                     f"{ci('saved_bytes', mib)} | {med('ksmd_cpu_seconds', 'off')} / "
+                     f"{med('ksmd_cpu_seconds', 'on')} | {ci('ksmd_cpu_seconds', f='{:+.3f}')} | "
+                     f"{med('settle_seconds', 'off')} / {med('settle_seconds', 'on')} | "
+                     f"{med('cow_ns_per_page', 'off', f='{:.0f}')} / {med('cow_ns_per_page', 'on', f='{:.0f}')} | "
+                     f"{ci('cow_ns_per_page', f='{:+.0f}')} |")
+    lines += ["", "## Verdicts", ""]
+    for name, r in results.items():
+        lines.append(f"- **{name}**: {r.verdict}")
+    lines += ["", "## Per preset", ""]
+    for name, r in results.items():
+        lines += [f"### {name}", "", f"![{name}]({name}/ab.png)" if figure else "", "", "```",
+                  format_table(r), "```", ""]
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if figure:
+        overview_figure(results, os.path.join(out, "overview.png"))
+
+
+def overview_figure(results: dict, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: skipping overview.png")
+        return
+    panels = KEY_METRICS[:4]
+    names = list(results)
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 4.2), layout="constrained")
+    for ax, (metric, label, _) in zip(axes, panels):
+        for i, name in enumerate(names):
+            r = results[name]
+            if not r.summary.get("differences"):
+                continue
+            d = r.summary["differences"][0]["metrics"][metric]
+            if d.get("relative") is None:
+                continue
+            y = d["relative"] * 100
+            if d.get("rel_ci_low") is not None:
+                ax.errorbar([i], [y], yerr=[[y - d["rel_ci_low"] * 100], [d["rel_ci_high"] * 100 - y]],
+                            fmt="o", capsize=5, color="#d62728" if d["clear"] else "0.4")
+            else:
+                ax.plot([i], [y], "o", color="0.4")
+        ax.axhline(0, color="0.2", lw=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=20)
+        ax.set_title(f"{label}: on vs off (%)", fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("use_zero_pages=1 relative to 0: median difference with bootstrap 95 % CI "
+                 "(red: the interval excludes 0)", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

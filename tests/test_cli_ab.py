@@ -1,0 +1,188 @@
+"""`udedup ab` from the command line: bad arguments give one line and the documented exit code before
+anything changes; a real tiny run prints the JSON the README promises; Ctrl-C mid-run exits 130,
+restores every knob, leaves no process and keeps the finished trials on disk."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from udedup import cli
+from udedup.commands.ab import parse_arm
+from udedup.errors import UsageError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KSM = "/sys/kernel/mm/ksm"
+FAST = ["--fix", "pages_to_scan=5000", "--fix", "sleep_millisecs=5"]
+
+
+def _knobs():
+    out = {}
+    for name in sorted(os.listdir(KSM)):
+        path = os.path.join(KSM, name)
+        if os.stat(path).st_mode & 0o200:
+            with open(path) as f:
+                out[name] = f.read()
+    return out
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _udedup(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "udedup", "ab", *args], cwd=kw.pop("cwd", ROOT),
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+# --- refused before anything starts ---------------------------------------------------------------
+USAGE = [
+    (["--trials", "0"], 2, "at least 1 trial"),
+    (["--arm", "on:use_zero_pages=1"], 2, "at least two --arm"),
+    (["--arm", "on:", "--arm", "off:use_zero_pages=0"], 2, "sets no knob"),
+    (["--arm", "a:x=1", "--arm", "a:x=2"], 2, "two arms are named 'a'"),
+    (["--preset", "nope"], 2, "unknown preset"),
+    (["--size", "12Q"], 2, "is not a size"),
+    (["--zero", "0.9", "--dup", "0.9"], 2, "must be between 0 and 1"),
+    (["--cmd", "true", "--pid", "1"], 2, "choose one workload"),
+    (["--ready-file", "/tmp/x"], 2, "apply to --cmd only"),
+    (["--out", "x", "--no-out"], 2, "contradict"),
+    (["--fix", "pages_to_scan"], 2, "expected KNOB=VALUE"),
+]
+NEEDS_KSM = [
+    (["--fix", "use_zero_pages=1"], 2, "both varied by the arms and fixed"),
+    (["--arm", "a:use_zero_pages=0", "--arm", "b:pages_to_scan=5"], 2, "same knobs"),
+    (["--arm", "a:run=1", "--arm", "b:run=0"], 2, "driven by the harness"),
+    (["--arm", "a:use_zero_pages=0", "--arm", "b:use_zero_pages=7"], 6, "expected a boolean"),
+    (["--fix", "no_such_knob=1"], 6, "unknown KSM knob"),
+    (["--pid", "999999999"], 8, "no process 999999999"),
+    (["--cmd", "/nonexistent/prog --x"], 11, "not found"),
+]
+
+
+def _run_main(argv, capsys):
+    rc = cli.main(["ab", "--no-out", *argv])
+    err = capsys.readouterr().err
+    return rc, err
+
+
+@pytest.mark.parametrize("argv, code, message", USAGE)
+def test_usage_errors(argv, code, message, capsys):
+    rc, err = _run_main(argv, capsys)
+    assert rc == code
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("udedup")
+
+
+@pytest.mark.ksm   # reads knobs before and after: no other KSM test may run meanwhile
+@pytest.mark.parametrize("argv, code, message", NEEDS_KSM)
+def test_refused_before_any_knob_changes(argv, code, message, capsys):
+    before = _knobs()
+    rc, err = _run_main(argv, capsys)
+    assert rc == code
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert _knobs() == before
+
+
+@pytest.mark.ksm
+def test_not_root_is_one_line_exit_4_and_changes_nothing():
+    if not os.path.exists("/usr/bin/setpriv"):
+        pytest.skip("setpriv (util-linux) is needed to drop root")
+    before = _knobs()
+    proc = subprocess.run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           sys.executable, "-m", "udedup", "ab", "--no-out"], cwd="/", env=_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 4
+    assert proc.stderr.strip() == ("udedup: error: cannot write /sys/kernel/mm/ksm/run: 'udedup ab' "
+                                   "changes KSM knobs and needs root; run it as root or with sudo")
+    assert _knobs() == before
+
+
+def test_parse_arm_forms():
+    assert parse_arm("on:use_zero_pages=1,pages_to_scan=5") == (
+        "on", {"use_zero_pages": "1", "pages_to_scan": "5"})
+    assert parse_arm("use_zero_pages=1") == ("use_zero_pages=1", {"use_zero_pages": "1"})
+    with pytest.raises(UsageError):
+        parse_arm(":use_zero_pages=1")
+
+
+def _is_workload(p) -> bool:
+    try:
+        return "udedup.workloads" in " ".join(p.cmdline())
+    except psutil.Error:       # gone, or a zombie between kill and reaping
+        return False
+
+
+def _running(pid) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# --- real runs ------------------------------------------------------------------------------------
+@pytest.mark.ksm
+def test_tiny_run_prints_the_promised_json_and_restores_knobs(tmp_path):
+    before = _knobs()
+    proc = _udedup("--size", "8M", "--trials", "1", "--seed", "3", "--json", "--out",
+                   str(tmp_path / "rep"), "--no-figure", *FAST)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    doc = json.loads(out)
+    assert set(doc["arms"]) == {"off", "on"}
+    assert doc["arms"]["on"]["knobs"] == {"use_zero_pages": True}
+    assert len(doc["trials"]) == 2
+    for t in doc["trials"]:
+        for key in ("arm", "pages_sharing", "ksm_zero_pages", "saved_bytes", "ksmd_cpu_seconds",
+                    "settle_seconds"):
+            assert t[key] is not None, key
+        assert "series" not in t          # the time series is in the report folder
+    on = next(t for t in doc["trials"] if t["arm"] == "on")
+    assert on["ksm_zero_pages"] > 0
+    assert doc["verdict"].startswith("on (use_zero_pages=1) vs off (use_zero_pages=0)")
+    assert "\r" not in err                # no progress line when stderr is not a terminal
+    assert sorted(os.listdir(tmp_path / "rep")) == ["result.json", "series.csv", "summary.txt",
+                                                    "trials.csv"]
+    assert _knobs() == before
+
+
+@pytest.mark.ksm
+def test_ctrl_c_mid_run_exits_130_restores_knobs_kills_workload_keeps_trials(tmp_path):
+    before = _knobs()
+    out = tmp_path / "rep"
+    proc = _udedup("--size", "8M", "--trials", "50", "--seed", "5", "--out", str(out), "--no-figure",
+                   *FAST)
+    harness = psutil.Process(proc.pid)
+    workers = set()
+    deadline = time.monotonic() + 60
+    try:
+        # wait for a finished trial on disk and a workload running for the next one
+        while time.monotonic() < deadline:
+            kids = [p for p in harness.children(recursive=True) if _is_workload(p)]
+            workers.update(p.pid for p in kids)
+            if (out / "result.json").exists() and kids:
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail("no trial finished within 60 s")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "udedup: interrupted" in err
+    assert workers and not [p for p in workers if _running(p)]
+    assert _knobs() == before
+    doc = json.loads((out / "result.json").read_text())
+    assert doc["interrupted"] and 1 <= len(doc["trials"]) < 100
+    assert "INTERRUPTED" in (out / "summary.txt").read_text()
