@@ -493,11 +493,12 @@ def test_daemon_rounds_on_fake_trees_write_the_fake_knobs(tmp_path, monkeypatch)
     procfs = tmp_path / "proc"
     fake_proc(procfs, 10, "vm-dup", ["vm-dup"], 1048576, merge_any=True, mappings=[(1048576, True)])
     fake_proc(procfs, 11, "vm-uniq", ["vm-uniq"], 1048576, merge_any=True, mappings=[(1048576, True)])
+    fake_proc(procfs, 12, "vm-cold", ["vm-cold"], 524288, mappings=[(524288, False)])
     (procfs / "meminfo").write_text("MemTotal: 16384000 kB\nMemAvailable: 8192000 kB\n")
     sysfs = fake_sysfs(tmp_path / "ksm")
     c = cfg(daemon={"ksm_root": str(sysfs), "procfs": str(procfs), "state_file": str(tmp_path / "s.json")},
-            metrics={"address": ""})
-    predicted = {10: 600 * MiB, 11: 0}
+            metrics={"address": ""}, candidates={"names": ["vm-*"]})
+    predicted = {10: 600 * MiB, 11: 0, 12: 0}
     calls = []
 
     def fake_estimate(infos, cfg_, use_zero, now):
@@ -513,7 +514,7 @@ def test_daemon_rounds_on_fake_trees_write_the_fake_knobs(tmp_path, monkeypatch)
     d.ksm = Ksm(str(sysfs), procfs=str(procfs))
     d.original = d.ksm.knobs()
     d._round()
-    assert calls == [[10, 11]]
+    assert calls == [[10, 11, 12]]
     read = lambda name: (sysfs / name).read_text().strip()  # noqa: E731
     assert read("run") == "1" and read("sleep_millisecs") == "20"
     assert int(read("pages_to_scan")) == 2500            # 2 GiB registered, clamped by the budget
@@ -529,8 +530,18 @@ def test_daemon_rounds_on_fake_trees_write_the_fake_knobs(tmp_path, monkeypatch)
         "ksm_rmap_items 262144\nksm_zero_pages 0\nksm_merging_pages 153600\n"
         f"ksm_process_profit {600 * MiB}\nksm_merge_any: yes\nksm_mergeable: yes\n")
     clock[0] += 10
+    real_with_mappings, smaps_reads = daemon_mod.with_mappings, []
+
+    def counting(info, procfs):
+        smaps_reads.append(info.pid)
+        return real_with_mappings(info, procfs)
+    monkeypatch.setattr(daemon_mod, "with_mappings", counting)
     d._round()
     assert read("sleep_millisecs") == "200" and d.policy.mode == "slow"
+    # smaps walks page tables: the unregistered process known not to be worth it is not read
+    # again (the registered ones are: ksmd scans them whatever we think of them)
+    assert sorted(smaps_reads) == [10, 11]
+    assert d.policy.procs[(12, 84)].info.eligible_bytes == GiB // 2      # figures of the last read
     restored, left = daemon_mod.restore_knobs(d.ksm, d.original, d.policy.written)
     assert restored == {"run": 0, "pages_to_scan": 100, "sleep_millisecs": 20} and left == {}
     assert (read("run"), read("pages_to_scan"), read("sleep_millisecs")) == ("0", "100", "20")

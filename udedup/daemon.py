@@ -23,7 +23,7 @@ import select
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import Config
 from .errors import (DaemonError, KernelThreadError, KsmError, KsmPermissionError, ProcessAccessError,
@@ -209,8 +209,6 @@ def discover_processes(procfs: str = "/proc", exclude_pid: int | None = None) ->
 def with_mappings(info: ProcessInfo, procfs: str = "/proc") -> ProcessInfo | None:
     """``info`` plus registered and eligible resident bytes from smaps (None if it exited;
     ProcessAccessError if we may not read it)."""
-    from dataclasses import replace
-
     from .procmem import read_mappings
 
     try:
@@ -426,6 +424,7 @@ class Daemon:
         self._last_obs: Observation | None = None
         self._dry_logged: dict = {}
         self._unreadable: set = set()          # candidates we were refused: reported once
+        self._mappings: dict = {}               # key -> (ProcessInfo with smaps figures, when read)
         self._own_start = process_start_time(os.getpid())
 
     # --- lifecycle
@@ -650,9 +649,19 @@ class Daemon:
     def _observe(self) -> Observation:
         d = self.cfg.daemon
         procs = []
+        now = self.clock()
+        seen: dict = {}
         for info in discover_processes(d.procfs, exclude_pid=os.getpid()):
             ok, _why = match_process(self.cfg, info)
             if not ok:
+                continue
+            cached = self._mappings.get(info.key)
+            if (cached is not None and not self.policy.wants_mappings(info.key)
+                    and (cached[0].merge_any, cached[0].mergeable) == (info.merge_any, info.mergeable)
+                    and now - cached[1] < self.cfg.estimate.reestimate_seconds):
+                seen[info.key] = cached
+                procs.append(replace(info, registered_bytes=cached[0].registered_bytes,
+                                     eligible_bytes=cached[0].eligible_bytes))
                 continue
             try:
                 detailed = with_mappings(info, d.procfs)
@@ -663,14 +672,17 @@ class Daemon:
                                 "process needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH)", info.pid,
                                 info.name, err)
                 continue
-            if detailed is not None and match_process(self.cfg, detailed)[0]:
-                procs.append(detailed)
+            if detailed is not None:
+                seen[info.key] = (detailed, now)
+                if match_process(self.cfg, detailed)[0]:
+                    procs.append(detailed)
+        self._mappings = seen
         stats = self.ksm.stats()
         try:
             ksmd_cpu = self.ksm.ksmd_cpu_seconds()
         except KsmError:
             ksmd_cpu = 0.0
-        return Observation(now=self.clock(), processes=tuple(procs), counters=dict(stats.counters),
+        return Observation(now=now, processes=tuple(procs), counters=dict(stats.counters),
                            knobs=self.ksm.knobs(), saved_bytes=stats.saved_bytes,
                            page_size=stats.page_size, ksmd_cpu_seconds=ksmd_cpu,
                            daemon_cpu_seconds=time.process_time(), memory=read_memory(d.procfs))
@@ -708,9 +720,10 @@ class Daemon:
         use_zero = bool(obs.knobs.get("use_zero_pages", False))
         if self.cfg.ksmd.use_zero_pages != "keep":
             use_zero = self.cfg.ksmd.use_zero_pages == "on"
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.process_time()
         results = estimate_processes(plan.estimate, self.cfg, use_zero, obs.now)
-        log.debug("estimated %d processes in %.2fs", len(plan.estimate), time.monotonic() - t0)
+        log.info("estimated %d processes in %.2f s (%.2f CPU-s)", len(plan.estimate),
+                 time.monotonic() - t0, time.process_time() - cpu0)
         for key, result in results.items():
             if isinstance(result, EstimateResult):
                 self.policy.record_estimate(key, result, now=obs.now)

@@ -571,6 +571,14 @@ class Policy:
             return d_pages // d_scans
         return 0
 
+    def wants_mappings(self, key) -> bool:
+        """Does deciding about this process need its smaps now? Reading smaps walks every page
+        table entry, the biggest cost of a round: a process known not to be worth merging and not
+        registered can do with the figures of its last read."""
+        p = self.procs.get(key)
+        return p is None or p.estimate is None or p.worthwhile or p.registered_at is not None \
+            or p.info.registered
+
     # --- for metrics and the state file
     def view(self) -> dict:
         procs = []
