@@ -292,26 +292,27 @@ def check_target(pid, force: bool = False, procfs: str = "/proc") -> Target:
     _check_ptrace_allowed(pid, status, procfs)
     _probe_attach(tgid, comm, procfs)
 
-    threads = [pid] if tgid != pid else _live_threads(pid, procfs)
-    if not threads:
-        raise InjectRefusedError(f"PID {pid} ({comm}) has no live thread left (exiting)",
-                                 pid=pid, reason="zombie")
-    for tid in _live_threads(tgid, procfs) if tgid != pid else threads:
-        tstatus = parse_status(_read_text(os.path.join(procfs, str(tgid), "task", str(tid),
-                                                       "status"), pid))
+    if tgid != pid and state in ("Z", "X"):
+        raise InjectRefusedError(f"thread {pid} of PID {tgid} ({comm}) has exited: pass a live "
+                                 "thread or the process ID", pid=pid, reason="zombie")
+    statuses = {}
+    for tid in _live_threads(tgid, procfs):
+        tstatus = _thread_status(procfs, tgid, tid)
+        if tstatus is None:  # the thread exited meanwhile
+            continue
+        statuses[tid] = tstatus
         tracer = int(tstatus.get("TracerPid", "0"))
         if tracer:
             tracer_comm = _comm(procfs, tracer)
             raise InjectRefusedError(
                 f"PID {pid} ({comm}) is already traced by PID {tracer} ({tracer_comm}), a debugger "
                 "or another tracer: detach it first", pid=pid, reason="traced", tracer=tracer)
-
-    candidates = []
-    for tid in threads:
-        tstatus = parse_status(_read_text(os.path.join(procfs, str(tgid), "task", str(tid),
-                                                       "status"), pid))
-        candidates.append((tid, tstatus))
-    # a thread without a seccomp filter is as good as any: prefer it
+    threads = [pid] if tgid != pid else list(statuses)
+    candidates = [(tid, statuses[tid]) for tid in threads if tid in statuses]
+    if not candidates:
+        raise InjectRefusedError(f"PID {pid} ({comm}) has no live thread left (exiting)",
+                                 pid=pid, reason="zombie")
+    # a thread without a seccomp filter is as good as any: prefer it, then the leader
     candidates.sort(key=lambda c: (int(c[1].get("Seccomp", "0")) != 0, c[0] != pid))
     tid, tstatus = candidates[0]
     seccomp = int(tstatus.get("Seccomp", "0"))
@@ -344,6 +345,14 @@ def _live_threads(tgid: int, procfs: str) -> list[int]:
             live.append(tid)
     # the leader first: it is the natural choice when it is alive
     return sorted(live, key=lambda t: t != tgid)
+
+
+def _thread_status(procfs: str, tgid: int, tid: int) -> dict | None:
+    try:
+        with open(os.path.join(procfs, str(tgid), "task", str(tid), "status"), "rb") as f:
+            return parse_status(f.read().decode("utf-8", "replace"))
+    except (FileNotFoundError, ProcessLookupError):
+        return None
 
 
 def _comm(procfs: str, pid: int) -> str:
