@@ -403,3 +403,26 @@ def test_end_to_end_registers_the_duplicate_rich_workload_only(tmp_path, registe
     finally:
         dup.stop()
         uniq.stop()
+
+
+@pytest.mark.ksm
+@pytest.mark.slow
+def test_bench_script_runs_at_a_tiny_size(tmp_path):
+    """scripts/bench_daemon_peers.py end to end (reference and udedup only, 16 MiB processes): it
+    reports, and leaves every knob as it found it."""
+    from udedup.ksm import Ksm
+    ksm = Ksm()
+    before = ksm.knobs()
+    out = tmp_path / "report.txt"
+    r = subprocess.run([sys.executable, BENCH, "--scale", "0.02", "--window", "3", "--interval", "1",
+                        "--reference-timeout", "20", "--peers", "udedup", "--no-lock", "--out", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=REPO))
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert "achievable saving (reference, settled)" in text
+    rows = {line.split()[0] for line in text.splitlines() if line[:10].strip() in ("reference", "udedup")}
+    assert rows == {"reference", "udedup"}
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["achievable_pages"] > 0 and data["series"]["udedup"]
+    assert ksm.knobs() == before

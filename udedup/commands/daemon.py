@@ -12,7 +12,8 @@ DESCRIPTION = """\
 Run in the foreground (systemd Type=notify): discover candidate processes, estimate what KSM would
 save for them, register the worthwhile ones, and set ksmd's speed from measured yield: fast while
 predicted saving is unrealized, slow once it is realized, stopped when nothing is worth merging,
-faster under memory pressure, always within a CPU budget. Every decision is logged with its reason.
+faster under memory pressure, always within a CPU budget. Every decision is logged with its reason
+at INFO level: run it with -v (as contrib/udedup.service does) to see them.
 
 Configuration: /etc/udedup/udedup.toml (or --config), then UDEDUP_<SECTION>_<KEY> environment
 variables, then --set SECTION.KEY=VALUE; udedup.toml.example lists every key at its default.
@@ -27,7 +28,7 @@ runs or the state file is unusable.
 
 examples:
   udedup daemon --dry-run --once -v          # what would it do here, now?
-  udedup daemon --set candidates.names='qemu-*' --set registration.allow_injection=true
+  udedup daemon -v --set candidates.names='qemu-*' --set registration.allow_injection=true
 """
 ORDER = 70
 
