@@ -339,6 +339,7 @@ def test_unregistered_process_needs_injection():
     policy.record_registration(vm.key, False, "target is traced by a debugger", host.now)
     plan = host.round()
     assert plan.register == [] and any("injection failed: target is traced" in t for t in texts(plan))
+    assert plan.mode == "stopped"                # nothing registered after all: nothing to scan
 
 
 def test_knobs_changed_by_someone_else_are_reported_and_left_alone():

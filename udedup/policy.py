@@ -207,8 +207,6 @@ class _Proc:
 class Policy:
     """Keeps the memory of past rounds (estimates, scan tracking, knob ownership) and decides."""
 
-    MANAGED_KNOBS = ("run", "pages_to_scan", "sleep_millisecs", "use_zero_pages")
-
     def __init__(self, cfg: Config, now: float = 0.0):
         self.cfg = cfg
         self.procs: dict[tuple[int, int], _Proc] = {}
@@ -257,7 +255,7 @@ class Policy:
         if ok:
             p.registered_at, p.registration_failed = now, None
         else:
-            p.registration_failed = detail
+            p.registered_at, p.registration_failed = None, detail
 
     def record_written(self, knobs: dict) -> None:
         self.written.update(knobs)
@@ -319,7 +317,7 @@ class Policy:
             # run=2 resets full_scans: start the settle tracking over
             self._scan_saved.clear()
             self._change_scan = 0
-        self._scan_saved.setdefault(scans, saved_pages)
+        # the last value seen while full_scans had this count: the saving at the end of that scan
         self._scan_saved[scans] = saved_pages
         for old in [k for k in self._scan_saved if k < scans - 8]:
             del self._scan_saved[old]
@@ -361,8 +359,10 @@ class Policy:
         if self.tokens < 0:
             wait = -self.tokens / e.scan_budget
             for p in due:
-                self._note(plan, p, "estimate", "wait", f"estimator budget in debt, next estimate in "
-                           f"{wait:.0f} s (estimate.scan_budget {_mib(e.scan_budget)}/s)")
+                # said once per process, not every round: the wait is in the text only the first time
+                if not (p.last_reason or "").startswith("wait: estimator budget in debt"):
+                    self._note(plan, p, "estimate", "wait", f"estimator budget in debt, next estimate "
+                               f"in {wait:.0f} s (estimate.scan_budget {_mib(e.scan_budget)}/s)")
             return
         due.sort(key=lambda p: (p.estimate is not None, -p.info.anon_rss))
         cost = 0
