@@ -47,17 +47,21 @@ from udedup.errors import InjectRefusedError, UdedupError  # noqa: E402
 
 TARGET_DIR = os.path.join(ROOT, "tests", "targets")
 KSM_LOCK = "/tmp/udedup-ksm.lock"
-#: target types: (program, feeds the counter stream on stdin)
+#: target types: (program, seconds between counter words written to its stdin or None, longest
+#: random pause between two injections)
 TYPES = {
-    "compute": ("target_compute", False),
-    "pipe": ("target_pipe", True),
-    "nanosleep": ("target_nanosleep", False),
-    "futex": ("target_futex", False),
-    "epoll": ("target_epoll", True),
-    "timer": ("target_timer", True),
-    "rseq": ("target_rseq", False),
-    "stopped": ("target_pipe", True),
-    "seccomp": ("target_seccomp", True),
+    "compute": ("target_compute", None, 0.001),
+    "pipe": ("target_pipe", 0.002, 0.001),
+    "nanosleep": ("target_nanosleep", None, 0.001),
+    "futex": ("target_futex", None, 0.001),
+    # words 50 ms apart and pauses up to 40 ms around its 30 ms timeout: waits end by events, by
+    # timeouts, and are interrupted; an injection restarts an interrupted wait with its whole
+    # timeout, so back-to-back injections would never let one expire
+    "epoll": ("target_epoll", 0.05, 0.04),
+    "timer": ("target_timer", 0.002, 0.001),
+    "rseq": ("target_rseq", None, 0.001),
+    "stopped": ("target_pipe", 0.002, 0.001),
+    "seccomp": ("target_seccomp", 0.002, 0.001),
 }
 SKIP_EXIT = 77
 
@@ -231,9 +235,9 @@ def _merging_pages(pid: int) -> int:
 def stress_type(kind: str, path: str, count: int, mib: int, do_ksm: bool, seed: int = 1,
                 log=None) -> dict:
     """Run ``count`` injections into one target of type ``kind``; return the figures."""
-    program, feed = TYPES[kind]
+    program, interval, pause = TYPES[kind]
     rng = random.Random(seed)
-    t = TargetProcess(path, mib=mib, feed=feed)
+    t = TargetProcess(path, mib=mib, feed=interval is not None, feed_interval=interval or 0)
     stats = {"type": kind, "injections": 0, "ok": 0, "refused": 0, "errors": {}, "crashed": False,
              "stop_lost": 0, "retries": 0, "signals_forwarded": 0, "eintr_fixups": 0,
              "rseq_aborts": 0, "hold_us": [], "wall_us": []}
@@ -270,7 +274,7 @@ def stress_type(kind: str, path: str, count: int, mib: int, do_ksm: bool, seed: 
                     stats["stop_lost"] += 1
                 os.kill(t.pid, signal.SIGCONT)
                 wait_state(t.pid, "RS")
-            time.sleep(rng.random() * 0.001)
+            time.sleep(rng.random() * pause)
         if not t.alive():
             stats["crashed"] = True
         if do_ksm and kind != "seccomp" and not stats["crashed"]:
