@@ -12,7 +12,7 @@ import math
 import os
 import textwrap
 
-from .abtest import METRICS, SERIES_COLUMNS, ABResult, arm_label
+from .abtest import METRICS, SERIES_COLUMNS, ABResult, _fmt_knob, arm_label
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ LABELS: dict[str, tuple[str, str]] = {
 }
 
 TRIAL_COLUMNS = ("index", "block", "arm", "status", "timed_out", "populate_seconds", "full_scans",
-                 "pages_unshared", "pages_volatile", "foreign_pages") + METRICS + ("error",)
+                 "pages_unshared", "pages_volatile", "foreign_pages", "foreign_rmap_items") + METRICS + (
+                     "error",)
 
 
 def fmt(value, kind: str, signed: bool = False) -> str:
@@ -80,7 +81,7 @@ def _diff_cell(d: dict, kind: str) -> str:
 
 def describe_run(result: ABResult) -> str:
     c = result.config
-    fixed = " ".join(f"{k}={v}" for k, v in c.get("fixed", {}).items()) or "none"
+    fixed = " ".join(f"{k}={_fmt_knob(v)}" for k, v in c.get("fixed", {}).items()) or "none"
     return (f"workload {c['workload']['name']}; {c['trials_per_arm']} trial(s) per arm; seed "
             f"{c['seed']}; fixed knobs: {fixed}; kernel {c.get('kernel', '?')}, {c.get('cpus', '?')} CPUs")
 
@@ -114,6 +115,10 @@ def format_table(result: ABResult, metrics=METRICS) -> str:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("median [quartiles] per arm; difference of medians [bootstrap 95 % CI], "
                  "* = the interval excludes 0")
+    fewest = min((arms[n]["n"] for n in names), default=0)
+    if 0 < fewest < 6:
+        lines.append(f"({fewest} trial(s) in the smallest arm: intervals are rough; --trials 8 or more "
+                     "for firm conclusions on noisy metrics such as CPU and time)")
     if result.interrupted:
         lines.append(f"INTERRUPTED: {len(result.trials)} trial(s) finished before the stop")
     timed_out = [t for t in result.trials if t.timed_out]
@@ -125,10 +130,12 @@ def format_table(result: ABResult, metrics=METRICS) -> str:
     if foreign:
         lines.append(f"note: other processes had up to {max(foreign):,} merged pages in the global "
                      "counters during the run")
-    foreign_rmap = [t.foreign_rmap_items for t in result.trials if t.foreign_rmap_items]
-    if foreign_rmap:
-        lines.append(f"note: ksmd also tracked up to {max(foreign_rmap):,} pages of other processes "
-                     "(their scanning is in ksmd's CPU time)")
+    for t in result.trials:
+        own = (t.process or {}).get("rmap_items") or 0
+        if t.foreign_rmap_items and t.foreign_rmap_items > max(256, own // 50):
+            lines.append(f"note: trial {t.index + 1} ({t.arm}): ksmd also tracked up to "
+                         f"{t.foreign_rmap_items:,} pages of other processes (their merging is in the "
+                         "global counters, their scanning in ksmd's CPU time)")
     for t in result.trials:
         if t.status == "disturbed":
             lines.append(f"note: trial {t.index + 1} ({t.arm}) left out: {t.error}")

@@ -248,7 +248,7 @@ def arm_label(name: str, knobs: Mapping) -> str:
     return f"{name} ({', '.join(f'{k}={_fmt_knob(v)}' for k, v in knobs.items())})" if knobs else name
 
 
-def _fmt_knob(v) -> str:
+def _fmt_knob(v) -> str:  # booleans as the kernel prints them
     return str(int(v)) if isinstance(v, bool) else str(v)
 
 
@@ -337,16 +337,21 @@ def _signals_held():
 
 # --- sampling -------------------------------------------------------------------------------------
 SERIES_COLUMNS = ("t", "saved_bytes", "saved_pages", "pages_shared", "pages_sharing", "ksm_zero_pages",
-                  "full_scans", "ksmd_cpu_seconds")
+                  "full_scans", "ksmd_cpu_seconds", "foreign_rmap_items")
 
 
 class _Sampler(threading.Thread):
-    """Counters and ksmd CPU every ``interval`` seconds, from the moment ksmd starts."""
+    """Counters and ksmd CPU every ``interval`` seconds, from the moment ksmd starts.
 
-    def __init__(self, ksm, t0: float, cpu0: float, interval: float, progress=None, label=""):
+    With the workload's pids it also follows ``foreign_rmap_items``: pages ksmd tracks that are not
+    the workload's (the global rmap items minus the workload's ``ksm_rmap_items``). Another process
+    registering memory mid-trial shows there, even if it is gone by the end."""
+
+    def __init__(self, ksm, t0: float, cpu0: float, interval: float, progress=None, label="",
+                 pids: Callable[[], Sequence[int]] | None = None):
         super().__init__(name="udedup-ab-sampler", daemon=True)
         self.ksm, self.t0, self.cpu0, self.interval = ksm, t0, cpu0, interval
-        self.progress, self.label = progress, label
+        self.progress, self.label, self.pids = progress, label, pids
         self.series = {c: [] for c in SERIES_COLUMNS}
         self._halt = threading.Event()
         self.error: Exception | None = None
@@ -354,10 +359,16 @@ class _Sampler(threading.Thread):
     def sample(self) -> None:
         stats = self.ksm.stats()
         cpu = self.ksm.ksmd_cpu_seconds()
+        foreign = None
+        if self.pids is not None:
+            own = _process_totals(self.pids(), getattr(self.ksm, "procfs", "/proc"))
+            if own is not None:
+                foreign = max(0, stats.rmap_items - own["rmap_items"])
         row = {"t": round(stats.timestamp - self.t0, 4), "saved_bytes": stats.saved_bytes,
                "saved_pages": stats.saved_pages, "pages_shared": stats.pages_shared,
                "pages_sharing": stats.pages_sharing, "ksm_zero_pages": stats.ksm_zero_pages,
-               "full_scans": stats.full_scans, "ksmd_cpu_seconds": round(cpu - self.cpu0, 3)}
+               "full_scans": stats.full_scans, "ksmd_cpu_seconds": round(cpu - self.cpu0, 3),
+               "foreign_rmap_items": foreign}
         for c in SERIES_COLUMNS:
             self.series[c].append(row[c])
         if self.progress is not None:
@@ -595,7 +606,7 @@ def _run_trial(ksm, workload, state: _Run, index: int, block: int, arm: str, kno
             t0 = time.monotonic()
             ksm.set("run", 1)
             applied = ksm.snapshot()
-            sampler = _Sampler(ksm, t0, cpu0, sample_interval, progress, label)
+            sampler = _Sampler(ksm, t0, cpu0, sample_interval, progress, label, pids=running.pids)
             sampler.start()
             try:
                 try:
@@ -657,5 +668,6 @@ def _fill_counters(record: TrialRecord, stats, settle: float, cpu: float, proces
     if process is not None:
         mine = process["merging_pages"] + process["zero_pages"]
         record.foreign_pages = max(0, stats.pages_shared + stats.saved_pages - mine)
-        record.foreign_rmap_items = max(0, stats.rmap_items - process["rmap_items"])
+        seen = [v for v in record.series.get("foreign_rmap_items", []) if v is not None]
+        record.foreign_rmap_items = max([max(0, stats.rmap_items - process["rmap_items"])] + seen)
 
