@@ -373,7 +373,7 @@ def test_end_to_end_registers_the_duplicate_rich_workload_only(tmp_path, registe
                           registration={"allow_injection": registered_by == "injection",
                                         "min_saving": "8 MiB"},
                           ksmd={"use_zero_pages": "keep", "fast_scan_seconds": 0.5},
-                          metrics={"address": ""}, daemon={"interval": 0.5})
+                          daemon={"interval": 0.5})
             d = Daemon(tmp_path, text, name="e2e")
             try:
                 d.notify.wait_for("READY=1", timeout=30)
@@ -387,6 +387,17 @@ def test_end_to_end_registers_the_duplicate_rich_workload_only(tmp_path, registe
                 by_name = {p["name"]: p for p in state["processes"]}
                 assert by_name["udd-dup"]["worthwhile"] and not by_name["udd-uniq"]["worthwhile"]
                 assert by_name["udd-dup"]["predicted_saved_bytes"] > 0.9 * expected_sharing * bench.PAGE - 4 * mib
+                m = scrape(state["metrics_url"])
+                dup_labels = (("name", "udd-dup"), ("pid", str(dup.pid)))
+                uniq_labels = (("name", "udd-uniq"), ("pid", str(uniq.pid)))
+                assert m[("udedup_process_predicted_saved_bytes", dup_labels)] > 30 * mib
+                assert m[("udedup_process_registered", dup_labels)] == 1.0
+                assert m[("udedup_process_registered", uniq_labels)] == 0.0
+                assert m[("udedup_process_worthwhile", uniq_labels)] == 0.0
+                # the metrics are those of the last round: they catch up within a round or two
+                wait_until(lambda: scrape(state["metrics_url"])[("udedup_ksm_pages_sharing", ())]
+                           >= 0.9 * expected_sharing, timeout=5, what="pages_sharing in the metrics")
+                assert m[("udedup_estimate_bytes_total", ())] > 0
                 d.signal(signal.SIGTERM)
                 assert d.wait() == 0
             finally:
