@@ -41,7 +41,14 @@ log = logging.getLogger(__name__)
 
 RMAP_ITEM_BYTES = 64          # sizeof(struct ksm_rmap_item) on 64-bit kernels
 DEFAULT_MAX_PAGE_SHARING = 256
-DEFAULT_CACHE_BYTES = 1 << 20  # heads of the largest duplicate groups, kept between chunks
+DEFAULT_CACHE_BYTES = 4 << 20  # heads of the largest duplicate groups, kept between chunks
+# Read chunk. Larger than L2 on purpose: the bytes are scanned from L3 at >30 GB/s, far above the
+# ~8 GB/s of process_vm_readv, while each chunk costs ~30 us of Python; measured on 1 GiB, 2 passes:
+# 0.5 MiB 0.63 s, 1 MiB 0.49 s, 2 MiB 0.42 s, 4 MiB 0.36 s of CPU.
+DEFAULT_CHUNK_BYTES = 4 << 20
+# Whole-array steps work this many pages at a time: the memory budget is per scanned page, so
+# temporaries must stay bounded whatever the size.
+_STEP = 1 << 14
 NONE = np.uint32(0xFFFFFFFF)  # "in no candidate group"
 _PENDING = -1
 
@@ -289,14 +296,80 @@ class _Target:
     hi: int = 2 ** 64
 
 
+class PageSet:
+    """Sorted page offsets within one mapping, stored as runs (8 bytes per run) where pages come
+    in runs, as plain uint32 offsets (4 bytes per page) where they are scattered: whichever is
+    smaller. Indexes are positions in the set."""
+
+    def __init__(self, offsets: np.ndarray):
+        offsets = np.asarray(offsets, dtype=np.uint32)
+        self.size = int(offsets.size)
+        breaks = np.flatnonzero(np.diff(offsets) != 1) + 1 if offsets.size else offsets
+        if (breaks.size + 1) * 8 < offsets.size * 4:
+            self.run_first = np.concatenate(([0], breaks)).astype(np.uint32)   # set position
+            self.run_start = offsets[self.run_first]                           # page offset
+            self.offsets = None
+        else:
+            self.run_first = self.run_start = None
+            self.offsets = offsets
+
+    @property
+    def nbytes(self) -> int:
+        if self.offsets is not None:
+            return self.offsets.nbytes
+        return self.run_first.nbytes + self.run_start.nbytes
+
+    def runs(self, lo: int, hi: int):
+        """(first page offset, page count) of the runs covering set positions [lo, hi)."""
+        if self.offsets is not None:
+            off = self.offsets[lo:hi]
+            breaks = np.flatnonzero(np.diff(off) != 1) + 1
+            bounds = np.concatenate(([0], breaks, [off.size]))
+            return off[bounds[:-1]].astype(np.uint64), np.diff(bounds).astype(np.uint64)
+        rf = self.run_first
+        r0 = int(np.searchsorted(rf, lo, side="right")) - 1
+        r1 = int(np.searchsorted(rf, hi, side="left"))
+        first = rf[r0:r1].astype(np.int64)
+        ends = np.append(rf[r0 + 1:r1], hi).astype(np.int64)
+        begin = np.maximum(first, lo)
+        ends = np.minimum(ends, hi)
+        starts = self.run_start[r0:r1].astype(np.int64) + (begin - first)
+        return starts.astype(np.uint64), (ends - begin).astype(np.uint64)
+
+    def pages(self, index) -> np.ndarray:
+        """Page offsets (uint64) of the set positions ``index`` (an array, or a slice)."""
+        if isinstance(index, slice):
+            if self.offsets is not None:
+                return self.offsets[index].astype(np.uint64)
+            index = np.arange(*index.indices(self.size), dtype=np.int64)
+        if self.offsets is not None:
+            return self.offsets[index].astype(np.uint64)
+        run = np.searchsorted(self.run_first, index, side="right") - 1
+        return (self.run_start[run].astype(np.int64) + (index - self.run_first[run])).astype(
+            np.uint64)
+
+
 @dataclass
 class _Segment:
     pid: int
     target: int
     report: MappingReport
     start: int                     # address of page offset 0
-    offsets: np.ndarray            # uint32 page offsets of the pages in scope
+    pageset: PageSet               # the pages in scope
     base: int = 0                  # first ordinal
+
+    @property
+    def size(self) -> int:
+        return self.pageset.size
+
+    def addresses(self, index) -> np.ndarray:
+        return np.uint64(self.start) + self.pageset.pages(index) * np.uint64(pages.PAGE_SIZE)
+
+    def iov(self, lo: int, hi: int):
+        """(start addresses, byte lengths) of the runs of set positions [lo, hi)."""
+        first, count = self.pageset.runs(lo, hi)
+        ps = np.uint64(pages.PAGE_SIZE)
+        return np.uint64(self.start) + first * ps, count * ps
 
 
 def _buffer_range(buf) -> tuple[int, int]:
@@ -361,6 +434,12 @@ def _current_knobs(max_page_sharing):
     if int(max_page_sharing) < 2:
         raise UsageError(f"max_page_sharing must be at least 2, got {max_page_sharing}")
     return int(max_page_sharing), uzp
+
+
+def _join(iovs: list):
+    if len(iovs) == 1:
+        return iovs[0]
+    return np.concatenate([a for a, _ in iovs]), np.concatenate([b for _, b in iovs])
 
 
 class _TopRuns:
@@ -472,10 +551,10 @@ class _Scanner:
                     self.reports.append(rep)
                     if not in_scope:
                         continue
-                    offsets = self._present(fd, t.pid, lo, hi, zero_pfns, rep)
-                    if offsets.size:
-                        seg = _Segment(t.pid, ti, rep, lo, offsets, ordinal)
-                        ordinal += offsets.size
+                    pageset = self._present(fd, t.pid, lo, hi, zero_pfns, rep)
+                    if pageset.size:
+                        seg = _Segment(t.pid, ti, rep, lo, pageset, ordinal)
+                        ordinal += pageset.size
                         self.segments.append(seg)
             finally:
                 os.close(fd)
@@ -487,7 +566,7 @@ class _Scanner:
 
     def _present(self, fd, pid, lo, hi, zero_pfns, rep):
         ps = self.ps
-        block = procmem.PAGEMAP_BLOCK
+        block = _STEP    # pagemap entries per read: small temporaries, 64 MiB of address space
         parts = []
         counts: dict = {}
         for a in range(lo, hi, block * ps):
@@ -496,17 +575,18 @@ class _Scanner:
             idx = procmem.present_offsets(entries, anon_only=True, zero_pfns=zero_pfns,
                                           counts=counts)
             parts.append((idx + (a - lo) // ps).astype(np.uint32))
-        offsets = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        pageset = PageSet(np.concatenate(parts) if len(parts) > 1 else parts[0])
         rep.zero_mapped_pages = counts.get("zero_page", 0)
         rep.swapped_pages = counts.get("swapped", 0)
-        rep.present_pages = offsets.size + rep.zero_mapped_pages
-        rep.scanned_pages = offsets.size
-        return offsets
+        rep.present_pages = pageset.size + rep.zero_mapped_pages
+        rep.scanned_pages = pageset.size
+        return pageset
 
     # chunk iteration -------------------------------------------------------------------------------
     def _chunks(self):
-        """(pid, addresses, first ordinal) per chunk, in ordinal order, never mixing processes."""
-        cap, ps = self.cap, self.ps
+        """(pid, (starts, lens), first ordinal) per chunk, in ordinal order, never mixing
+        processes: the iovecs of the chunk's runs of pages."""
+        cap = self.cap
         segs = self.segments
         i = 0
         while i < len(segs):
@@ -516,23 +596,22 @@ class _Scanner:
                 j += 1
             pieces, count, first = [], 0, segs[i].base
             for s in segs[i:j]:
-                pos, n = 0, s.offsets.size
+                pos, n = 0, s.size
                 while pos < n:
                     if pid in self.reader.exited:
                         break
                     take = min(cap - count, n - pos)
-                    pieces.append(np.uint64(s.start) +
-                                  s.offsets[pos:pos + take].astype(np.uint64) * np.uint64(ps))
+                    pieces.append(s.iov(pos, pos + take))
                     count += take
                     pos += take
                     if count == cap:
-                        yield pid, pieces[0] if len(pieces) == 1 else np.concatenate(pieces), first
+                        yield pid, _join(pieces), first
                         first += count
                         pieces, count = [], 0
             if count and pid not in self.reader.exited:
-                yield pid, pieces[0] if len(pieces) == 1 else np.concatenate(pieces), first
+                yield pid, _join(pieces), first
             if pid in self.reader.exited:
-                end = segs[j - 1].base + segs[j - 1].offsets.size
+                end = segs[j - 1].base + segs[j - 1].size
                 self.flags[first:end] |= UNREADABLE
             i = j
 
@@ -544,8 +623,7 @@ class _Scanner:
         for s in np.unique(si):
             seg = self.segments[s]
             m = si == s
-            addrs[m] = np.uint64(seg.start) + \
-                seg.offsets[ords[m] - seg.base].astype(np.uint64) * np.uint64(self.ps)
+            addrs[m] = seg.addresses(ords[m] - seg.base)
             pids[m] = seg.pid
         return pids, addrs
 
@@ -572,7 +650,7 @@ class _Scanner:
         self.hsh = np.empty(n, dtype=np.uint64)
         self.flags = np.zeros(n, dtype=np.uint8)
         self.rep = np.full(n, NONE, dtype=np.uint32)
-        offsets = sum(s.offsets.nbytes for s in self.segments)
+        offsets = sum(s.pageset.nbytes for s in self.segments)
         self.index_bytes = offsets + self.crc.nbytes + self.hsh.nbytes + self.flags.nbytes + \
             self.rep.nbytes
 
@@ -625,7 +703,7 @@ class _Scanner:
         obits = max(1, int(n).bit_length())
         shift = np.uint64(obits)
         keys = self.hsh
-        step = 1 << 16    # bounded temporaries: the budget is per page, not per chunk
+        step = _STEP
         for lo in range(0, n, step):
             hi = min(n, lo + step)
             k = keys[lo:hi]
@@ -844,9 +922,14 @@ class _Scanner:
 
 
 # --- the entry point ------------------------------------------------------------------------------
+def default_threads() -> int:
+    """2 (read ahead while scanning) where this process may use two CPUs, else 1."""
+    return 2 if len(os.sched_getaffinity(0)) >= 2 else 1
+
+
 def estimate(targets, passes: int = 2, interval: float = 0.5, all_eligible: bool = False,
              max_page_sharing: int | None = None, procfs: str = "/proc",
-             buffer_bytes: int = procmem.DEFAULT_BUFFER_BYTES,
+             buffer_bytes: int = DEFAULT_CHUNK_BYTES,
              cache_bytes: int = DEFAULT_CACHE_BYTES, threads: int | None = None,
              progress=None) -> Estimate:
     """Predict what KSM would save on ``targets``: PIDs and/or buffers of this process (a list,
@@ -870,7 +953,7 @@ def estimate(targets, passes: int = 2, interval: float = 0.5, all_eligible: bool
     mps, uzp = _current_knobs(max_page_sharing)
     tlist = _normalize_targets(targets, procfs)
     if threads is None:
-        threads = 2 if len(os.sched_getaffinity(0)) >= 2 else 1
+        threads = default_threads()
     scanner = _Scanner(tlist, all_eligible, procfs, buffer_bytes, cache_bytes, threads, progress)
     timings: dict = {}
 
@@ -917,8 +1000,8 @@ def _summarize(sc: _Scanner, passes, interval, all_eligible, mps, uzp, unconfirm
     n = sc.total
     for seg in sc.segments:
         if seg.pid in sc.exited_in:   # gone: KSM will never see these pages
-            flags[seg.base: seg.base + seg.offsets.size] |= UNREADABLE
-            rep[seg.base: seg.base + seg.offsets.size] = NONE
+            flags[seg.base: seg.base + seg.size] |= UNREADABLE
+            rep[seg.base: seg.base + seg.size] = NONE
     grouped = rep != NONE
     sizes_by_head = np.bincount(rep[grouped], minlength=n) if n else np.zeros(0, np.int64)
     del grouped
@@ -932,9 +1015,9 @@ def _summarize(sc: _Scanner, passes, interval, all_eligible, mps, uzp, unconfirm
     # per mapping: classify pages chunk by chunk (bounded temporaries)
     zero_total = 0
     for seg in sc.segments:
-        a, b = seg.base, seg.base + seg.offsets.size
-        for lo in range(a, b, 1 << 20):
-            hi = min(b, lo + (1 << 20))
+        a, b = seg.base, seg.base + seg.size
+        for lo in range(a, b, _STEP):
+            hi = min(b, lo + _STEP)
             f, r = flags[lo:hi], rep[lo:hi]
             unread = (f & UNREADABLE) != 0
             vol = ((f & VOLATILE) != 0) & ~unread
@@ -975,11 +1058,11 @@ def _summarize(sc: _Scanner, passes, interval, all_eligible, mps, uzp, unconfirm
         tr = next((t for t in sc.target_reports if t.pid == pid), None)
         if tr is not None:
             tr.exited = True
-        covered = sum(s.offsets.size for s in sc.segments if s.pid == pid)
+        covered = sum(s.size for s in sc.segments if s.pid == pid)
         est.partial = True
         est.notes.append(f"partial: PID {pid} exited during pass {pass_no} of {passes}; its "
                          f"{covered} pages are left out of the prediction")
-    lost = est.unreadable_pages - sum(s.offsets.size for s in sc.segments
+    lost = est.unreadable_pages - sum(s.size for s in sc.segments
                                       if s.pid in sc.exited_in)
     if lost > 0:
         est.partial = True

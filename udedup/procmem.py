@@ -404,10 +404,17 @@ class RemoteReader:
 
         Returns a bool array: True where the page was read. Slots of pages not read hold stale
         bytes. Raises ProcessAccessError when the kernel refuses (EPERM)."""
+        addrs = np.ascontiguousarray(addrs, dtype=np.uint64)
+        starts, lens = _runs(addrs, self.page_size) if addrs.size else (addrs, addrs)
+        return self.read_runs(starts, lens, pid, slot, addrs)
+
+    def read_runs(self, starts: np.ndarray, lens: np.ndarray, pid: int | None = None,
+                  slot: int = 0, addrs: np.ndarray | None = None) -> np.ndarray:
+        """Like :meth:`read` for runs of pages: ``starts`` (addresses) and ``lens`` (bytes, whole
+        pages), one iovec each. The common case is one system call for the whole batch."""
         pid = self.pid if pid is None else pid
         ps = self.page_size
-        addrs = np.ascontiguousarray(addrs, dtype=np.uint64)
-        n = addrs.size
+        n = int(lens.sum()) // ps if lens.size else 0
         if slot < 0 or slot + n > self.capacity:
             raise ValueError(f"{n} pages from slot {slot} do not fit the {self.capacity}-page "
                              "read buffer")
@@ -415,39 +422,55 @@ class RemoteReader:
         if pid in self.exited:
             ok[:] = False
             return ok
-        first = 0
-        while first < n:
-            starts, lens = _runs(addrs[first:], ps)
-            out = self.buffer[(slot + first) * ps: (slot + n) * ps]
-            got, err = pages.remote_readv(pid, starts, lens, out)
+        if not n:
+            return ok
+        got, err = pages.remote_readv(pid, starts, lens,
+                                      self.buffer[slot * ps: (slot + n) * ps])
+        self.bytes_read += got
+        if err == 0:
+            return ok
+        if addrs is None:
+            addrs = np.concatenate([np.arange(int(a), int(a) + int(b), ps, dtype=np.uint64)
+                                    for a, b in zip(starts, lens)])
+        first = got // ps
+        while True:
+            self._check(err, pid)
+            if err == errno_mod.ESRCH:
+                self.exited.add(pid)
+                ok[first:] = False
+                self.pages_failed += n - first
+                return ok
+            # EFAULT: the page at `first` is unmapped now: skip it, read the rest
+            ok[first] = False
+            self.pages_failed += 1
+            first += 1
+            if first >= n:
+                return ok
+            rs, rl = _runs(addrs[first:], ps)
+            got, err = pages.remote_readv(pid, rs, rl,
+                                          self.buffer[(slot + first) * ps: (slot + n) * ps])
             self.bytes_read += got
             if err == 0:
-                break
-            failed = first + got // ps
-            if err == errno_mod.EFAULT:
-                # the page at `failed` is unmapped now: skip it, read the rest
-                ok[failed] = False
-                self.pages_failed += 1
-                first = failed + 1
-            elif err == errno_mod.ESRCH:
-                self.exited.add(pid)
-                ok[failed:] = False
-                self.pages_failed += n - failed
-                break
-            elif err in (errno_mod.EPERM, errno_mod.EACCES):
-                raise ProcessAccessError(
-                    f"not allowed to read the memory of PID {pid}: run as root or as the "
-                    "process's owner (ptrace access check; see kernel.yama.ptrace_scope)", pid=pid)
-            else:
-                raise ProcessError(f"reading the memory of PID {pid} failed: "
-                                   f"{os.strerror(err)}", pid=pid, errno=err)
-        return ok
+                return ok
+            first += got // ps
+
+    @staticmethod
+    def _check(err: int, pid: int) -> None:
+        if err in (errno_mod.EFAULT, errno_mod.ESRCH):
+            return
+        if err in (errno_mod.EPERM, errno_mod.EACCES):
+            raise ProcessAccessError(
+                f"not allowed to read the memory of PID {pid}: run as root or as the "
+                "process's owner (ptrace access check; see kernel.yama.ptrace_scope)", pid=pid)
+        raise ProcessError(f"reading the memory of PID {pid} failed: {os.strerror(err)}",
+                           pid=pid, errno=err)
 
 
 def read_ahead(chunks, readers: list):
     """Read chunks in a background thread while the caller works on the previous one.
 
-    ``chunks`` yields ``(pid, addrs, tag)``; this yields ``(tag, reader, ok)`` in the same order,
+    ``chunks`` yields ``(pid, addrs, tag)``, ``addrs`` being page addresses or a ``(starts, lens)``
+    pair of runs; this yields ``(tag, reader, ok)`` in the same order,
     the pages being in ``reader.buffer``. Each reader is reused once the caller asks for the next
     chunk, so with two readers one chunk is read while the other is scanned: reading runs in the
     kernel and scanning in native code, both without the GIL, so on two cores the pair costs about
@@ -456,7 +479,7 @@ def read_ahead(chunks, readers: list):
     if len(readers) < 2:
         reader = readers[0]
         for pid, addrs, tag in chunks:
-            yield tag, reader, reader.read(addrs, pid)
+            yield tag, reader, _read_any(reader, addrs, pid)
         return
     free: queue.Queue = queue.Queue()
     full: queue.Queue = queue.Queue()
@@ -471,7 +494,7 @@ def read_ahead(chunks, readers: list):
                 reader = free.get()
                 if stop.is_set():
                     return
-                full.put((tag, reader, reader.read(addrs, pid)))
+                full.put((tag, reader, _read_any(reader, addrs, pid)))
         except BaseException as err:  # handed to the caller's thread
             full.put(err)
         finally:
@@ -493,6 +516,13 @@ def read_ahead(chunks, readers: list):
         for _ in readers:
             free.put(None)
         thread.join()
+
+
+def _read_any(reader: RemoteReader, what, pid):
+    # chunks give page addresses, or (starts, lens) runs when the caller has them already
+    if isinstance(what, tuple):
+        return reader.read_runs(what[0], what[1], pid)
+    return reader.read(what, pid)
 
 
 def _runs(addrs: np.ndarray, page_size: int):
