@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -28,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from udedup.abreport import format_table, write_report  # noqa: E402
-from udedup.abtest import ABInterrupted, DEFAULT_FIXED, run_ab  # noqa: E402
+from udedup.abtest import ABInterrupted, ABResult, DEFAULT_FIXED, _fmt_knob, run_ab  # noqa: E402
 from udedup.errors import UdedupError  # noqa: E402
 from udedup.workloads import PRESETS, SyntheticWorkload, parse_size, preset  # noqa: E402
 
@@ -55,8 +56,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-figure", action="store_true")
     ap.add_argument("--lock", default=None,
                     help="hold an flock on this file for the whole run (to keep other KSM users out)")
+    ap.add_argument("--rerender", metavar="DIR",
+                    help="no run: rewrite DIR's README.md, overview.csv and overview.png from its "
+                         "<preset>/result.json files")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.rerender:
+        return rerender(args.rerender, figure=not args.no_figure)
 
     names = [p.strip() for p in args.presets.split(",") if p.strip()]
     bad = [p for p in names if p not in PRESETS]
@@ -116,6 +122,24 @@ def main(argv=None) -> int:
     return status
 
 
+def rerender(folder: str, figure: bool = True) -> int:
+    with open(os.path.join(folder, "study.json")) as f:
+        meta = json.load(f)
+    results = {}
+    for name in meta["presets"]:
+        path = os.path.join(folder, name, "result.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[name] = ABResult.from_dict(json.load(f))
+            write_report(results[name], os.path.join(folder, name), figure=figure)
+    if not results:
+        print(f"error: no <preset>/result.json in {folder}", file=sys.stderr)
+        return 2
+    write_overview(results, folder, argparse.Namespace(**meta["args"]), meta["seconds"], figure=figure)
+    log.info("report: %s/ (re-rendered)", folder)
+    return 0
+
+
 def _row(name, result) -> dict:
     row = {"preset": name, "size_mib": result.config["workload"]["spec"]["size"] >> 20,
            "trials_per_arm": result.config["trials_per_arm"], "interrupted": result.interrupted}
@@ -132,6 +156,9 @@ def _row(name, result) -> dict:
 
 def write_overview(results: dict, out: str, args, seconds: float, figure: bool = True) -> None:
     os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "study.json"), "w") as f:
+        json.dump({"presets": list(results), "seconds": seconds,
+                   "args": {k: getattr(args, k) for k in ("size", "trials", "seed")}}, f, indent=1)
     rows = [_row(name, r) for name, r in results.items()]
     with open(os.path.join(out, "overview.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -150,7 +177,7 @@ def write_overview(results: dict, out: str, args, seconds: float, figure: bool =
              "bootstrap 95 % intervals; * marks an interval that excludes zero.", "",
              f"Machine: kernel {first.config['kernel']}, {first.config['cpus']} CPUs, page size "
              f"{first.config['page_size']} B; pinned knobs: "
-             + ", ".join(f"{k}={v}" for k, v in first.config["fixed"].items()) + ".", "",
+             + ", ".join(f"{k}={_fmt_knob(v)}" for k, v in first.config["fixed"].items()) + ".", "",
              "| preset | saved, MiB off / on | saved on - off [95 % CI] | ksmd CPU-s off / on | "
              "CPU on - off [95 % CI] | settle s off / on | COW ns off / on | COW on - off [95 % CI] |",
              "|---|---|---|---|---|---|---|---|"]
@@ -181,6 +208,23 @@ def write_overview(results: dict, out: str, args, seconds: float, figure: bool =
                      f"{med('settle_seconds', 'off')} / {med('settle_seconds', 'on')} | "
                      f"{med('cow_ns_per_page', 'off', f='{:.0f}')} / {med('cow_ns_per_page', 'on', f='{:.0f}')} | "
                      f"{ci('cow_ns_per_page', f='{:+.0f}')} |")
+    lines += ["", "## Where the difference in saving comes from", "",
+              "general_profit = (pages_sharing + ksm_zero_pages) x page size - rmap items x 64 B. "
+              "Split of the on - off difference of the medians:", "",
+              "| preset | zero pages moved to ksm_zero_pages | rmap items on - off (bytes) | "
+              "saved pages on - off (saving) | total |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        a = r.summary["arms"]
+        if not (a["off"]["n"] and a["on"]["n"]):
+            continue
+        med = lambda m, arm: a[arm]["metrics"][m]["median"] or 0  # noqa: E731
+        ps = r.config["page_size"]
+        d_rmap = med("rmap_items", "on") - med("rmap_items", "off")
+        d_saved = med("saved_pages", "on") - med("saved_pages", "off")
+        total = med("saved_bytes", "on") - med("saved_bytes", "off")
+        lines.append(f"| {name} | {med('ksm_zero_pages', 'on'):,.0f} | {d_rmap:+,.0f} "
+                     f"({-d_rmap * 64 / 2**20:+.2f} MiB) | {d_saved:+,.0f} ({d_saved * ps / 2**20:+.2f} MiB)"
+                     f" | {total / 2**20:+.2f} MiB |")
     lines += ["", "## Verdicts", ""]
     for name, r in results.items():
         lines.append(f"- **{name}**: {r.verdict}")

@@ -21,3 +21,7 @@ __all__ += ["estimate", "Estimate", "Prediction", "Mapping", "RemoteReader", "pr
 from .config import Config, load_config  # noqa: E402  (the daemon's configuration)
 from .daemon import read_daemon_state  # noqa: E402
 __all__ += ["Config", "load_config", "read_daemon_state"]
+from .abtest import ABInterrupted, ABResult, run_ab  # noqa: E402  (the A/B harness)
+from .workloads import CommandWorkload, PidWorkload, SyntheticSpec, SyntheticWorkload  # noqa: E402
+__all__ += ["run_ab", "ABResult", "ABInterrupted", "SyntheticSpec", "SyntheticWorkload",
+            "CommandWorkload", "PidWorkload"]
