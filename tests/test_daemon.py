@@ -437,3 +437,23 @@ def test_bench_script_runs_at_a_tiny_size(tmp_path):
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["achievable_pages"] > 0 and data["series"]["udedup"]
     assert ksm.knobs() == before
+
+
+def test_metrics_address_in_use_is_a_config_error():
+    from udedup.errors import ConfigError
+    from udedup.metrics import DaemonCollector, MetricsServer
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        with pytest.raises(ConfigError, match="cannot listen") as info:
+            MetricsServer(f"127.0.0.1:{taken.getsockname()[1]}", DaemonCollector())
+        assert info.value.exit_code == 10
+    finally:
+        taken.close()
+    m = MetricsServer("127.0.0.1:0", DaemonCollector())
+    try:
+        families = scrape(m.url)
+        assert families[("udedup_up", ())] == 0.0        # no round published yet
+    finally:
+        m.close()

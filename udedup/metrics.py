@@ -6,7 +6,10 @@ reads the latest one, so the HTTP thread never touches the daemon's live state o
 from __future__ import annotations
 
 import logging
+import socket
+import socketserver
 import threading
+import wsgiref.simple_server
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
@@ -147,22 +150,40 @@ class DaemonCollector:
                       s["external_changes"])
 
 
+class _Server(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+    daemon_threads = True       # a stuck scraper must not keep the daemon from exiting
+
+
+class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
+    def log_message(self, format, *args):   # noqa: A002 - the base class's signature
+        pass                                # one line per scrape is noise in the journal
+
+
 class MetricsServer:
-    """``/metrics`` over HTTP on ``address`` (HOST:PORT; port 0 picks a free one)."""
+    """``/metrics`` over HTTP on ``address`` (HOST:PORT; port 0 picks a free one).
+
+    Our own small WSGI server rather than prometheus_client.start_http_server, which returns no
+    handle to stop it before 0.20 (SIGHUP may move the address)."""
 
     def __init__(self, address: str, collector: DaemonCollector):
-        from prometheus_client import start_http_server
+        from prometheus_client import make_wsgi_app
 
         host, port = parse_address(address)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
+        server_class = type("_Server", (_Server,), {
+            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+            self._server = wsgiref.simple_server.make_server(
+                host, port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler)
         except OSError as err:
             from .errors import ConfigError
             raise ConfigError(f"metrics.address {address}: cannot listen: {err.strerror}; pick another "
                               "port or set metrics.address = \"\" to disable metrics",
                               path="metrics", key="metrics.address") from err
+        self._thread = threading.Thread(target=self._server.serve_forever, name="udedup-metrics",
+                                        daemon=True)
+        self._thread.start()
         self.host = host
         self.port = self._server.server_port
         self.url = f"http://{host if ':' not in host else '[' + host + ']'}:{self.port}/metrics"
@@ -170,3 +191,4 @@ class MetricsServer:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        self._thread.join(timeout=5)
