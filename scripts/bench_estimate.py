@@ -142,13 +142,14 @@ def best_of(n: int, fn, *args) -> dict:
     return min((fn(*args) for _ in range(n)), key=lambda r: r["wall"])
 
 
-def ksm_fast(ksm, pid: int, timeout: float) -> dict:
+def ksm_fast(ksm, pid: int, timeout: float, use_zero_pages: int | None = None) -> dict:
     """Time ksmd from start to the moment its savings reached their final value."""
     ksm.unmerge_all()
     cpu0 = ksm.ksmd_cpu_seconds()
     scanned0 = ksm.stats().pages_scanned
     history = []
-    with ksm.settings(run=1, pages_to_scan=10000, sleep_millisecs=0, smart_scan=0):
+    extra = {} if use_zero_pages is None else {"use_zero_pages": use_zero_pages}
+    with ksm.settings(run=1, pages_to_scan=10000, sleep_millisecs=0, smart_scan=0, **extra):
         t0 = time.monotonic()
         while True:
             st = ksm.stats()
@@ -202,6 +203,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3,
                     help="runs of each read loop, the fastest counts (default 3)")
     ap.add_argument("--threads", type=int, help="estimator threads (default: its own choice)")
+    ap.add_argument("--use-zero-pages", type=int, choices=(0, 1),
+                    help="use_zero_pages while timing ksmd (default: leave it as it is)")
     ap.add_argument("--no-ksm", action="store_true", help="skip the KSM comparisons")
     ap.add_argument("--default-scan", choices=("full", "sample"), default="full",
                     help="time a whole default-rate full scan, or sample it (--sample-seconds)")
@@ -268,13 +271,16 @@ def main(argv=None) -> int:
             "peak_bytes_per_page": scanner_bytes / max(1, e["pages_scanned"]),
             "predictions": e["predictions"]}
         if ksm:
-            fast = ksm_fast(ksm, pid, args.timeout)
+            fast = ksm_fast(ksm, pid, args.timeout, args.use_zero_pages)
             default = ksm_default_scan(ksm, args.default_scan, args.sample_seconds)
             results["ksm_fast"] = fast
             default["extrapolated_wall"] = default["seconds_per_page"] * fast["pages_scanned"]
             results["ksm_default"] = default
-            results["accuracy"] = _accuracy(e["predictions"][int(ksm.get("use_zero_pages"))],
-                                            fast)
+            uzp = args.use_zero_pages
+            if uzp is None:
+                uzp = int(ksm.get("use_zero_pages"))
+            results["use_zero_pages"] = uzp
+            results["accuracy"] = _accuracy(e["predictions"][uzp], fast)
     finally:
         if proc is not None and proc.poll() is None:
             proc.stdin.close()
@@ -355,7 +361,7 @@ def _print(r: dict) -> None:
         print(f"KSM default rate: {d['mode']} scan of {d['pages_scanned']} pages in "
               f"{d['wall']:.1f} s ({d['ksmd_cpu']:.2f} ksmd CPU-s) -> {d['extrapolated_wall']:.1f}"
               " s to final savings (extrapolated)")
-        print("prediction vs settled kernel:")
+        print(f"prediction vs settled kernel (use_zero_pages={r['use_zero_pages']}):")
         for key, a in r["accuracy"].items():
             print(f"  {key}: predicted {a['predicted']}, kernel {a['kernel']} "
                   f"(error {a['error_percent']} %)")
