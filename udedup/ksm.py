@@ -730,7 +730,7 @@ class Ksm:
 def _sysfs_write(path: str, text: str) -> None:
     """One write(2) of ``text``: sysfs parses the value from a single call and returns the kernel's
     error from it. Module-level so unit tests can stand in a fake kernel."""
-    fd = os.open(path, os.O_WRONLY)
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)  # O_TRUNC: a no-op on sysfs, right on fake trees
     try:
         os.write(fd, text.encode())
     finally:
