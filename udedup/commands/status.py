@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import time
 
+from ..daemon import DEFAULT_STATE_FILE, describe_daemon_state, read_daemon_state
 from ..errors import KsmError, ProcessError, UsageError
 from ..ksm import DEFAULT_PROCFS, DEFAULT_ROOT, Ksm
 from ..procksm import process_ksm, profit_overcount_bytes, top_processes
@@ -73,6 +74,7 @@ def run(args) -> int:
     except ProcessError as err:
         top, cpu["top_error"] = [], str(err)
     overcount = profit_overcount_bytes(stats.pages_shared, stats.page_size)
+    daemon = read_daemon_state(DEFAULT_STATE_FILE, args.procfs)
 
     if args.json:
         out = {"knobs": knobs, "counters": stats.counters, "page_size": stats.page_size,
@@ -83,6 +85,7 @@ def run(args) -> int:
                "process_profit_overcount_bytes": overcount}
         if process is not None:
             out["process"] = process.as_dict()
+        out["daemon"] = daemon
         print_json(out)
         return 0
 
@@ -116,6 +119,8 @@ def run(args) -> int:
               f"merging_pages={process.merging_pages} zero_pages={process.zero_pages} "
               f"profit={human_bytes(process.process_profit)} "
               f"mergeable mappings={len(process.mappings or ())}")
+    for line in describe_daemon_state(daemon):
+        print(line)
     if args.top:
         if not top:
             print("processes: none registered with KSM")
