@@ -4,10 +4,11 @@
  * process_madvise refuses MADV_MERGEABLE), so we make the target execute the call.
  *
  * How (x86_64):
- *  1. PTRACE_SEIZE + PTRACE_INTERRUPT, never PTRACE_ATTACH: no SIGSTOP is sent, so nothing is queued
- *     that the program (or its parent's waitpid) could see. The thread stops in get_signal() on its
- *     way back to user space, the one place where the kernel still has to decide whether an
- *     interrupted system call restarts; a signal-delivery-stop or a group stop is the same place.
+ *  1. PTRACE_SEIZE + PTRACE_INTERRUPT, never PTRACE_ATTACH: no SIGSTOP is sent, so nothing is
+ *     queued that the program (or its parent's waitpid) could see. The thread stops in
+ *     get_signal() on its way back to user space, the one place where the kernel still has to
+ *     decide whether an interrupted system call restarts; a signal-delivery-stop or a group stop
+ *     is the same place.
  *  2. Save its registers. Point rip at an existing `syscall` instruction (0f 05) in its executable
  *     mappings (vdso, libc: found by the caller, re-checked here while the thread is stopped; code
  *     is never written, other threads may be running it), set rax = nr and the arguments, and
@@ -208,7 +209,8 @@ static enum stop wait_stop(struct ctx *c, int *sig)
                 return ST_GONE;
             }
             if (si.si_code == CLD_KILLED || si.si_code == CLD_DUMPED) {
-                c->info->wait_status = (si.si_status & 0x7f) | (si.si_code == CLD_DUMPED ? 0x80 : 0);
+                c->info->wait_status =
+                    (si.si_status & 0x7f) | (si.si_code == CLD_DUMPED ? 0x80 : 0);
                 return ST_GONE;
             }
         }

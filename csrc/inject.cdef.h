@@ -19,7 +19,7 @@
 /* Flags */
 #define UD_INJECT_F_KEEP_ZOMBIE 1   /* the thread is our own child's leader: if it dies, leave its
                                        exit status for our other waiter (subprocess) */
-#define UD_INJECT_F_KEEP_EINTR 2    /* tests only: do not turn an interrupted -EINTR into a restart */
+#define UD_INJECT_F_KEEP_EINTR 2    /* tests only: leave an interrupted call's -EINTR alone */
 #define UD_INJECT_F_NO_RSEQ 4       /* tests only: skip the rseq critical-section check */
 
 typedef struct {

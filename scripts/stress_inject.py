@@ -42,7 +42,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import udedup  # noqa: E402
-from udedup import inject  # noqa: E402
 from udedup.errors import InjectRefusedError, UdedupError  # noqa: E402
 
 TARGET_DIR = os.path.join(ROOT, "tests", "targets")
@@ -190,7 +189,7 @@ def ksm_merge_check(pid: int, dup: tuple[int, int], timeout: float = 30.0,
     """Unmerge everything, register ``pid``'s memory with KSM (an injected madvise), run ksmd fast
     until the target's duplicate pages merge, then unmerge everything and restore every knob.
 
-    ``lock``: take the machine-wide KSM test lock (tests already hold it)."""
+    ``lock``: take the machine-wide KSM test lock (main() and the tests already hold it)."""
     from udedup.ksm import Ksm
     page = udedup.PAGE_SIZE
     dup_pages = (dup[1] - dup[0]) // page
@@ -278,7 +277,7 @@ def stress_type(kind: str, path: str, count: int, mib: int, do_ksm: bool, seed: 
         if not t.alive():
             stats["crashed"] = True
         if do_ksm and kind != "seccomp" and not stats["crashed"]:
-            stats["ksm"] = ksm_merge_check(t.pid, t.dup)
+            stats["ksm"] = ksm_merge_check(t.pid, t.dup, lock=False)
     finally:
         result = t.finish()
     stats["result"] = result
@@ -344,6 +343,8 @@ def main(argv=None) -> int:
                     help=f"comma-separated target types (default all: {','.join(TYPES)})")
     ap.add_argument("--mib", type=int, default=4, help="MiB of duplicate memory per target")
     ap.add_argument("--no-ksm", action="store_true", help="skip the KSM merge check")
+    ap.add_argument("--no-lock", action="store_true",
+                    help=f"do not take {KSM_LOCK} (the caller holds it already)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--gcc", default=os.environ.get("CC", "gcc"))
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -358,24 +359,35 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     rows, skipped = [], []
-    t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="udedup-targets-") as tmp:
         built = build_targets(tmp, args.gcc, {TYPES[k][0] for k in kinds})
-        for i, kind in enumerate(kinds):
+        # Registering the targets' duplicate pages changes what a running ksmd merges: hold the
+        # machine-wide KSM lock (as the ksm-marked tests do) so no KSM test runs meanwhile.
+        with open(KSM_LOCK, "a+") as lock:
+            w0 = time.monotonic()
+            if not args.no_lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            lock_wait = time.monotonic() - w0
+            t0 = time.monotonic()
             try:
-                rows.append(stress_type(kind, built[TYPES[kind][0]], args.count, args.mib,
-                                        not args.no_ksm, seed=args.seed + i))
-            except SkipTarget as why:
-                skipped.append(f"{kind}: {why}")
+                for i, kind in enumerate(kinds):
+                    try:
+                        rows.append(stress_type(kind, built[TYPES[kind][0]], args.count,
+                                                args.mib, not args.no_ksm, seed=args.seed + i))
+                    except SkipTarget as why:
+                        skipped.append(f"{kind}: {why}")
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
     elapsed = time.monotonic() - t0
     passed = all(r["passed"] for r in rows)
     if args.json:
         json.dump({"count": args.count, "rows": rows, "skipped": skipped, "passed": passed,
-                   "elapsed_s": elapsed}, sys.stdout, indent=2)
+                   "elapsed_s": elapsed, "lock_wait_s": lock_wait}, sys.stdout, indent=2)
         print()
     else:
         print(f"udedup injection stress: {args.count} injections per target type, "
-              f"kernel {os.uname().release}, {elapsed:.1f} s")
+              f"kernel {os.uname().release}, {elapsed:.1f} s (+{lock_wait:.1f} s waiting for "
+              "the KSM lock)")
         print_table(rows)
         for s in skipped:
             print(f"skipped {s}")

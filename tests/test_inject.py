@@ -6,6 +6,7 @@
   report no EINTR, no checksum/stream/sleep/signal/rseq failure, and stay alive.
 - Proof the two subtle fixes matter: without them the same targets fail.
 - A real-kernel KSM check: after ``enable`` the target's duplicate pages merge.
+Real injections register memory with KSM, so they are marked ``ksm`` (the machine-wide lock).
 """
 from __future__ import annotations
 
@@ -57,7 +58,14 @@ def _cannot_inject() -> str | None:
     return None
 
 
-needs_ptrace = pytest.mark.skipif(_cannot_inject() is not None, reason=str(_cannot_inject()))
+_skip_no_ptrace = pytest.mark.skipif(_cannot_inject() is not None, reason=str(_cannot_inject()))
+
+
+def needs_ptrace(test):
+    """Real injection. Also marked ``ksm``: registering a process's duplicate pages changes what a
+    running ksmd merges, so these hold the machine-wide KSM lock like every test that touches KSM
+    state (and are skipped where KSM is unavailable)."""
+    return _skip_no_ptrace(pytest.mark.ksm(test))
 
 
 @pytest.fixture(scope="module")
@@ -293,9 +301,21 @@ def test_seccomp_target_is_refused_and_force_reaches_the_filter(targets, spawn):
     assert result["ok"] == "1", result
 
 
+def _wait_blocked_in(pid: int, nr: int, timeout: float = 5.0) -> None:
+    # /proc/PID/syscall: the number of the call the thread is blocked in, first
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/syscall") as f:
+            if f.read().split()[0] == str(nr):
+                return
+        time.sleep(0.001)
+    pytest.fail(f"PID {pid} never blocked in syscall {nr}")
+
+
 @needs_ptrace
 def test_results_and_registration(spawn):
-    t = spawn("target_pipe")  # no input: always blocked in read()
+    t = spawn("target_pipe")  # no input: it blocks in read() once READY is written
+    _wait_blocked_in(t.pid, 0)
     ip = inject.find_syscall_address(t.pid)
     out = pages.inject_syscalls(t.pid, ip, [(39, ()), (inject.NR_PRCTL, (68, 0, 0, 0, 0))],
                                 own_child=True)
@@ -305,7 +325,8 @@ def test_results_and_registration(spawn):
     assert out.info["saved_rax"] == -512    # -ERESTARTSYS: restarted after we left
 
     def registered():
-        return [m for m in procmem.read_mappings(t.pid) if m.start <= t.dup[0] < m.end][0].registered
+        maps = procmem.read_mappings(t.pid)
+        return [m for m in maps if m.start <= t.dup[0] < m.end][0].registered
 
     res = udedup.enable(t.pid, mode="madvise", ranges=[t.dup])
     assert res.ok and res.mode == "madvise" and res.ranges == (t.dup,) and registered()
@@ -366,7 +387,7 @@ def test_ranges_must_be_mapped_and_aligned(spawn):
     assert t.finish()["ok"] == "1"
 
 
-# --- proof the refinements are needed: the same targets fail without them --------------------------
+# --- proof the refinements are needed: the same targets fail without them -------------------------
 @needs_ptrace
 def test_without_the_eintr_fixup_epoll_sees_eintr(spawn):
     t = spawn("target_epoll", feed=True)
@@ -394,7 +415,7 @@ def test_without_the_rseq_abort_the_section_resumes_unaborted(spawn):
     assert int(result["violations"]) > 0, result
 
 
-# --- the thread dies or the code is wrong -----------------------------------------------------------
+# --- the thread dies or the code is wrong ---------------------------------------------------------
 @needs_ptrace
 def test_target_exiting_inside_the_call(spawn):
     t = spawn("target_pipe")
@@ -460,7 +481,7 @@ def test_ptrace_permission_denied_by_the_kernel(spawn, tmp_path):
     assert t.finish()["ok"] == "1"
 
 
-# --- CLI and KSM ---------------------------------------------------------------------------------------
+# --- CLI and KSM ----------------------------------------------------------------------------------
 @needs_ptrace
 def test_cli_enable_disable_json(spawn, capsys):
     t = spawn("target_nanosleep")
@@ -478,7 +499,6 @@ def test_cli_enable_disable_json(spawn, capsys):
 
 
 @needs_ptrace
-@pytest.mark.ksm
 def test_ksm_merges_the_targets_duplicate_memory(spawn):
     t = spawn("target_pipe", feed=True, mib=4)
     got = stress.ksm_merge_check(t.pid, t.dup, timeout=20, lock=False)
@@ -489,8 +509,10 @@ def test_ksm_merges_the_targets_duplicate_memory(spawn):
 
 @needs_ptrace
 def test_stress_script_runs(tmp_path):
-    proc = subprocess.run([sys.executable, SCRIPT, "--count", "5", "--no-ksm", "--targets",
-                           "pipe,seccomp"], capture_output=True, text=True, timeout=120)
+    # --no-lock: this test holds the KSM lock already (marked ksm)
+    proc = subprocess.run([sys.executable, SCRIPT, "--count", "5", "--no-ksm", "--no-lock",
+                           "--targets", "pipe,seccomp"], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASSED" in proc.stdout
 

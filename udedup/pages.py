@@ -347,7 +347,8 @@ def inject_syscalls(tid: int, syscall_ip: int, calls, *, own_child: bool = False
                               "an rseq critical section with a bad signature); retry later",
         lib.UD_INJECT_E_FAULT: "executing the syscall instruction faulted (its code page was "
                                "unmapped); retry",
-        lib.UD_INJECT_E_STATE: f"it stopped unexpectedly ({_wait_status_text(int(info.wait_status))})",
+        lib.UD_INJECT_E_STATE: "it stopped unexpectedly "
+                               f"({_wait_status_text(int(info.wait_status))})",
         lib.UD_INJECT_E_PTRACE: f"{request} failed: {os.strerror(err) if err else 'unknown error'}",
     }
     raise InjectError(f"injection into thread {tid} failed: "
