@@ -12,7 +12,8 @@ Run as ``python tests/estimate_targets.py SPEC_JSON``. SPEC is a list of regions
 - ``readzero``: N pages only read (they map the kernel's zero page);
 - ``volatile``: N pages rewritten all the time by a thread.
 
-``"register": false`` in the spec's options leaves the mapping unregistered. The child prints one
+``{"regions": SPEC, "options": {...}}`` takes options: ``"register": false`` leaves the mapping
+unregistered, ``"thp": true`` asks for transparent huge pages (MADV_HUGEPAGE). The child prints one
 JSON line ``{"pid", "start", "pages", "regions": [[kind, first_page, count], ...]}`` and exits when
 stdin closes or reads "exit".
 """
@@ -29,6 +30,7 @@ import numpy as np
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MADV_MERGEABLE = 12
+MADV_HUGEPAGE = 14
 MADV_NOHUGEPAGE = 15
 
 
@@ -75,7 +77,7 @@ def main() -> None:
     spec = spec["regions"] if isinstance(spec, dict) else spec
     total = sum(int(r["pages"]) for r in spec)
     mem = mmap.mmap(-1, total * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mem.madvise(MADV_NOHUGEPAGE)
+    mem.madvise(MADV_HUGEPAGE if options.get("thp") else MADV_NOHUGEPAGE)
     if options.get("register", True):
         mem.madvise(MADV_MERGEABLE)
     arr = np.frombuffer(mem, dtype=np.uint8).reshape(total, PAGE)

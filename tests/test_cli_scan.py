@@ -28,7 +28,10 @@ def targets():
                         {"kind": "unique", "pages": 20}])
     plain = spawn({"regions": [{"kind": "dup", "pages": 30, "contents": 2}],
                    "options": {"register": False}})
-    yield registered, plain
+    busy = spawn({"regions": [{"kind": "dup", "pages": 2048, "contents": 3},
+                              {"kind": "volatile", "pages": 16}],
+                  "options": {"thp": True}})
+    yield registered, plain, busy
     for p in made:
         p.kill()
         p.wait()
@@ -41,7 +44,7 @@ def run(capsys, *argv):
 
 
 def test_scan_json_has_the_documented_keys(capsys, targets):
-    registered, _ = targets
+    registered = targets[0]
     code, out, err = run(capsys, "scan", str(registered), "--json", "--interval", "0",
                          "--max-page-sharing", "16")
     assert code == 0, err
@@ -59,7 +62,7 @@ def test_scan_json_has_the_documented_keys(capsys, targets):
 
 
 def test_scan_text_and_all_eligible(capsys, targets):
-    registered, plain = targets
+    registered, plain = targets[:2]
     code, out, _ = run(capsys, "scan", str(registered), str(plain), "--interval", "0")
     assert code == 0
     assert "Scanned 120 pages" in out and "registered memory" in out
@@ -91,7 +94,7 @@ def test_errors_are_one_line_with_exit_codes(capsys, argv, code, message):
 
 
 def test_why_lists_reasons_and_fixes(capsys, targets):
-    registered, plain = targets
+    registered, plain = targets[:2]
     code, out, _ = run(capsys, "why", str(plain), "--interval", "0")
     assert code == 0
     assert "not registered (no mg flag)" in out and "fix: register it" in out
@@ -108,7 +111,23 @@ def test_why_lists_reasons_and_fixes(capsys, targets):
 
 
 def test_scan_progress_only_on_a_terminal(capsys, targets, monkeypatch):
-    registered, _ = targets
+    registered = targets[0]
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     code, _, err = run(capsys, "scan", str(registered), "--interval", "0")
     assert code == 0 and "scanning: pass" in err
+
+
+def test_why_names_volatile_pages_and_huge_pages(capsys, targets):
+    busy = targets[2]
+    code, out, _ = run(capsys, "why", str(busy), "--json", "--interval", "0.05")
+    assert code == 0
+    mine = [m for m in json.loads(out)["mappings"] if m["registered"]]
+    assert len(mine) == 1 and mine[0]["volatile_pages"] == 16
+    reasons = " ".join(w["reason"] for w in mine[0]["why"])
+    assert "volatile" in reasons
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        thp = "[never]" not in f.read()
+    if thp and mine[0]["anon_huge_bytes"]:
+        assert "THP-backed" in reasons
+    code, out, _ = run(capsys, "why", str(busy), "--no-scan")
+    assert code == 0 and ("THP-backed" in out or not mine[0]["anon_huge_bytes"])

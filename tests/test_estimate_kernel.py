@@ -136,8 +136,7 @@ def test_mergeable_buffer_in_this_process(ksm):
         del a
 
 
-@pytest.mark.slow
-def test_bench_script_tiny(tmp_path):
+def test_bench_script_tiny():
     script = os.path.join(os.path.dirname(HERE), "scripts", "bench_estimate.py")
     r = subprocess.run([sys.executable, script, "--size", "16M", "--default-scan", "sample",
                         "--sample-seconds", "0.5", "--json", "--no-lock"],
