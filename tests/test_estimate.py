@@ -138,6 +138,14 @@ def test_zero_is_a_byte_check(buffers):
     assert est.unique_pages == 2   # pages 1 and 2 differ from each other and from zero
 
 
+def test_each_page_counts_once(buffers):
+    buf = buffers(8)
+    buf.pages[:] = 4
+    views = [buf.pages[:6], buf.pages[4:], buf.mm]     # overlapping views of one buffer
+    est = estimate(views, interval=0)
+    assert len(est.targets) == 1 and est.pages_scanned == 8 and est.largest_group == 8
+
+
 def test_scope_registered_by_default_all_eligible_on_request(buffers):
     reg, plain = buffers(8), buffers(8, register=False)
     reg.pages[:] = 5

@@ -5,8 +5,9 @@ How (each step is what ksmd would do, done faster):
 1. scope — the mappings KSM scans today (``mg``), or every KSM-compatible one (``all_eligible``);
    within them the present anonymous pages from pagemap, minus pages already mapping the kernel's
    zero page (ksmd skips those, they cost nothing);
-2. pass 1 — every page is read (``process_vm_readv`` in L2-sized chunks) and scanned once for
-   crc32c, hash64 and an exact is-zero check;
+2. pass 1 — every page is read (``process_vm_readv``, chunk by chunk into one reused buffer, the
+   next chunk read ahead in a second thread where there are two CPUs) and scanned once for crc32c,
+   hash64 and an exact is-zero check;
 3. grouping, while the interval runs — the hash array is turned, in place, into sort keys
    ``(top hash bits << b) | ordinal`` and sorted; runs of equal hash bits are candidate groups whose
    head is their lowest ordinal. Nothing is declared equal yet;
@@ -19,9 +20,10 @@ How (each step is what ksmd would do, done faster):
    a remainder of 1 stays unshared; every scanned page costs one 64-byte rmap item, except zero pages
    KSM maps to the zero page under use_zero_pages=1).
 
-Memory: per scanned page 4 (address offset) + 4 (crc32c) + 8 (hash/sort key) + 4 (group head) +
-1 (flags) = 21 bytes, plus the fixed read buffer: page copies are never kept. The target's memory is
-only ever read.
+Memory: per scanned page 4 (crc32c) + 8 (hash, then sort key) + 4 (group head) + 1 (flags) = 17
+bytes, plus where the page is (8 bytes per run of contiguous pages, at most 4 per page), plus the
+fixed buffers (read chunks, re-read heads, head cache): page copies are never kept, temporaries work
+in bounded steps. The target's memory is only ever read.
 """
 from __future__ import annotations
 
@@ -395,27 +397,36 @@ def _comm(pid: int, procfs: str) -> str:
 
 
 def _normalize_targets(targets, procfs: str) -> list:
-    if isinstance(targets, (int, np.integer)) or not isinstance(targets, (list, tuple)):
+    """Processes first, then buffers of this process; each page once (a PID given twice,
+    overlapping buffers, buffers of a process also given whole)."""
+    if isinstance(targets, (int, np.integer, str)) or not isinstance(targets, (list, tuple)):
         targets = [targets]
     if not targets:
         raise UsageError("nothing to estimate: pass at least one PID or buffer")
-    out, seen = [], set()
+    processes, buffers = [], []
     ps = pages.PAGE_SIZE
     for t in targets:
+        if isinstance(t, str) and t.strip().isdigit():
+            t = int(t)
         if isinstance(t, (int, np.integer)) and not isinstance(t, bool):
             pid = int(t)
-            if pid in seen:
-                continue
-            seen.add(pid)
-            procmem.check_process(pid, procfs)
-            out.append(_Target(pid, _comm(pid, procfs), "process"))
-        elif isinstance(t, str) and t.strip().isdigit():
-            out.extend(_normalize_targets([int(t)], procfs))
+            if all(p.pid != pid for p in processes):
+                procmem.check_process(pid, procfs)
+                processes.append(_Target(pid, _comm(pid, procfs), "process"))
         else:
             lo, hi = _buffer_range(t)
-            lo, hi = lo // ps * ps, -(-hi // ps) * ps
-            out.append(_Target(os.getpid(), f"buffer {lo:#x}+{hi - lo}", "buffer", lo, hi))
-    return out
+            buffers.append((lo // ps * ps, -(-hi // ps) * ps))
+    me = os.getpid()
+    if any(p.pid == me for p in processes):
+        buffers = []
+    merged: list = []
+    for lo, hi in sorted(buffers):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return processes + [_Target(me, f"buffer {lo:#x}+{hi - lo}", "buffer", lo, hi)
+                        for lo, hi in merged]
 
 
 def _current_knobs(max_page_sharing):
@@ -549,8 +560,8 @@ class _Scanner:
                     in_scope = m.eligible and (m.registered or self.all_eligible)
                     rep = MappingReport(t.pid, m, in_scope)
                     self.reports.append(rep)
-                    if not in_scope:
-                        continue
+                    if not in_scope or (m.rss == 0 and m.anonymous == 0):
+                        continue   # nothing resident: no need to read its page map
                     pageset = self._present(fd, t.pid, lo, hi, zero_pfns, rep)
                     if pageset.size:
                         seg = _Segment(t.pid, ti, rep, lo, pageset, ordinal)
