@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -186,3 +187,20 @@ def test_ctrl_c_mid_run_exits_130_restores_knobs_kills_workload_keeps_trials(tmp
     doc = json.loads((out / "result.json").read_text())
     assert doc["interrupted"] and 1 <= len(doc["trials"]) < 100
     assert "INTERRUPTED" in (out / "summary.txt").read_text()
+
+
+@pytest.mark.ksm
+def test_a_workload_that_dies_is_reported_exit_11(tmp_path):
+    """The command exits 0.5 s after it is ready, long before ksmd (10 pages per 100 ms) settles."""
+    before = _knobs()
+    ready = tmp_path / "ready"
+    code = f"import time; open({str(ready)!r}, 'w').close(); time.sleep(0.5); raise SystemExit(3)"
+    proc = _udedup("--cmd", shlex.join([sys.executable, "-c", code]), "--ready-file", str(ready),
+                   "--trials", "1", "--json", "--no-out", "--fix", "pages_to_scan=10",
+                   "--fix", "sleep_millisecs=100", "--settle-timeout", "20")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 11, err
+    assert "the workload failed or died in 2 of 2 trials (first: exited with status 3" in err
+    doc = json.loads(out)
+    assert [t["status"] for t in doc["trials"]] == ["workload-died", "workload-died"]
+    assert _knobs() == before

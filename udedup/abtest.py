@@ -609,10 +609,7 @@ def _run_trial(ksm, workload, state: _Run, index: int, block: int, arm: str, kno
             sampler = _Sampler(ksm, t0, cpu0, sample_interval, progress, label, pids=running.pids)
             sampler.start()
             try:
-                try:
-                    stats = ksm.wait_settled(timeout=settle_timeout, stable_scans=stable_scans)
-                except KsmTimeout as err:
-                    stats, record.timed_out = err.stats, True
+                stats, record.timed_out = _wait_settled(ksm, running, settle_timeout, stable_scans)
                 t_end = time.monotonic()
                 cpu = ksm.ksmd_cpu_seconds() - cpu0
             finally:
@@ -653,6 +650,32 @@ def _run_trial(ksm, workload, state: _Run, index: int, block: int, arm: str, kno
             running.stop()
             state.running = None
     return record
+
+
+def _wait_settled(ksm, running, timeout: float, stable_scans: int):
+    """:meth:`Ksm.wait_settled`, given up early if the workload dies: ``(stats, timed_out)``.
+
+    The wait runs in a thread so that the main thread can watch the workload (and take Ctrl-C). A
+    wait given up on ends by itself at its timeout; it only reads counters."""
+    box: dict = {}
+
+    def wait():
+        try:
+            box["stats"] = ksm.wait_settled(timeout=timeout, stable_scans=stable_scans)
+        except KsmTimeout as err:
+            box["stats"], box["timed_out"] = err.stats, True
+        except BaseException as err:  # handed to the main thread
+            box["error"] = err
+
+    waiter = threading.Thread(target=wait, name="udedup-ab-settle", daemon=True)
+    waiter.start()
+    while waiter.is_alive():
+        waiter.join(0.05)
+        if waiter.is_alive() and not running.alive():
+            return ksm.stats(), False      # the caller reports the death
+    if "error" in box:
+        raise box["error"]
+    return box["stats"], box.get("timed_out", False)
 
 
 def _fill_counters(record: TrialRecord, stats, settle: float, cpu: float, process: dict | None):

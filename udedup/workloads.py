@@ -496,11 +496,16 @@ class _Channel:
 
 
 def _child_env() -> dict:
+    import site
     env = dict(os.environ)
     env[_PARENT_ENV] = str(os.getpid())
-    # the child imports this very package: make sure it finds the same copy as we do
+    # The child imports this very package: it must find the same copy as we do. An installed copy
+    # it finds by itself; a source tree (tests, scripts/) goes first on its PYTHONPATH.
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    installed = set(site.getsitepackages()) | {site.getusersitepackages()}
+    if pkg_parent not in installed:
+        env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"]
+                                          if env.get("PYTHONPATH") else "")
     return env
 
 
