@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import signal
 import threading
@@ -524,6 +523,9 @@ def run_ab(workload, arms: Mapping[str, Mapping[str, object]] | None = None,
     # typed as the kernel takes them ("1", 1, "y" -> True for a boolean knob): records compare equal
     arms = {name: ksm.validate(knobs) for name, knobs in arms.items()}
     fixed = ksm.validate(fixed)
+    if len({tuple(sorted(v.items())) for v in arms.values()}) < len(arms):
+        raise UsageError("two arms have identical knobs once parsed (e.g. 1 and y are the same "
+                         "boolean): they would measure the same thing")
     workload.preflight()
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")

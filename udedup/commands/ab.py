@@ -32,7 +32,7 @@ workloads (one of):
 examples:
   udedup ab
   udedup ab --preset vm-like --size 1G --trials 5 --out report/
-  udedup ab --arm slow:pages_to_scan=100 --arm fast:pages_to_scan=5000 --fix sleep_millisecs=20
+  udedup ab --size 64M --arm slow:pages_to_scan=1000 --arm fast:pages_to_scan=8000 --fix sleep_millisecs=20
   udedup ab --cmd "python3 myapp.py" --ready-file /tmp/ready --trials 4 --json
 
 exit codes: 0 done; 2 bad arguments; 3 no KSM; 4 not root; 6 bad knob value; 11 a workload failed
