@@ -544,7 +544,7 @@ def run_ab(workload, arms: Mapping[str, Mapping[str, object]] | None = None,
         "trials_per_arm": trials, "seed": seed, "settle_timeout": settle_timeout,
         "sample_interval": sample_interval, "cow_sample": cow_sample, "stable_scans": stable_scans,
         "page_size": ksm.page_size, "kernel": os.uname().release, "cpus": os.cpu_count(),
-        "other_mergeable_processes": others,
+        "other_mergeable_processes": others, "knobs_before": before.as_dict(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     result = ABResult(config=config)
