@@ -136,7 +136,8 @@ def _output(out, n, dtype, name):
 
 
 def _ptr(array, ctype):
-    return ffi.cast(ctype, array.ctypes.data) if array.size else ffi.NULL
+    # from_buffer costs ~0.15 us, array.ctypes.data ~1 us: this runs for every chunk of a scan
+    return ffi.from_buffer(ctype[:-1].rstrip() + "[]", array) if array.size else ffi.NULL
 
 
 # --- page kernels -------------------------------------------------------------------------------
