@@ -446,8 +446,14 @@ int ud_inject_syscalls(int tid, uint64_t syscall_ip, ud_syscall *calls, size_t n
             if (st == ST_SYSCALL) { /* entry of our call */
                 if (get_regs(&c, &r, NULL) < 0)
                     return finish(&c, UD_INJECT_E_PTRACE, 0, &t0);
-                if ((int64_t)r.orig_rax != call->nr || r.rip != syscall_ip + 2)
-                    return finish(&c, UD_INJECT_E_STATE, 0, &t0);
+                /* Not our call (cannot happen): skip it (nr -1) and still leave through
+                 * get_signal(), since detaching at a syscall stop would bypass the restart. */
+                int bogus = (int64_t)r.orig_rax != call->nr || r.rip != syscall_ip + 2;
+                if (bogus) {
+                    r.orig_rax = (unsigned long long)-1LL;
+                    if (set_regs(&c, &r) < 0)
+                        return finish(&c, UD_INJECT_E_PTRACE, 0, &t0);
+                }
                 if (pt(&c, PTRACE_SYSCALL, 0, 0) < 0)
                     return finish(&c, UD_INJECT_E_PTRACE, 0, &t0);
                 st = wait_stop(&c, &sig);
@@ -475,6 +481,8 @@ int ud_inject_syscalls(int tid, uint64_t syscall_ip, ud_syscall *calls, size_t n
                 } else if (st != ST_EVENT) {
                     return finish(&c, UD_INJECT_E_STATE, 0, &t0);
                 }
+                if (bogus)
+                    return finish(&c, UD_INJECT_E_STATE, 0, &t0);
                 if (is_restart(result)) { /* a signal cut it short: run it again */
                     if (++call->restarts > MAX_RESTARTS)
                         return finish(&c, UD_INJECT_E_BUSY, 0, &t0);

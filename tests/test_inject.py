@@ -444,6 +444,19 @@ def test_address_without_syscall_instruction_is_refused_untouched(spawn):
 
 
 @needs_ptrace
+def test_fault_at_the_instruction_is_suppressed(spawn):
+    # 0f 05 in read-only data: the check before running passes, executing it faults (NX). The
+    # SIGSEGV exists only because of us: it must be dropped, the registers restored.
+    t = spawn("target_pipe", feed=True)
+    nx = int(t.ready["nx_syscall"], 16)
+    with pytest.raises(InjectError, match="faulted") as e:
+        pages.inject_syscalls(t.pid, nx, [(39, ())], own_child=True)
+    assert e.value.outcome.info["stops"] >= 2
+    time.sleep(0.02)
+    assert t.alive() and t.finish()["ok"] == "1"
+
+
+@needs_ptrace
 def test_no_such_thread():
     with pytest.raises(ProcessNotFoundError):
         pages.inject_syscalls(2 ** 22 + 12345, 0, [(39, ())])

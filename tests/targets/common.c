@@ -3,8 +3,8 @@
  * Protocol with the tester (tests/test_inject.py, scripts/stress_inject.py):
  * - argv[1]: MiB of duplicate memory to allocate (default 4): anonymous private pages, THP off,
  *   every page identical, for KSM to merge once the target is enabled;
- * - stdout: "READY pid=... dup_addr=... dup_len=... tids=..." once set up, then at the end
- *   "RESULT ok=0|1 dup_intact=0|1 eintr=N failures=N ..." and exit status 0 only if ok;
+ * - stdout: "READY pid=... dup_addr=... dup_len=... nx_syscall=... tids=..." once set up, then
+ *   at the end "RESULT ok=0|1 dup_intact=0|1 eintr=N failures=N ..."; exit status 0 only if ok;
  * - stdin: a pipe from the tester. Its EOF tells the target to stop and report. Targets that
  *   read it verify a stream of little-endian uint64 counters 0, 1, 2, ... written by the tester.
  * Anything the program can observe of an injection (EINTR, a short sleep, a wrong checksum, a lost
@@ -23,6 +23,10 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+
+/* A syscall instruction's bytes in non-executable memory: the tester points the injector at it to
+ * check that the resulting fault is suppressed and the program never sees a SIGSEGV. */
+static const volatile uint8_t nx_syscall[8] = {0x0f, 0x05, 0x0f, 0x05};
 
 static uint8_t *dup_mem;
 static size_t dup_len;
@@ -73,8 +77,8 @@ __attribute__((unused)) static int dup_intact(void)
 
 static void ready(const char *fmt, ...)
 {
-    printf("READY pid=%d dup_addr=%#lx dup_len=%zu ", (int)getpid(), (unsigned long)dup_mem,
-           dup_len);
+    printf("READY pid=%d dup_addr=%#lx dup_len=%zu nx_syscall=%#lx ", (int)getpid(),
+           (unsigned long)dup_mem, dup_len, (unsigned long)nx_syscall);
     va_list ap;
     va_start(ap, fmt);
     vprintf(fmt, ap);
