@@ -8,11 +8,11 @@ program: restarts of interrupted calls, signals, rseq, stopped processes).
 Modes:
 
 - ``prctl``: ``prctl(PR_SET_MEMORY_MERGE, 1)`` in the target: every compatible mapping, now and
-  later. Needs CAP_SYS_RESOURCE *in the target*.
+  later. Some kernels want CAP_SYS_RESOURCE *in the target* (6.18 does not): the call decides.
 - ``madvise``: ``madvise(MADV_MERGEABLE)`` over ranges (default: every eligible anonymous private
   mapping). No privilege needed in the target; mappings created later need another pass.
-- ``auto``: prctl when the target has the capability and the kernel has PR_SET_MEMORY_MERGE (6.4+),
-  else madvise; a prctl refused inside the target falls back to madvise too.
+- ``auto``: prctl when the kernel has PR_SET_MEMORY_MERGE (6.4+), else madvise; a prctl refused
+  inside the target (EPERM) falls back to madvise too.
 
 ``disable`` undoes it: ``prctl(.., 0)`` (which also unregisters ranges the program madvised itself)
 or ``MADV_UNMERGEABLE`` over the registered ranges.
@@ -551,14 +551,15 @@ def _apply(pid, action: str, mode: str, ranges, force: bool, keep_eintr: bool = 
     want_prctl = mode == "prctl" or (mode == "auto" and ranges is None)
     fallback = None
     if want_prctl:
+        # No capability pre-check: whether PR_SET_MEMORY_MERGE needs CAP_SYS_RESOURCE depends on
+        # the kernel (6.18 asks for none, measured), so the target's own call decides and an
+        # EPERM there falls back to madvise in auto mode.
         if not _prctl_supported():
             fallback = (f"kernel {os.uname().release} has no PR_SET_MEMORY_MERGE (Linux 6.4+)")
-        elif not target.has_cap_sys_resource:
-            fallback = "the target lacks CAP_SYS_RESOURCE, which PR_SET_MEMORY_MERGE needs"
         if fallback and mode == "prctl":
             raise InjectRefusedError(f"PID {target.pid} ({target.name}): cannot use prctl: "
                                      f"{fallback}; use --mode madvise", pid=target.pid,
-                                     reason="capability")
+                                     reason="kernel")
     merge_any = None
     if action == "disable":
         merge_any = _merge_any(target.pid)
@@ -573,7 +574,8 @@ def _apply(pid, action: str, mode: str, ranges, force: bool, keep_eintr: bool = 
         if not rec.ok and mode == "prctl":
             raise InjectError(f"PID {target.pid} ({target.name}): {rec.call} failed inside the "
                               f"target: {rec.error}" + (
-                                  " (it lacks CAP_SYS_RESOURCE in the initial user namespace)"
+                                  " (this kernel wants CAP_SYS_RESOURCE in the target; "
+                                  "use --mode madvise)"
                                   if rec.errno == errno_mod.EPERM else ""),
                               pid=target.pid, errno=rec.errno, result=session.result(
                                   action, "prctl", mode))
@@ -588,7 +590,7 @@ def _apply(pid, action: str, mode: str, ranges, force: bool, keep_eintr: bool = 
         ranges = _eligible_ranges(target.pid, registered_only=(action == "disable"))
         if action == "disable" and merge_any and fallback:
             note = ("the process has PR_SET_MEMORY_MERGE on: its new mappings will be registered "
-                    "again; only prctl (CAP_SYS_RESOURCE in the target) turns that off")
+                    "again; only prctl turns that off")
     advice = MADV_MERGEABLE if action == "enable" else MADV_UNMERGEABLE
     if ranges:
         records = session.run(_madvise_calls(ranges, advice))

@@ -9,7 +9,7 @@ NAME = "disable"
 HELP = "disable KSM inside running processes (prctl 0 / MADV_UNMERGEABLE, by ptrace injection)"
 DESCRIPTION = """\
 Undo 'udedup enable': the process executes prctl(PR_SET_MEMORY_MERGE, 0) (when merge-any is on
-and it has CAP_SYS_RESOURCE) or madvise(MADV_UNMERGEABLE) over its registered mappings (or the
+and the kernel lets it) or madvise(MADV_UNMERGEABLE) over its registered mappings (or the
 given --range). Merged pages are copied back, so this needs free memory. Same refusals and exit
 codes as 'udedup enable'.
 """

@@ -16,7 +16,8 @@ prctl(PR_SET_MEMORY_MERGE, 1) or madvise(MADV_MERGEABLE), restores its registers
 system call it was blocked in resumes as if nothing happened, and lets it go.
 
 modes:
-  prctl    the whole process, future mappings too (the target needs CAP_SYS_RESOURCE)
+  prctl    the whole process, future mappings too (some kernels want CAP_SYS_RESOURCE in
+           the target; 6.18 does not)
   madvise  the given --range, or every eligible anonymous private mapping; later mappings
            need another pass
   auto     prctl when the target can use it, else madvise (default)
