@@ -421,7 +421,7 @@ def _normalize_targets(targets, procfs: str) -> list:
         buffers = []
     merged: list = []
     for lo, hi in sorted(buffers):
-        if merged and lo <= merged[-1][1]:
+        if merged and lo < merged[-1][1]:   # overlapping only: adjacent buffers stay two targets
             merged[-1][1] = max(merged[-1][1], hi)
         else:
             merged.append([lo, hi])
