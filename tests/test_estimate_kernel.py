@@ -80,10 +80,13 @@ def _check_settled(ksm, est, pids, use_zero_pages, own_rmap=None):
 
 
 def _both_zero_modes(ksm, est, pids):
-    with ksm.settings(allow_unmerge=True, run=1, pages_to_scan=5000, sleep_millisecs=0,
+    # ksmd is stopped between phases: with run=1 there, it would merge zero pages under the old
+    # use_zero_pages value before the new one is written, and those merges stay (the knob only
+    # affects later merges). settings() writes run last, so each phase starts with its knobs set.
+    with ksm.settings(allow_unmerge=True, run=0, pages_to_scan=5000, sleep_millisecs=0,
                       smart_scan=0, max_page_sharing=MPS):
         for uzp in (False, True):
-            with ksm.settings(use_zero_pages=uzp):
+            with ksm.settings(use_zero_pages=uzp, run=1):
                 _check_settled(ksm, est, pids, uzp)
             ksm.unmerge_all()
 
