@@ -144,7 +144,9 @@ KSMD_PID = 77
 def _atomic(path, text, mode):
     # sysfs and procfs reads never see half a write; the readers here run in other threads. The
     # staging file lives outside the tree: Ksm lists the directory to discover knobs.
-    tmp = path.parent.parent / f".staging-{path.parent.name}-{path.name}"
+    # One staging file per thread: the fake ksmd thread and a run=2 write can update the same
+    # counter at once.
+    tmp = path.parent.parent / f".staging-{path.parent.name}-{path.name}-{threading.get_ident()}"
     tmp.write_text(text)
     os.chmod(tmp, mode)
     os.replace(tmp, path)
