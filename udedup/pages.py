@@ -147,31 +147,27 @@ def crc32c(data, crc: int = 0) -> int:
     return int(lib.ud_crc32c(crc & 0xFFFFFFFF, ptr, nbytes))
 
 
+def _per_page(kernel, buf, page_size, out, dtype, ctype) -> np.ndarray:
+    ptr, ps, n = _pages(buf, page_size)
+    out = _output(out, n, dtype, "out")
+    if n:
+        kernel(ptr, ps, n, _ptr(out, ctype))
+    return out
+
+
 def crc32c_pages(buf, page_size=None, out=None) -> np.ndarray:
     """crc32c of every page: a change detector, never an equality test."""
-    ptr, ps, n = _pages(buf, page_size)
-    out = _output(out, n, np.uint32, "out")
-    if n:
-        lib.ud_crc32c_pages(ptr, ps, n, _ptr(out, "uint32_t *"))
-    return out
+    return _per_page(lib.ud_crc32c_pages, buf, page_size, out, np.uint32, "uint32_t *")
 
 
 def hash64_pages(buf, page_size=None, out=None) -> np.ndarray:
     """64-bit hash of every byte of every page: equal pages hash equal; confirm matches by bytes."""
-    ptr, ps, n = _pages(buf, page_size)
-    out = _output(out, n, np.uint64, "out")
-    if n:
-        lib.ud_hash64_pages(ptr, ps, n, _ptr(out, "uint64_t *"))
-    return out
+    return _per_page(lib.ud_hash64_pages, buf, page_size, out, np.uint64, "uint64_t *")
 
 
 def zero_pages(buf, page_size=None, out=None) -> np.ndarray:
-    """Exact per-page "all bytes are zero" (bool), leaving each page at its first non-zero chunk."""
-    ptr, ps, n = _pages(buf, page_size)
-    out = _output(out, n, np.bool_, "out")
-    if n:
-        lib.ud_zero_pages(ptr, ps, n, _ptr(out, "uint8_t *"))
-    return out
+    """Exact per-page "all bytes are zero" (bool), leaving each page at its first non-zero word."""
+    return _per_page(lib.ud_zero_pages, buf, page_size, out, np.bool_, "uint8_t *")
 
 
 def scan_pages(buf, page_size=None, crc_out=None, hash_out=None, zero_out=None) -> ScanResult:
