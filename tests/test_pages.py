@@ -342,7 +342,8 @@ def test_environment_forces_portable_crc():
 
 def test_default_path_reports_what_the_environment_asked():
     want_sw = os.environ.get("UDEDUP_CRC32C") == "sw" or not pages.HAS_HW_CRC32C
-    assert pages.crc32c_impl() == ("sw" if want_sw else "sse4.2")
+    hw = "vpclmulqdq" if pages.isa() == "avx512" else "sse4.2"
+    assert pages.crc32c_impl() == ("sw" if want_sw else hw)
 
 
 # --- syscalls -----------------------------------------------------------------------------------

@@ -211,9 +211,9 @@ def check_targets(results: list[dict]) -> list[dict]:
 
 
 def format_table(results: list[dict]) -> str:
-    lines = [f"{'kernel':<26}{'content':<8}{'GB/s':>9}{'ns/page':>11}{'x memory_read':>15}"]
+    lines = [f"{'kernel':<28}{'content':<8}{'GB/s':>9}{'ns/page':>11}{'x memory_read':>15}"]
     for r in results:
-        lines.append(f"{r['name']:<26}{r['content']:<8}{r['gbps']:>9.2f}{r['ns_per_page']:>11.1f}"
+        lines.append(f"{r['name']:<28}{r['content']:<8}{r['gbps']:>9.2f}{r['ns_per_page']:>11.1f}"
                      f"{r['ratio_to_memory_read']:>15.3f}")
     return "\n".join(lines)
 

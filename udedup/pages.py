@@ -54,8 +54,11 @@ def isa() -> str:
 
 
 def crc32c_impl() -> str:
-    """Which CRC-32C path is active: ``"sse4.2"`` (hardware) or ``"sw"`` (portable tables)."""
-    return "sse4.2" if lib.ud_crc32c_hw_active() else "sw"
+    """Which CRC-32C path the page kernels use: ``"vpclmulqdq"`` (carry-less-multiply folding, the
+    avx512 level), ``"sse4.2"`` (crc32 instruction) or ``"sw"`` (portable tables)."""
+    if not lib.ud_crc32c_hw_active():
+        return "sw"
+    return "vpclmulqdq" if lib.ud_isa_active() == lib.UD_ISA_AVX512 else "sse4.2"
 
 
 @contextlib.contextmanager
