@@ -131,3 +131,18 @@ def test_full_study_script_at_tiny_size(tmp_path):
     for name in ("mixed", "no-zero"):
         assert (out / name / "result.json").exists() and (out / name / "summary.txt").exists()
     assert "no-zero" in (out / "README.md").read_text()
+
+
+def test_workload_child_imports_our_copy_from_any_directory(tmp_path, monkeypatch):
+    """A directory holding another `udedup` (a source checkout without the built extension, where
+    `pip install . && udedup ab` is typically run) must not shadow the copy the parent runs."""
+    shadow = tmp_path / "udedup"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('the shadowing copy was imported')\n")
+    (shadow / "workloads.py").write_text("raise ImportError('the shadowing copy was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    running = SyntheticWorkload(_spec(4)).start(seed=1)
+    try:
+        assert running.alive()
+    finally:
+        running.stop()

@@ -496,17 +496,21 @@ class _Channel:
 
 
 def _child_env() -> dict:
-    import site
     env = dict(os.environ)
     env[_PARENT_ENV] = str(os.getpid())
-    # The child imports this very package: it must find the same copy as we do. An installed copy
-    # it finds by itself; a source tree (tests, scripts/) goes first on its PYTHONPATH.
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    installed = set(site.getsitepackages()) | {site.getusersitepackages()}
-    if pkg_parent not in installed:
-        env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"]
-                                          if env.get("PYTHONPATH") else "")
     return env
+
+
+# The child must import this very copy of udedup. `python -m` would put the working directory
+# first on sys.path, where a source checkout without the built extension would shadow an
+# installed copy; so the child puts our package's parent directory first itself.
+_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CHILD_MAIN = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+               "from udedup.workloads import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _child_argv(*args: str) -> list[str]:
+    return [sys.executable, "-c", _CHILD_MAIN, _PKG_PARENT, *args]
 
 
 class Running:
@@ -662,8 +666,7 @@ class SyntheticWorkload:
 
     def start(self, seed: int = 0) -> Running:
         spec = dataclasses.replace(self.spec)
-        argv = [sys.executable, "-m", "udedup.workloads", "synthetic", "--spec",
-                json.dumps(spec.as_dict())]
+        argv = _child_argv("synthetic", "--spec", json.dumps(spec.as_dict()))
         proc, err = _spawn(argv, stdin_pipe=True)
         run = Running(proc, self.name, stderr_file=err)
         try:
@@ -718,7 +721,7 @@ class CommandWorkload:
                 os.unlink(self.ready_file)  # a stale file from the last trial is no signal
             except FileNotFoundError:
                 pass
-        argv = [sys.executable, "-m", "udedup.workloads", "exec"]
+        argv = _child_argv("exec")
         argv += [] if self.merge else ["--no-merge"]
         proc, err = _spawn(argv + ["--"] + self.argv, stdin_pipe=False)
         run = Running(proc, self.name, stderr_file=err)
