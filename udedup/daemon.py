@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, replace
 
 from .config import Config
+from .ksm import RMAP_ITEM_BYTES
 from .errors import (DaemonError, KernelThreadError, KsmError, KsmPermissionError, ProcessAccessError,
                      ProcessNotFoundError, UdedupError)
 from .policy import EstimateResult, Memory, Observation, Plan, Policy, ProcessInfo, match_process
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 DEFAULT_STATE_FILE = "/run/udedup/state.json"
 PF_KTHREAD = 0x00200000
-RMAP_ITEM_BYTES = 64            # sizeof(struct ksm_rmap_item): what each tracked page costs the kernel
 #: Knob write order: the speed first, ``run`` last so ksmd starts with its final settings.
 WRITE_ORDER = ("use_zero_pages", "sleep_millisecs", "pages_to_scan", "run")
 

@@ -38,10 +38,10 @@ import numpy as np
 
 from . import pages, procmem
 from .errors import KsmError, UsageError
+from .ksm import RMAP_ITEM_BYTES
 
 log = logging.getLogger(__name__)
 
-RMAP_ITEM_BYTES = 64          # sizeof(struct ksm_rmap_item) on 64-bit kernels
 DEFAULT_MAX_PAGE_SHARING = 256
 DEFAULT_CACHE_BYTES = 4 << 20  # heads of the largest duplicate groups, kept between chunks
 # Read chunk. Larger than L2 on purpose: the bytes are scanned from L3 at >30 GB/s, far above the
@@ -1084,14 +1084,6 @@ def _summarize(sc: _Scanner, passes, interval, all_eligible, mps, uzp, unconfirm
                           " (only registered memory is scanned by default; --all-eligible "
                           "predicts for memory not registered yet)"))
     return est
-
-
-def largest_groups_note(est: Estimate) -> str:
-    """One line about duplicate groups, for the CLI."""
-    if not est.duplicate_groups:
-        return "no duplicate content"
-    return (f"{est.duplicate_groups} duplicate contents, the largest in {est.largest_group} pages"
-            f" (max_page_sharing {est.max_page_sharing})")
 
 
 __all__ = ["estimate", "Estimate", "Prediction", "MappingReport", "TargetReport", "ksm_pages",

@@ -54,11 +54,6 @@ class ProcessKsm:
         return self.merging_pages * self.page_size
 
     @property
-    def saved_pages_upper_bound(self) -> int:
-        """merging + zero pages: an upper bound of this process's saving (see module doc)."""
-        return self.merging_pages + self.zero_pages
-
-    @property
     def registered(self) -> bool:
         return bool(self.merge_any or self.mergeable or self.rmap_items or self.mappings)
 
