@@ -18,14 +18,10 @@ import pytest
 from udedup import cli
 from udedup.errors import UdedupError
 
+from fake_sysfs import KNOBS_618, make_fake_ksm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KNOBS = {
-    "run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "use_zero_pages": "0",
-    "smart_scan": "1", "max_page_sharing": "256", "merge_across_nodes": "1",
-    "stable_node_chains_prune_millisecs": "2000", "advisor_mode": "[none] scan-time",
-    "advisor_max_cpu": "70", "advisor_min_pages_to_scan": "500",
-    "advisor_max_pages_to_scan": "30000", "advisor_target_scan_time": "200",
-}
+KNOBS = KNOBS_618
 COUNTERS = {
     "full_scans": "12", "general_profit": "4112384", "ksm_zero_pages": "0", "pages_scanned": "99",
     "pages_shared": "4", "pages_sharing": "1020", "pages_skipped": "0", "pages_unshared": "0",
@@ -34,14 +30,8 @@ COUNTERS = {
 
 
 def fake_sysfs(root, drop=()):
-    root.mkdir(parents=True)
-    for table, mode in ((KNOBS, 0o644), (COUNTERS, 0o444)):
-        for name, value in table.items():
-            if name in drop:
-                continue
-            (root / name).write_text(value + "\n")
-            os.chmod(root / name, mode)
-    return root
+    return make_fake_ksm(root, {k: v for k, v in KNOBS.items() if k not in drop},
+                         {k: v for k, v in COUNTERS.items() if k not in drop})
 
 
 def tree_state(root) -> dict[str, str]:

@@ -22,6 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from udedup.daemon import SdNotify, describe_daemon_state, read_daemon_state
 
+from fake_sysfs import MINIMAL_COUNTERS, MINIMAL_KNOBS, make_fake_ksm
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "scripts", "bench_daemon_peers.py")
 
@@ -49,19 +51,7 @@ def _drop_dac_override():
 
 
 def fake_sysfs(root, **knobs):
-    values = {"run": "1", "pages_to_scan": "100", "sleep_millisecs": "20", "use_zero_pages": "0",
-              "smart_scan": "1", "max_page_sharing": "256", "advisor_mode": "[none] scan-time"}
-    values.update({k: str(v) for k, v in knobs.items()})
-    root.mkdir(parents=True)
-    os.chmod(root, 0o755)
-    for name, value in values.items():
-        (root / name).write_text(value + "\n")
-        os.chmod(root / name, 0o644)
-    for name in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "full_scans",
-                 "pages_scanned", "ksm_zero_pages", "general_profit"):
-        (root / name).write_text("0\n")
-        os.chmod(root / name, 0o444)
-    return root
+    return make_fake_ksm(root, {**MINIMAL_KNOBS, "run": "1"}, MINIMAL_COUNTERS, **knobs)
 
 
 def knob(root, name) -> str:

@@ -13,32 +13,11 @@ from udedup.errors import (KsmBusyError, KsmError, KsmNotRunningError, KsmPermis
                            KsmTimeout, KsmUnavailableError, KsmValueError)
 from udedup.ksm import Ksm, KsmStats
 
-KNOBS_618 = {
-    "run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "use_zero_pages": "0",
-    "smart_scan": "1", "max_page_sharing": "256", "merge_across_nodes": "1",
-    "stable_node_chains_prune_millisecs": "2000", "advisor_mode": "[none] scan-time",
-    "advisor_max_cpu": "70", "advisor_min_pages_to_scan": "500",
-    "advisor_max_pages_to_scan": "30000", "advisor_target_scan_time": "200",
-}
-COUNTERS_618 = {
-    "full_scans": "0", "general_profit": "0", "ksm_zero_pages": "0", "pages_scanned": "0",
-    "pages_shared": "0", "pages_sharing": "0", "pages_skipped": "0", "pages_unshared": "0",
-    "pages_volatile": "0", "stable_node_chains": "0", "stable_node_dups": "0",
-}
+from fake_sysfs import COUNTERS_618, KNOBS_618, make_fake_ksm
+
 # what a 5.15 kernel has: no smart_scan, no advisor, no general_profit file
 OLD_KNOBS = ("advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan",
              "advisor_max_pages_to_scan", "advisor_target_scan_time", "smart_scan")
-
-
-def make_fake_ksm(root, knobs=None, counters=None):
-    root.mkdir(parents=True, exist_ok=True)
-    for name, value in (knobs if knobs is not None else KNOBS_618).items():
-        (root / name).write_text(value + "\n")
-        os.chmod(root / name, 0o644)
-    for name, value in (counters if counters is not None else COUNTERS_618).items():
-        (root / name).write_text(value + "\n")
-        os.chmod(root / name, 0o444)
-    return root
 
 
 def read_tree(root) -> dict[str, str]:

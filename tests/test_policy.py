@@ -9,6 +9,8 @@ import pytest
 
 from udedup import daemon as daemon_mod
 from udedup.config import Config
+
+from fake_sysfs import MINIMAL_COUNTERS, MINIMAL_KNOBS, make_fake_ksm
 from udedup.policy import (PRIOR_SECONDS_PER_PAGE, EstimateResult, Memory, Observation, Policy,
                            ProcessInfo, knobs_for_rate, match_process, pressure_state)
 
@@ -438,18 +440,7 @@ def fake_proc(root, pid, comm, cmdline, anon_kb, merge_any=False, mappings=(), u
 
 
 def fake_sysfs(root, **knobs):
-    values = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "use_zero_pages": "0",
-              "smart_scan": "1", "max_page_sharing": "256", "advisor_mode": "[none] scan-time"}
-    values.update({k: str(v) for k, v in knobs.items()})
-    root.mkdir()
-    for name, value in values.items():
-        (root / name).write_text(value + "\n")
-        os.chmod(root / name, 0o644)
-    for name in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "full_scans",
-                 "pages_scanned", "ksm_zero_pages", "general_profit"):
-        (root / name).write_text("0\n")
-        os.chmod(root / name, 0o444)
-    return root
+    return make_fake_ksm(root, {**MINIMAL_KNOBS, "run": "0"}, MINIMAL_COUNTERS, **knobs)
 
 
 def truncating_sysfs(monkeypatch) -> list:

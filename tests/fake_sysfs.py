@@ -1,0 +1,39 @@
+"""Fake /sys/kernel/mm/ksm trees for unit tests: a file with the owner write bit is a knob, a
+read-only one a counter, as udedup.ksm tells them apart."""
+from __future__ import annotations
+
+import os
+
+# what Linux 6.18 has, at the boot defaults
+KNOBS_618 = {
+    "run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "use_zero_pages": "0",
+    "smart_scan": "1", "max_page_sharing": "256", "merge_across_nodes": "1",
+    "stable_node_chains_prune_millisecs": "2000", "advisor_mode": "[none] scan-time",
+    "advisor_max_cpu": "70", "advisor_min_pages_to_scan": "500",
+    "advisor_max_pages_to_scan": "30000", "advisor_target_scan_time": "200",
+}
+COUNTERS_618 = {
+    "full_scans": "0", "general_profit": "0", "ksm_zero_pages": "0", "pages_scanned": "0",
+    "pages_shared": "0", "pages_sharing": "0", "pages_skipped": "0", "pages_unshared": "0",
+    "pages_volatile": "0", "stable_node_chains": "0", "stable_node_dups": "0",
+}
+# the knobs and counters the daemon reads or writes
+MINIMAL_KNOBS = {k: KNOBS_618[k] for k in ("run", "pages_to_scan", "sleep_millisecs",
+                                           "use_zero_pages", "smart_scan", "max_page_sharing",
+                                           "advisor_mode")}
+MINIMAL_COUNTERS = {k: "0" for k in ("pages_shared", "pages_sharing", "pages_unshared",
+                                     "pages_volatile", "full_scans", "pages_scanned",
+                                     "ksm_zero_pages", "general_profit")}
+
+
+def make_fake_ksm(root, knobs=None, counters=None, **overrides):
+    """Write ``knobs`` (default: 6.18's) and ``counters`` under ``root``; ``overrides`` set knobs."""
+    knobs = dict(KNOBS_618 if knobs is None else knobs)
+    knobs.update({k: str(v) for k, v in overrides.items()})
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o755)
+    for table, mode in ((knobs, 0o644), (COUNTERS_618 if counters is None else counters, 0o444)):
+        for name, value in table.items():
+            (root / name).write_text(value + "\n")
+            os.chmod(root / name, mode)
+    return root
