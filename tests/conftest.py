@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -105,3 +108,22 @@ def _ksm_marker(request):
         pytest.skip(reason)
     with _ksm_lock():
         yield
+
+
+@pytest.fixture
+def estimate_children():
+    """Start tests/estimate_targets.py children (memory of known content): ``spawn(spec)`` returns
+    ``(Popen, info)``; every child is killed and reaped after the test."""
+    made = []
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "estimate_targets.py")
+
+    def spawn(spec):
+        p = subprocess.Popen([sys.executable, script, json.dumps(spec)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+        made.append(p)
+        return p, json.loads(p.stdout.readline())
+    yield spawn
+    for p in made:
+        if p.poll() is None:
+            p.kill()
+        p.wait()

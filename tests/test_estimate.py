@@ -226,26 +226,9 @@ def test_many_chunks_heads_in_earlier_chunks_and_cache_off(buffers):
         assert est.unique_pages == 60
 
 
-def _spawn(spec):
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "estimate_targets.py"),
-                          json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True)
-    return p, json.loads(p.stdout.readline())
-
-
 @pytest.fixture
-def children():
-    made = []
-
-    def spawn(spec):
-        p, info = _spawn(spec)
-        made.append(p)
-        return p, info
-    yield spawn
-    for p in made:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
+def children(estimate_children):
+    return estimate_children
 
 
 def test_processes_merge_across_each_other(children):

@@ -25,26 +25,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MPS = 16    # small, so groups larger than max_page_sharing stay small
 
 
-def _spawn(spec):
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "estimate_targets.py"),
-                          json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True)
-    return p, json.loads(p.stdout.readline())
-
-
 @pytest.fixture
-def children():
-    made = []
-
-    def spawn(spec):
-        p, info = _spawn(spec)
-        made.append(p)
-        return info["pid"]
-    yield spawn
-    for p in made:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
+def children(estimate_children):
+    return lambda spec: estimate_children(spec)[1]["pid"]
 
 
 @pytest.fixture
