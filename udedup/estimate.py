@@ -105,8 +105,30 @@ class Prediction:
     _asdict = as_dict
 
 
+_COUNT_FIELDS = ("scanned_pages", "zero_pages", "duplicate_pages", "unique_pages", "volatile_pages",
+                 "unreadable_pages")
+
+
+@dataclass(kw_only=True)
+class _PageCounts:
+    """What the scanned pages of a mapping, or of a whole target, turned out to be."""
+
+    scanned_pages: int = 0
+    zero_pages: int = 0
+    duplicate_pages: int = 0
+    unique_pages: int = 0
+    volatile_pages: int = 0
+    unreadable_pages: int = 0
+    saved_pages: dict = field(default_factory=lambda: {0: 0.0, 1: 0.0})
+
+    def _counts_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in _COUNT_FIELDS}
+        d["saved_pages"] = {str(k): round(v, 1) for k, v in self.saved_pages.items()}
+        return d
+
+
 @dataclass
-class MappingReport:
+class MappingReport(_PageCounts):
     """One mapping of a target: its classification and, when scanned, what its pages are."""
 
     pid: int
@@ -115,13 +137,6 @@ class MappingReport:
     present_pages: int = 0        # present anonymous pages, zero-page mappings included
     zero_mapped_pages: int = 0    # already map the kernel's zero page: free, ksmd skips them
     swapped_pages: int = 0
-    scanned_pages: int = 0
-    zero_pages: int = 0
-    duplicate_pages: int = 0
-    unique_pages: int = 0
-    volatile_pages: int = 0
-    unreadable_pages: int = 0
-    saved_pages: dict = field(default_factory=lambda: {0: 0.0, 1: 0.0})
 
     def as_dict(self) -> dict:
         m = self.mapping
@@ -129,15 +144,11 @@ class MappingReport:
                 "kind": m.kind, "registered": m.registered, "eligible": m.eligible,
                 "reason": m.reason, "in_scope": self.in_scope, "anon_huge_bytes": m.anon_huge,
                 "present_pages": self.present_pages, "zero_mapped_pages": self.zero_mapped_pages,
-                "swapped_pages": self.swapped_pages, "scanned_pages": self.scanned_pages,
-                "zero_pages": self.zero_pages, "duplicate_pages": self.duplicate_pages,
-                "unique_pages": self.unique_pages, "volatile_pages": self.volatile_pages,
-                "unreadable_pages": self.unreadable_pages,
-                "saved_pages": {str(k): round(v, 1) for k, v in self.saved_pages.items()}}
+                "swapped_pages": self.swapped_pages, **self._counts_dict()}
 
 
 @dataclass
-class TargetReport:
+class TargetReport(_PageCounts):
     """One target: a process, or a buffer of this process."""
 
     pid: int
@@ -145,20 +156,11 @@ class TargetReport:
     kind: str                     # "process" or "buffer"
     exited: bool = False
     existing_ksm_zero_pages: int = 0
-    scanned_pages: int = 0
-    zero_pages: int = 0
-    duplicate_pages: int = 0
-    unique_pages: int = 0
-    volatile_pages: int = 0
-    unreadable_pages: int = 0
-    saved_pages: dict = field(default_factory=lambda: {0: 0.0, 1: 0.0})
 
     def as_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("pid", "name", "kind", "exited", "scanned_pages",
-                                           "zero_pages", "duplicate_pages", "unique_pages",
-                                           "volatile_pages", "unreadable_pages",
-                                           "existing_ksm_zero_pages")}
-        d["saved_pages"] = {str(k): round(v, 1) for k, v in self.saved_pages.items()}
+        d = {"pid": self.pid, "name": self.name, "kind": self.kind, "exited": self.exited}
+        d.update(self._counts_dict())
+        d["existing_ksm_zero_pages"] = self.existing_ksm_zero_pages
         return d
 
 
@@ -1054,8 +1056,7 @@ def _summarize(sc: _Scanner, passes, interval, all_eligible, mps, uzp, unconfirm
         rr.saved_pages[1] += rr.zero_pages
     for ti, tr in enumerate(sc.target_reports):
         mine = [s.report for s in sc.segments if s.target == ti]
-        for key in ("scanned_pages", "zero_pages", "duplicate_pages", "unique_pages",
-                    "volatile_pages", "unreadable_pages"):
+        for key in _COUNT_FIELDS:
             setattr(tr, key, sum(getattr(m, key) for m in mine))
         tr.saved_pages = {k: sum(m.saved_pages[k] for m in mine) for k in (0, 1)}
         tr.saved_pages[1] += tr.existing_ksm_zero_pages
