@@ -16,8 +16,8 @@ what finished is still written). Typical: 512M x 6 trials x 4 presets in about 5
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
-import fcntl
 import json
 import logging
 import os
@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from udedup.abreport import format_table, write_report  # noqa: E402
 from udedup.abtest import ABInterrupted, ABResult, DEFAULT_FIXED, _fmt_knob, run_ab  # noqa: E402
 from udedup.errors import UdedupError  # noqa: E402
+from udedup.ksm import experiment_lock  # noqa: E402
 from udedup.workloads import PRESETS, SyntheticWorkload, parse_size, preset  # noqa: E402
 
 log = logging.getLogger("ab_use_zero_pages")
@@ -78,10 +79,9 @@ def main(argv=None) -> int:
             return 2
         fixed[key.strip()] = value.strip()
     out = args.out or f"ab-use-zero-pages-{time.strftime('%Y%m%d-%H%M%S')}"
-    lock = None
+    lock = contextlib.ExitStack()
     if args.lock:
-        lock = open(args.lock, "a+")
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.enter_context(experiment_lock(args.lock))
     results = {}
     status = 0
     started = time.monotonic()
@@ -114,8 +114,7 @@ def main(argv=None) -> int:
         status = 130
         log.info("interrupted: writing what finished")
     finally:
-        if lock:
-            lock.close()
+        lock.close()
     if results:
         write_overview(results, out, args, time.monotonic() - started, figure=not args.no_figure)
         log.info("report: %s/", out)

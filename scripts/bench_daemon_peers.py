@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import fcntl
 import json
 import mmap
 import os
@@ -48,7 +47,6 @@ if REPO not in sys.path:
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
-LOCK_PATH = "/tmp/udedup-ksm.lock"      # the test suite's machine-wide KSM lock
 PR_SET_NAME, PR_SET_PDEATHSIG, PR_SET_MEMORY_MERGE = 15, 1, 67
 MADV_MERGEABLE = 12
 
@@ -248,17 +246,9 @@ BASELINE = {"run": 0, "pages_to_scan": 100, "sleep_millisecs": 20, "smart_scan":
 _LOCKING = True     # --no-lock: the caller (a test holding the suite's lock) keeps others out
 
 
-@contextlib.contextmanager
 def ksm_lock():
-    if not _LOCKING:
-        yield
-        return
-    with open(LOCK_PATH, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    from udedup.ksm import experiment_lock   # not at import: the workload children start lean
+    return experiment_lock(enabled=_LOCKING)
 
 
 def fresh_start(ksm, knobs: dict) -> None:
@@ -510,7 +500,7 @@ def main(argv=None) -> int:
     parser.add_argument("--peers", default="reference,default,ksmtuned,advisor,udedup")
     parser.add_argument("--out", help="also write the report here (and JSON next to it)")
     parser.add_argument("--no-lock", action="store_true",
-                        help=f"do not take {LOCK_PATH} (the caller holds it already)")
+                        help="do not take the KSM experiment lock (the caller holds it already)")
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "-enable-kvm"]  # see Child
     args = parser.parse_args(argv)
     if args.cmd == "child":

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import resource
@@ -42,8 +41,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from udedup import pages, procmem  # noqa: E402
 from udedup.estimate import DEFAULT_CHUNK_BYTES  # noqa: E402
+from udedup.ksm import experiment_lock  # noqa: E402
 
-LOCK_PATH = "/tmp/udedup-ksm.lock"
 MIX = (("zero", 0.20), ("many", 0.30), ("pairs", 0.10), ("unique", 0.40))
 
 
@@ -227,15 +226,13 @@ def main(argv=None) -> int:
     size = parse_size(args.size)
     results: dict = {"size_bytes": size, "page_size": pages.PAGE_SIZE, "isa": pages.isa(),
                      "cpus": len(os.sched_getaffinity(0))}
-    lock, ksm, proc = None, None, None
+    ksm, proc = None, None
     stack = contextlib.ExitStack()
     try:
         if not args.no_ksm:
             from udedup.ksm import Ksm
             ksm = Ksm()
-            if not args.no_lock:
-                lock = open(LOCK_PATH, "a+")
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            stack.enter_context(experiment_lock(enabled=not args.no_lock))
             # ksmd stays off until we time it: it must not merge the child before the estimate
             stack.enter_context(ksm.settings(run=0))
             ksm.unmerge_all()
@@ -286,8 +283,6 @@ def main(argv=None) -> int:
             proc.stdin.close()
             proc.wait(timeout=60)
         stack.close()
-        if lock:
-            lock.close()
     results["ratios"] = _ratios(results)
     results["bench_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if args.json:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import random
@@ -43,9 +42,9 @@ if ROOT not in sys.path:
 
 import udedup  # noqa: E402
 from udedup.errors import InjectRefusedError, UdedupError  # noqa: E402
+from udedup.ksm import LOCK_PATH as KSM_LOCK, experiment_lock  # noqa: E402
 
 TARGET_DIR = os.path.join(ROOT, "tests", "targets")
-KSM_LOCK = "/tmp/udedup-ksm.lock"
 #: target types: (program, seconds between counter words written to its stdin or None, longest
 #: random pause between two injections)
 TYPES = {
@@ -199,10 +198,7 @@ def ksm_merge_check(pid: int, dup: tuple[int, int], timeout: float = 30.0,
         knobs["smart_scan"] = 0
     with contextlib.ExitStack() as stack:
         w0 = time.monotonic()
-        if lock:
-            fd = stack.enter_context(open(KSM_LOCK, "a+"))
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            stack.callback(fcntl.flock, fd, fcntl.LOCK_UN)
+        stack.enter_context(experiment_lock(enabled=lock))
         lock_wait = time.monotonic() - w0
         merging = 0
         with ksm.settings(**knobs):
@@ -363,21 +359,16 @@ def main(argv=None) -> int:
         built = build_targets(tmp, args.gcc, {TYPES[k][0] for k in kinds})
         # Registering the targets' duplicate pages changes what a running ksmd merges: hold the
         # machine-wide KSM lock (as the ksm-marked tests do) so no KSM test runs meanwhile.
-        with open(KSM_LOCK, "a+") as lock:
-            w0 = time.monotonic()
-            if not args.no_lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+        w0 = time.monotonic()
+        with experiment_lock(enabled=not args.no_lock):
             lock_wait = time.monotonic() - w0
             t0 = time.monotonic()
-            try:
-                for i, kind in enumerate(kinds):
-                    try:
-                        rows.append(stress_type(kind, built[TYPES[kind][0]], args.count,
-                                                args.mib, not args.no_ksm, seed=args.seed + i))
-                    except SkipTarget as why:
-                        skipped.append(f"{kind}: {why}")
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+            for i, kind in enumerate(kinds):
+                try:
+                    rows.append(stress_type(kind, built[TYPES[kind][0]], args.count,
+                                            args.mib, not args.no_ksm, seed=args.seed + i))
+                except SkipTarget as why:
+                    skipped.append(f"{kind}: {why}")
     elapsed = time.monotonic() - t0
     passed = all(r["passed"] for r in rows)
     if args.json:

@@ -2,7 +2,8 @@
 
 KSM state is global to the machine, so tests marked ``ksm``:
 - are skipped, with the reason, where /sys/kernel/mm/ksm is missing or not writable;
-- hold one lock (flock on /tmp/udedup-ksm.lock) for their whole run, so no two overlap, across
+- hold one lock (udedup.ksm.experiment_lock: a flock on /tmp/udedup-ksm.lock, which the
+  experiment scripts take too) for their whole run, so no two overlap, across
   pytest processes too;
 - are watched by a session guard that records every writable knob at the start and fails the run
   (and puts the knobs back) if any differs at the end.
@@ -10,8 +11,6 @@ The guard reads sysfs directly, not through udedup.ksm, so a bug there cannot hi
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import subprocess
@@ -19,8 +18,9 @@ import sys
 
 import pytest
 
+from udedup.ksm import experiment_lock
+
 KSM_ROOT = "/sys/kernel/mm/ksm"
-LOCK_PATH = "/tmp/udedup-ksm.lock"
 _READ_ONLY = {"full_scans", "general_profit", "ksm_zero_pages", "pages_scanned", "pages_shared",
               "pages_sharing", "pages_skipped", "pages_unshared", "pages_volatile",
               "stable_node_chains", "stable_node_dups"}
@@ -66,14 +66,8 @@ def _raw_restore(saved: dict[str, str]) -> None:
 _session_knobs: dict[str, str] = {}
 
 
-@contextlib.contextmanager
 def _ksm_lock():
-    with open(LOCK_PATH, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return experiment_lock()
 
 
 def pytest_sessionstart(session):

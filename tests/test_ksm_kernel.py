@@ -190,7 +190,7 @@ def test_max_page_sharing_splits_into_dups(buffers, n):
         try:
             buf = buffers(n * ksm.page_size)
             fill_identical(buf, n, seed=n)
-            st = ksm.wait_settled(timeout=20)
+            ksm.wait_settled(timeout=20)
             exp = expected_counters(n, 16)
             kinds = PageKinds(buf)
             assert kinds.counters() == {"pages_shared": exp["pages_shared"],
@@ -222,7 +222,7 @@ def test_copy_on_write_keeps_every_page_right(fast_ksm, buffers):
     assert (view == expect).all()
     kinds = PageKinds(buf)
     assert not kinds.ksm[written].any() and kinds.ksm.sum() == n - len(written)
-    st = ksm.wait_settled(timeout=20)
+    ksm.wait_settled(timeout=20)
     assert (view == expect).all()
     del view
     exp = expected_counters(n - len(written), ksm.get("max_page_sharing"))

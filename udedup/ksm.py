@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno as _errno
+import fcntl
 import logging
 import os
 import signal
@@ -38,6 +39,10 @@ DEFAULT_PROCFS = "/proc"
 
 #: Bytes the kernel spends per tracked page (``sizeof(struct ksm_rmap_item)`` on 64-bit kernels).
 RMAP_ITEM_BYTES = 64
+
+#: The machine-wide lock that udedup's KSM tests and experiment scripts hold while they change knobs
+#: or register memory, so that none of them runs under another's settings.
+LOCK_PATH = "/tmp/udedup-ksm.lock"
 
 #: Knobs that the kernel refuses to change (EBUSY) while any KSM page exists.
 UNMERGE_KNOBS = ("max_page_sharing", "merge_across_nodes")
@@ -725,6 +730,20 @@ class Ksm:
     def ksmd_start_seconds(self) -> float:
         """When ksmd started, in seconds since boot (stat field 22)."""
         return int(self._ksmd_stat_fields()[19]) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def experiment_lock(path: str = LOCK_PATH, enabled: bool = True) -> Iterator[None]:
+    """Hold ``path`` (flock, exclusive) for the block; ``enabled=False`` when the caller holds it."""
+    if not enabled:
+        yield
+        return
+    with open(path, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _sysfs_write(path: str, text: str) -> None:
