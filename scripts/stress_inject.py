@@ -193,7 +193,9 @@ def ksm_merge_check(pid: int, dup: tuple[int, int], timeout: float = 30.0,
     page = udedup.PAGE_SIZE
     dup_pages = (dup[1] - dup[0]) // page
     ksm = Ksm()
-    knobs = {"run": 1, "pages_to_scan": 5000, "sleep_millisecs": 0}
+    # ksmd stays stopped until the target is registered: a range left registered by the last
+    # injection would otherwise merge again between the unmerge and the "before" reading
+    knobs = {"run": 0, "pages_to_scan": 5000, "sleep_millisecs": 0}
     if "smart_scan" in ksm.knob_names():
         knobs["smart_scan"] = 0
     with contextlib.ExitStack() as stack:
@@ -208,6 +210,7 @@ def ksm_merge_check(pid: int, dup: tuple[int, int], timeout: float = 30.0,
                 ksm.unmerge_all()
                 before = _merging_pages(pid)
                 res = udedup.enable(pid, mode="madvise")
+                ksm.set("run", 1)
                 t0 = time.monotonic()
                 while time.monotonic() - t0 < timeout:
                     merging = _merging_pages(pid)
