@@ -10,11 +10,37 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 
-from . import __version__, commands
-from .errors import UdedupError
+#: thread-count variables of the BLAS builds numpy ships with (OpenBLAS) or may link (MKL, OpenMP)
+_BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _import_numpy_single_threaded() -> None:
+    """numpy's OpenBLAS starts one busy-waiting thread per core when numpy is imported: about
+    0.08 CPU-s here for linear algebra udedup never does, and the daemon's CPU counts against its
+    budget. The variables are set for that import only, so the processes we start (workloads,
+    ``udedup run``) still get the user's environment."""
+    if "numpy" in sys.modules:
+        return
+    ours = [v for v in _BLAS_THREAD_VARS if v not in os.environ]
+    for var in ours:
+        os.environ[var] = "1"
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        pass    # reported by whichever command needs it
+    finally:
+        for var in ours:
+            os.environ.pop(var, None)
+
+
+_import_numpy_single_threaded()
+
+from . import __version__, commands  # noqa: E402
+from .errors import UdedupError  # noqa: E402
 
 log = logging.getLogger("udedup")
 
