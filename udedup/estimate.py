@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import pages, procmem
-from .errors import KsmError, UsageError
+from .errors import KsmError, ProcessNotFoundError, UsageError
 from .ksm import RMAP_ITEM_BYTES
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,13 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 # Whole-array steps work this many pages at a time: the memory budget is per scanned page, so
 # temporaries must stay bounded whatever the size.
 _STEP = 1 << 14
+# Saving ranges: join runs closer than this, keep at most that many per target (each range
+# becomes a mapping of its own once registered, and a mapping costs the kernel a VMA).
+DEFAULT_RANGE_GAP = 2 << 20
+DEFAULT_MAX_RANGES = 64
+# Registering k ranges inside mappings can leave 2k + 1 VMAs; vm.max_map_count is 65530.
+MAX_RANGES_LIMIT = 32768
+RECHECK_MODES = ("all", "candidates")
 NONE = np.uint32(0xFFFFFFFF)  # "in no candidate group"
 _PENDING = -1
 
@@ -156,11 +163,22 @@ class TargetReport(_PageCounts):
     kind: str                     # "process" or "buffer"
     exited: bool = False
     existing_ksm_zero_pages: int = 0
+    # Page-aligned [start, end) addresses, each inside one mapping, in address order, covering
+    # every page predicted to save memory (non-volatile zero pages, members of confirmed duplicate
+    # groups): what to register so ksmd scans little else.
+    saving_ranges: list = field(default_factory=list)
+    range_pages: int = 0          # scanned, readable pages inside saving_ranges (rmap items)
+    # saving pages outside saving_ranges: 0 unless more mappings hold savings than max_ranges
+    # (then the ranges of the mappings saving least are left out)
+    uncovered_pages: int = 0
 
     def as_dict(self) -> dict:
         d = {"pid": self.pid, "name": self.name, "kind": self.kind, "exited": self.exited}
         d.update(self._counts_dict())
         d["existing_ksm_zero_pages"] = self.existing_ksm_zero_pages
+        d["saving_ranges"] = [[hex(a), hex(b)] for a, b in self.saving_ranges]
+        d["range_pages"] = self.range_pages
+        d["uncovered_pages"] = self.uncovered_pages
         return d
 
 
@@ -196,6 +214,9 @@ class Estimate:
     index_bytes: int = 0          # peak bytes of per-page bookkeeping
     buffer_bytes: int = 0         # the fixed read buffer
     timings: dict = field(default_factory=dict)   # seconds per phase
+    # what later passes re-read: "all", or "candidates" (then volatile_pages counts only the
+    # re-checked zero pages and duplicate candidates that changed)
+    recheck: str = "all"
 
     @property
     def readable_pages(self) -> int:
@@ -243,6 +264,7 @@ class Estimate:
     def as_dict(self, top: int = 10) -> dict:
         return {
             "page_size": self.page_size, "passes": self.passes, "interval": self.interval,
+            "recheck": self.recheck,
             "all_eligible": self.all_eligible, "max_page_sharing": self.max_page_sharing,
             "current_use_zero_pages": self.current_use_zero_pages,
             "partial": self.partial, "notes": list(self.notes),
@@ -628,6 +650,39 @@ class _Scanner:
                 self.flags[first:end] |= UNREADABLE
             i = j
 
+    def _candidate_chunks(self):
+        """Like :meth:`_chunks`, over the re-check candidates only: pages zero in pass 1 and
+        members of candidate duplicate groups, the only pages whose change can alter the
+        prediction. Yields (pid, page addresses, ordinals); the reader coalesces contiguous pages
+        into one iovec each, so runs of candidates are still read in large pieces.
+
+        Runs in the read-ahead thread while the caller updates ``rep`` of earlier chunks: each
+        window of ordinals is classified before any of its pages is handed out, so the set read
+        is the one ``group()`` left, whatever the timing."""
+        cap, exited = self.cap, self.reader.exited
+        addrs, ords, count, pid = [], [], 0, None
+        for seg in self.segments:
+            if seg.pid != pid:
+                if count and pid not in exited:
+                    yield pid, np.concatenate(addrs), np.concatenate(ords)
+                addrs, ords, count, pid = [], [], 0, seg.pid
+            for lo in range(seg.base, seg.base + seg.size, _STEP):
+                if pid in exited:
+                    break
+                hi = min(seg.base + seg.size, lo + _STEP)
+                pos = np.flatnonzero(((self.flags[lo:hi] & ZERO) != 0) |
+                                     (self.rep[lo:hi] != NONE))
+                while pos.size:
+                    take, pos = pos[:cap - count], pos[cap - count:]
+                    ords.append(take.astype(np.int64) + lo)
+                    addrs.append(seg.addresses(take + (lo - seg.base)))
+                    count += take.size
+                    if count == cap:
+                        yield pid, np.concatenate(addrs), np.concatenate(ords)
+                        addrs, ords, count = [], [], 0
+        if count and pid not in exited:
+            yield pid, np.concatenate(addrs), np.concatenate(ords)
+
     def _addresses(self, ords: np.ndarray):
         """(pid, address) of arbitrary ordinals."""
         si = np.searchsorted(self.seg_base, ords, side="right") - 1
@@ -667,38 +722,65 @@ class _Scanner:
         self.index_bytes = offsets + self.crc.nbytes + self.hsh.nbytes + self.flags.nbytes + \
             self.rep.nbytes
 
-    def _pass(self):
-        """(first ordinal, page count, buffer, ok) per chunk, read ahead where there are cores."""
+    def _pass(self, sparse: bool = False):
+        """(chunk, ordinals, buffer, ok) per chunk, read ahead where there are cores. ``chunk``
+        indexes the per-page arrays: a slice when the chunk is every page in an ordinal range, the
+        ordinals themselves when ``sparse`` (re-check candidates only); ``ordinals`` (int64) are
+        the ordinals of the pages in the buffer, in order."""
         ps = self.ps
-        for o, reader, ok in procmem.read_ahead(self._chunks(), self.readers):
+        chunks = self._candidate_chunks() if sparse else self._chunks()
+        for tag, reader, ok in procmem.read_ahead(chunks, self.readers):
             n = ok.size
-            yield o, n, reader.buffer[: n * ps], ok
+            if sparse:
+                yield tag, tag, reader.buffer[: n * ps], ok
+            else:
+                yield slice(tag, tag + n), np.arange(tag, tag + n, dtype=np.int64), \
+                    reader.buffer[: n * ps], ok
 
     def pass_first(self, passes):
         ps = self.ps
-        for o, n, buf, ok in self._pass():
+        for sl, ords, buf, ok in self._pass():
+            n = ok.size
             z = self._ztmp[:n]
-            pages.scan_pages(buf, ps, crc_out=self.crc[o:o + n], hash_out=self.hsh[o:o + n],
-                             zero_out=z)
-            f = self.flags[o:o + n]
+            pages.scan_pages(buf, ps, crc_out=self.crc[sl], hash_out=self.hsh[sl], zero_out=z)
+            f = self.flags[sl]
             f[z] = ZERO
             if not ok.all():
                 f[~ok] |= UNREADABLE
-            self._report(1, passes, o + n)
+            self._report(1, passes, sl.stop)
         self._note_exits(1)
 
-    def pass_middle(self, pass_no, passes):
+    def pass_middle(self, pass_no, passes, sparse=False):
         ps = self.ps
-        for o, n, buf, ok in self._pass():
+        for idx, ords, buf, ok in self._pass(sparse):
+            n = ok.size
             c = self._ctmp[:n]
             pages.crc32c_pages(buf, ps, out=c)
-            f = self.flags[o:o + n]
-            f[c != self.crc[o:o + n]] |= VOLATILE
-            self.crc[o:o + n] = c
+            f = self.flags[idx]
+            f[c != self.crc[idx]] |= VOLATILE
+            self.crc[idx] = c
             if not ok.all():
                 f[~ok] |= UNREADABLE
-            self._report(pass_no, passes, o + n)
+            if sparse:      # fancy indexing gave copies
+                self.flags[idx] = f
+            self._report(pass_no, passes, int(ords[-1]) + 1)
+        self._end_pass(pass_no, passes, sparse)
+
+    def _end_pass(self, pass_no, passes, sparse):
+        if sparse:
+            self._check_alive()
+            self._report(pass_no, passes, self.total)
         self._note_exits(pass_no)
+
+    def _check_alive(self):
+        """A sparse pass reads nothing of a process without candidates, so it would not notice
+        that process exiting: ask /proc instead."""
+        for t in self.targets:
+            if t.kind == "process" and t.pid not in self.reader.exited:
+                try:
+                    procmem.check_process(t.pid, self.procfs)
+                except ProcessNotFoundError:
+                    self.reader.exited.add(t.pid)
 
     def _note_exits(self, pass_no):
         for pid in self.reader.exited:
@@ -787,22 +869,26 @@ class _Scanner:
         order = np.argsort(keys)
         self._over_keys, self._over_vals = keys[order], vals[order]
 
-    def pass_last(self, passes):
+    def pass_last(self, passes, sparse=False):
         ps = self.ps
-        for o, n, buf, ok in self._pass():
+        for idx, ords, buf, ok in self._pass(sparse):
+            n = ok.size
             c, h, z = self._ctmp[:n], self._htmp[:n], self._ztmp[:n]
             pages.scan_pages(buf, ps, crc_out=c, hash_out=h, zero_out=z)
-            f = self.flags[o:o + n]
-            changed = (c != self.crc[o:o + n]) | (z != ((f & ZERO) != 0))
+            f = self.flags[idx]
+            changed = (c != self.crc[idx]) | (z != ((f & ZERO) != 0))
             f[changed] |= VOLATILE
             if not ok.all():
                 f[~ok] |= UNREADABLE
-            r = self.rep[o:o + n]
+            r = self.rep[idx]
             cand = np.flatnonzero(r != NONE)
             if cand.size:
-                self._confirm(o, buf, cand, r, f, h)
-            self._report(passes, passes, o + n)
-        self._note_exits(passes)
+                self._confirm(ords, buf, cand, r, f, h)
+            if sparse:      # fancy indexing gave copies
+                self.flags[idx] = f
+                self.rep[idx] = r
+            self._report(passes, passes, int(ords[-1]) + 1)
+        self._end_pass(passes, passes, sparse)
         self.crc = None
 
     def _cache_lookup(self, heads: np.ndarray):
@@ -813,11 +899,14 @@ class _Scanner:
         slot = np.minimum(np.searchsorted(ch, heads), ch.size - 1)
         return slot, (ch[slot] == heads) & self.cache_valid[slot]
 
-    def _confirm(self, o, buf, cand, r, f, h):
-        """Byte-compare each candidate of this chunk with its group's current head."""
+    def _confirm(self, chunk_ords, buf, cand, r, f, h):
+        """Byte-compare each candidate of this chunk with its group's current head.
+
+        ``chunk_ords``: the ordinal of each page of the chunk (sorted); ``cand``: positions in
+        the chunk of the candidates; ``r``, ``f``, ``h``: rep, flags and hash64 of the chunk."""
         ps = self.ps
         g = r[cand].astype(np.int64)
-        ords = cand + o
+        ords = chunk_ords[cand]
         bad = (f[cand] & (VOLATILE | UNREADABLE)) != 0
         if bad.any():
             r[cand[bad]] = NONE
@@ -857,10 +946,11 @@ class _Scanner:
         equal = np.zeros(idx.size, dtype=bool)
         heads = cur[idx]
         members = cand[idx]
-        inside = heads >= o
+        # a head is never after its members, so it is in this chunk or an earlier one
+        at = np.minimum(np.searchsorted(chunk_ords, heads), chunk_ords.size - 1)
+        inside = chunk_ords[at] == heads
         if inside.any():
-            equal[inside] = pages.compare_pages(buf, members[inside], heads[inside] - o,
-                                                page_size=ps)
+            equal[inside] = pages.compare_pages(buf, members[inside], at[inside], page_size=ps)
         outside = np.flatnonzero(~inside)
         if outside.size:
             slot, hit = self._cache_lookup(heads[outside])
@@ -885,7 +975,7 @@ class _Scanner:
         if not equal.all():
             miss = members[~equal]
             r[miss] = NONE
-            self.leftovers.append((miss + o, h[miss].copy()))
+            self.leftovers.append((chunk_ords[miss], h[miss].copy()))
 
     def regroup_leftovers(self, max_rounds: int = 64):
         """Candidates that did not match their head: group them by full hash64 and compare again,
@@ -935,6 +1025,10 @@ class _Scanner:
 
 
 # --- the entry point ------------------------------------------------------------------------------
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def default_threads() -> int:
     """2 (read ahead while scanning) where this process may use two CPUs, else 1."""
     return 2 if len(os.sched_getaffinity(0)) >= 2 else 1
@@ -944,7 +1038,8 @@ def estimate(targets, passes: int = 2, interval: float = 0.5, all_eligible: bool
              max_page_sharing: int | None = None, procfs: str = "/proc",
              buffer_bytes: int = DEFAULT_CHUNK_BYTES,
              cache_bytes: int = DEFAULT_CACHE_BYTES, threads: int | None = None,
-             progress=None) -> Estimate:
+             progress=None, recheck: str = "all", range_gap: int = DEFAULT_RANGE_GAP,
+             max_ranges: int = DEFAULT_MAX_RANGES) -> Estimate:
     """Predict what KSM would save on ``targets``: PIDs and/or buffers of this process (a list,
     or one of them). Pages merge across all targets together, as KSM merges across processes.
 
@@ -954,6 +1049,19 @@ def estimate(targets, passes: int = 2, interval: float = 0.5, all_eligible: bool
     memory that is not registered yet ("if you registered it"). ``max_page_sharing``: default the
     kernel's current value. ``progress(pass_no, passes, pages_done, pages_total)`` is called per
     chunk. The targets' memory is only read, never written, and pages not in RAM are not touched.
+
+    ``recheck``: what the passes after the first re-read. ``"all"``: every page. ``"candidates"``:
+    only the pages whose change can alter the prediction, the pages zero in pass 1 and the members
+    of candidate duplicate groups; a unique page saves nothing whether it changes or not. The
+    prediction (saved pages, rmap items, general_profit, group sizes, the per-target and
+    per-mapping savings and saving ranges) is the same as with "all"; ``volatile_pages`` then
+    counts only re-checked pages that changed, so unique pages that change are counted in
+    ``unique_pages`` (and in ``pages_unshared``) instead, and pages unmapped after pass 1 are
+    noticed only among the re-read ones.
+
+    ``range_gap`` (bytes) and ``max_ranges`` shape each target's ``saving_ranges``: saving runs
+    closer than ``range_gap`` are joined, and at most ``max_ranges`` ranges are kept per target
+    by joining across the smallest gaps (see :class:`TargetReport`).
     """
     if int(passes) < 2:
         raise UsageError(f"passes must be at least 2, got {passes}: the first pass hashes, a "
@@ -961,7 +1069,16 @@ def estimate(targets, passes: int = 2, interval: float = 0.5, all_eligible: bool
                          "byte by byte")
     if interval < 0:
         raise UsageError(f"interval must be >= 0 seconds, got {interval}")
+    if recheck not in RECHECK_MODES:
+        raise UsageError(f"recheck must be one of {', '.join(RECHECK_MODES)}, got {recheck!r}")
+    if not _is_int(range_gap) or range_gap < 0:
+        raise UsageError(f"range_gap must be a whole number of bytes >= 0, got {range_gap!r}")
+    if not _is_int(max_ranges) or not 1 <= max_ranges <= MAX_RANGES_LIMIT:
+        raise UsageError(f"max_ranges must be a whole number from 1 to {MAX_RANGES_LIMIT}, got "
+                         f"{max_ranges!r}: every range may split its mapping in three and a "
+                         "process may have only vm.max_map_count (65530) mappings")
     passes = int(passes)
+    sparse = recheck == "candidates"
     t_wall, t_cpu = time.monotonic(), time.process_time()
     mps, uzp = _current_knobs(max_page_sharing)
     tlist = _normalize_targets(targets, procfs)
@@ -989,12 +1106,13 @@ def estimate(targets, passes: int = 2, interval: float = 0.5, all_eligible: bool
                 timed("wait", time.sleep, wait)
             visit = time.monotonic()
             if pass_no < passes:
-                timed("pass_middle", scanner.pass_middle, pass_no, passes)
+                timed("pass_middle", scanner.pass_middle, pass_no, passes, sparse)
             else:
-                timed("pass_last", scanner.pass_last, passes)
+                timed("pass_last", scanner.pass_last, passes, sparse)
         unconfirmed = timed("regroup", scanner.regroup_leftovers)
         est = timed("summarize", _summarize, scanner, passes, interval, all_eligible, mps, uzp,
-                    unconfirmed)
+                    unconfirmed, int(range_gap), int(max_ranges))
+        est.recheck = recheck
         est.timings = timings
         est.bytes_read = scanner.bytes_read
         est.buffer_bytes = len(scanner._buf)
@@ -1005,7 +1123,106 @@ def estimate(targets, passes: int = 2, interval: float = 0.5, all_eligible: bool
     return est
 
 
-def _summarize(sc: _Scanner, passes, interval, all_eligible, mps, uzp, unconfirmed) -> Estimate:
+class _SavingRanges:
+    """The saving ranges of one target, built segment by segment, chunk by chunk, in O(max_ranges)
+    memory.
+
+    A target's ranges are its saving pages cut at mapping boundaries and at the gaps kept as
+    splits. Joining across the smallest gaps until ``max_ranges`` remain is keeping the largest
+    gaps, so only the ``max_ranges - 1`` largest gaps of at least ``range_gap`` seen so far are
+    remembered: a gap pushed out of that set can never come back into it. Readable pages are
+    counted by rank (readable pages before a position in its segment), so the readable pages of a
+    span or a gap between two saving pages are a difference of ranks."""
+
+    # gap record columns
+    _GAP, _SEQ, _SEG, _PREV, _NEXT, _INSIDE = range(6)
+
+    def __init__(self, page_size: int, range_gap: int, max_ranges: int):
+        self.ps = page_size
+        self.range_gap = range_gap
+        self.max_ranges = max_ranges
+        self.keep = max_ranges - 1
+        self.gaps = np.empty((0, 6), dtype=np.int64)
+        self.seq = 0
+        self.spans: list = []    # per segment with savings: [start, first, last, rank0, rank1, n]
+        self._seg = None
+
+    def start_segment(self, seg: _Segment):
+        self._seg = seg
+        self._readable_before = 0
+        self._span = None
+
+    def add(self, pos0: int, saving: np.ndarray, readable: np.ndarray):
+        """Positions ``pos0 + i`` of the current segment: which save memory, which are readable."""
+        rank = np.cumsum(readable, dtype=np.int64)
+        rank += self._readable_before
+        self._readable_before = int(rank[-1]) if rank.size else self._readable_before
+        at = np.flatnonzero(saving)
+        if not at.size:
+            return
+        offs = self._seg.pageset.pages(at + pos0).astype(np.int64)
+        ranks = rank[at]
+        span = self._span
+        if span is None:
+            span = self._span = [self._seg.start, int(offs[0]), 0, int(ranks[0]), 0, 0]
+            self.spans.append(span)
+        else:   # the gap from the previous chunk's last saving page
+            offs = np.concatenate(([span[2]], offs))
+            ranks = np.concatenate(([span[4]], ranks))
+        span[2], span[4] = int(offs[-1]), int(ranks[-1])
+        span[5] += int(at.size)
+        if self.keep <= 0 or offs.size < 2:
+            return
+        gap_pages = offs[1:] - offs[:-1] - 1
+        split = np.flatnonzero((gap_pages > 0) & (gap_pages * self.ps >= self.range_gap))
+        if not split.size:
+            return
+        rec = np.empty((split.size, 6), dtype=np.int64)
+        rec[:, self._GAP] = gap_pages[split]
+        rec[:, self._SEQ] = np.arange(self.seq, self.seq + split.size)
+        rec[:, self._SEG] = len(self.spans) - 1
+        rec[:, self._PREV] = offs[split]
+        rec[:, self._NEXT] = offs[split + 1]
+        rec[:, self._INSIDE] = ranks[split + 1] - ranks[split] - 1
+        self.seq += split.size
+        self.gaps = np.concatenate((self.gaps, rec))
+        if self.gaps.shape[0] > max(4 * self.keep, 1024):
+            self.gaps = self._largest(self.gaps, self.keep)
+
+    def _largest(self, gaps: np.ndarray, k: int) -> np.ndarray:
+        # largest first; among equal gaps the earliest, so the result does not depend on chunking
+        order = np.lexsort((gaps[:, self._SEQ], -gaps[:, self._GAP]))
+        return gaps[order[:k]]
+
+    def result(self) -> tuple[list, int, int]:
+        """(ranges, readable pages inside them, saving pages outside them)."""
+        spans, ps = self.spans, self.ps
+        if not spans:
+            return [], 0, 0
+        if len(spans) > self.max_ranges:
+            # one range per mapping is already too many: keep the mappings saving most
+            best = sorted(range(len(spans)), key=lambda i: (-spans[i][5], i))[: self.max_ranges]
+            kept = [spans[i] for i in sorted(best)]
+            ranges = [(s[0] + s[1] * ps, s[0] + (s[2] + 1) * ps) for s in kept]
+            covered = sum(s[5] for s in kept)
+            return ranges, sum(s[4] - s[3] + 1 for s in kept), sum(s[5] for s in spans) - covered
+        chosen = self._largest(self.gaps, self.max_ranges - len(spans))
+        chosen = chosen[np.lexsort((chosen[:, self._PREV], chosen[:, self._SEG]))]
+        ranges, readable, ci = [], 0, 0
+        for si, (start, first, last, rank0, rank1, _) in enumerate(spans):
+            readable += rank1 - rank0 + 1
+            lo = first
+            while ci < chosen.shape[0] and chosen[ci, self._SEG] == si:
+                ranges.append((start + lo * ps, start + (int(chosen[ci, self._PREV]) + 1) * ps))
+                readable -= int(chosen[ci, self._INSIDE])
+                lo = int(chosen[ci, self._NEXT])
+                ci += 1
+            ranges.append((start + lo * ps, start + (last + 1) * ps))
+        return ranges, readable, 0
+
+
+def _summarize(sc: _Scanner, passes, interval, all_eligible, mps, uzp, unconfirmed,
+               range_gap=DEFAULT_RANGE_GAP, max_ranges=DEFAULT_MAX_RANGES) -> Estimate:
     est = Estimate(page_size=sc.ps, passes=passes, interval=interval, all_eligible=all_eligible,
                    max_page_sharing=mps, current_use_zero_pages=uzp, targets=sc.target_reports,
                    mappings=sc.reports, notes=list(sc.notes), index_bytes=sc.index_bytes)
@@ -1027,8 +1244,11 @@ def _summarize(sc: _Scanner, passes, interval, all_eligible, mps, uzp, unconfirm
 
     # per mapping: classify pages chunk by chunk (bounded temporaries)
     zero_total = 0
+    ranges = [_SavingRanges(sc.ps, range_gap, max_ranges) for _ in sc.target_reports]
     for seg in sc.segments:
         a, b = seg.base, seg.base + seg.size
+        builder = ranges[seg.target]
+        builder.start_segment(seg)
         for lo in range(a, b, _STEP):
             hi = min(b, lo + _STEP)
             f, r = flags[lo:hi], rep[lo:hi]
@@ -1038,6 +1258,9 @@ def _summarize(sc: _Scanner, passes, interval, all_eligible, mps, uzp, unconfirm
             g = r != NONE
             gs = sizes_by_head[r[g]]
             dup = gs >= 2
+            saving = zr.copy()
+            saving[np.flatnonzero(g)[dup]] = True
+            builder.add(lo - a, saving, ~unread)
             rr = seg.report
             rr.unreadable_pages += int(unread.sum())
             rr.volatile_pages += int(vol.sum())
@@ -1055,6 +1278,11 @@ def _summarize(sc: _Scanner, passes, interval, all_eligible, mps, uzp, unconfirm
         rr.saved_pages[0] += rr.zero_pages * zero_fraction
         rr.saved_pages[1] += rr.zero_pages
     for ti, tr in enumerate(sc.target_reports):
+        tr.saving_ranges, tr.range_pages, tr.uncovered_pages = ranges[ti].result()
+        if tr.uncovered_pages:
+            est.notes.append(f"{tr.name} (PID {tr.pid}): more mappings save memory than "
+                             f"max_ranges={max_ranges}; the saving ranges leave out "
+                             f"{tr.uncovered_pages} saving pages of the mappings saving least")
         mine = [s.report for s in sc.segments if s.target == ti]
         for key in _COUNT_FIELDS:
             setattr(tr, key, sum(getattr(m, key) for m in mine))
