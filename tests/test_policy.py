@@ -12,7 +12,7 @@ from udedup.config import Config
 
 from fake_sysfs import MINIMAL_COUNTERS, MINIMAL_KNOBS, make_fake_ksm
 from udedup.policy import (PRIOR_SECONDS_PER_PAGE, EstimateResult, Memory, Observation, Policy,
-                           ProcessInfo, knobs_for_rate, match_process, pressure_state)
+                           ProcessInfo, Register, knobs_for_rate, match_process, pressure_state)
 
 PS = 4096
 MiB, GiB = 1 << 20, 1 << 30
@@ -335,7 +335,7 @@ def test_unregistered_process_needs_injection():
     policy.reconfigure(cfg(candidates={"names": ["vm"]}, registration={"allow_injection": True,
                                                                          "inject_mode": "madvise"}))
     plan = host.round()
-    assert [(i.pid, mode) for i, mode in plan.register] == [(1, "madvise")]
+    assert [(a.info.pid, a.mode, a.ranges) for a in plan.register] == [(1, "madvise", None)]
     assert plan.mode == "fast"                   # registration under way: scan for it
     assert host.round().register == []           # not repeated while waiting for the mg flags
     policy.record_registration(vm.key, False, "target is traced by a debugger", host.now)
@@ -477,6 +477,72 @@ def test_discovery_and_memory_on_a_fake_proc(tmp_path):
     mem = daemon_mod.read_memory(str(procfs))
     assert mem == Memory(total=16384000 * 1024, available=8192000 * 1024, psi_some_avg10=1.5)
     assert daemon_mod.process_start_time(10, str(procfs)) == 70
+
+
+RANGES = ((0x7f0000000000, 0x7f0000000000 + 448 * MiB),)
+
+
+def test_range_granularity_registers_only_the_saving_ranges():
+    vm = proc(1, registered=False)
+    policy = Policy(cfg(candidates={"names": ["vm"]}, registration={"allow_injection": True}))
+    host = Host(policy, vm)
+    host.round()
+    policy.record_estimate(vm.key, EstimateResult(0.0, 400 * MiB, GiB, 39.0, ranges=RANGES,
+                                                  range_bytes=448 * MiB))
+    plan = host.round()
+    assert plan.register == [Register(vm, "madvise", RANGES)]
+    assert any("opting 1 range holding the predicted saving (448.0 MiB of 1024.0 MiB resident)" in t
+               for t in texts(plan))
+    # ksmd's speed is sized for the ranges, not the whole process
+    assert plan.scan_pages == 448 * MiB // PS and plan.mode == "fast"
+
+    # registered now: mg flags cover the ranges; the same ranges again are not re-registered
+    host.procs = [dataclasses.replace(vm, registered_bytes=448 * MiB)]
+    assert host.round(dt=700).register == []
+    # a newer estimate finds saving outside them: only then is there more to register
+    more = RANGES + ((0x7f1000000000, 0x7f1000000000 + 64 * MiB),)
+    policy.record_estimate(vm.key, EstimateResult(host.now, 440 * MiB, GiB, 43.0, ranges=more,
+                                                  range_bytes=512 * MiB))
+    plan = host.round()
+    assert plan.register == [Register(host.procs[0], "madvise", more)]
+    assert any("new estimate puts saving outside the registered ranges" in t for t in texts(plan))
+
+
+def test_process_granularity_ignores_the_ranges():
+    vm = proc(1, registered=False)
+    policy = Policy(cfg(candidates={"names": ["vm"]},
+                        registration={"allow_injection": True, "granularity": "process"}))
+    host = Host(policy, vm)
+    host.round()
+    policy.record_estimate(vm.key, EstimateResult(0.0, 400 * MiB, GiB, 39.0, ranges=RANGES,
+                                                  range_bytes=448 * MiB))
+    plan = host.round()
+    assert plan.register == [Register(vm, "auto", None)]
+    assert plan.scan_pages == GiB // PS
+
+
+def test_per_process_prediction_pays_rmap_items_for_what_ksmd_scans():
+    """64 bytes of rmap item per page ksmd would scan: the ranges' pages when only they are
+    registered, every scanned page otherwise."""
+    target = dataclasses.make_dataclass("T", ["pid", "kind", "exited", "scanned_pages",
+                                              "unreadable_pages", "zero_pages", "saved_pages",
+                                              "saving_ranges", "range_pages"])
+    t = target(7, "process", False, 1000, 0, 100, (600, 700), [(0x1000, 0x1000 + 800 * PS)], 800)
+    est = type("E", (), {"page_size": PS, "targets": [t]})()
+    whole = daemon_mod._per_process(est, [7], use_zero_pages=False)
+    ranges = daemon_mod._per_process(est, [7], use_zero_pages=False, by_ranges=True)
+    zero = daemon_mod._per_process(est, [7], use_zero_pages=True, by_ranges=True)
+    assert whole[7] == (600 * PS - 1000 * 64, 1000 * PS, ((0x1000, 0x1000 + 800 * PS),), 800 * PS)
+    assert ranges[7][0] == 600 * PS - 800 * 64
+    assert zero[7][0] == 700 * PS - 700 * 64
+
+
+def test_rounds_come_faster_while_ksmd_scans_fast():
+    d = daemon_mod.Daemon(cfg(daemon={"interval": 10.0, "fast_interval": 0.5}))
+    d.policy.mode = "fast"
+    assert d._interval() == 0.5
+    d.policy.mode = "slow"
+    assert d._interval() == 10.0
 
 
 def test_daemon_rounds_on_fake_trees_write_the_fake_knobs(tmp_path, monkeypatch):

@@ -72,7 +72,16 @@ class Registration:
         False, "bool", "opt running processes in by making them call madvise/prctl through ptrace "
         "(udedup enable); if false only processes started under 'udedup run' or that register "
         "themselves are merged")
-    inject_mode: str = _f("auto", "choice", "injection mode", choices=("auto", "prctl", "madvise"))
+    inject_mode: str = _f("auto", "choice", "injection mode for whole-process registration",
+                          choices=("auto", "prctl", "madvise"))
+    granularity: str = _f(
+        "ranges", "choice", "ranges: madvise only the address ranges the estimate predicts to save, "
+        "so ksmd never scans the rest; process: the whole process (inject_mode)",
+        choices=("ranges", "process"))
+    range_gap: int = _f(2 << 20, "size", "join saving ranges closer than this (fewer, larger ranges)",
+                        lo=0)
+    max_ranges: int = _f(64, "int", "at most this many ranges per process (each becomes a mapping "
+                         "of its own in the target)", lo=1, hi=4096)
     min_saving: int = _f(32 << 20, "size", "register only if the predicted saving is at least this", lo=0)
     min_saving_percent: float = _f(
         5.0, "float", "... and at least this percent of the process's scanned memory", lo=0.0, hi=100.0)
@@ -87,6 +96,12 @@ class Estimate:
     passes: int = _f(2, "int", "passes per estimate (later ones find volatile pages and confirm "
                      "duplicates byte by byte)", lo=2, hi=10)
     pass_interval: float = _f(0.5, "float", "seconds between estimator passes", lo=0.0, hi=60.0)
+    screen: bool = _f(True, "bool", "sample candidates first and read in full only those whose sample "
+                      "could reach registration.min_saving (unique or volatile memory is not read "
+                      "in full)")
+    recheck: str = _f("candidates", "choice", "what later passes re-read: candidates (zero pages and "
+                      "duplicate candidates, the only pages whose change alters the prediction) or all",
+                      choices=("candidates", "all"))
     reestimate_seconds: float = _f(600.0, "float", "re-estimate a process after this many seconds",
                                    lo=1.0)
 
@@ -139,6 +154,8 @@ class Daemon:
     """The loop, the state file, and what happens to the knobs on exit."""
 
     interval: float = _f(10.0, "float", "seconds between policy rounds", lo=0.05, hi=3600.0)
+    fast_interval: float = _f(1.0, "float", "seconds between rounds while ksmd scans fast (how soon "
+                              "a realized saving slows it down)", lo=0.05, hi=3600.0)
     state_file: str = _f("/run/udedup/state.json", "str", "original knobs for crash recovery, and the "
                          "daemon's view for 'udedup status'")
     on_exit: str = _f("restore", "choice", "knobs the daemon changed, on SIGTERM/SIGINT",

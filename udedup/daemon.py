@@ -338,11 +338,13 @@ def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float) -> 
     """One joint estimate (duplicates across processes count) -> {key: EstimateResult | str error}."""
     from . import estimate as estimate_mod
 
-    e = cfg.estimate
+    e, r = cfg.estimate, cfg.registration
     pids = [i.pid for i in infos]
     results: dict = {}
     try:
-        est = estimate_mod.estimate(pids, passes=e.passes, interval=e.pass_interval, all_eligible=True)
+        est = estimate_mod.estimate(pids, passes=e.passes, interval=e.pass_interval,
+                                    all_eligible=True, recheck=e.recheck, range_gap=r.range_gap,
+                                    max_ranges=r.max_ranges)
     except UdedupError as err:
         if len(infos) == 1:
             return {infos[0].key: str(err)}
@@ -350,25 +352,65 @@ def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float) -> 
         for info in infos:
             results.update(estimate_processes([info], cfg, use_zero_pages, now))
         return results
-    per_pid = _per_process(est, pids, use_zero_pages)
+    per_pid = _per_process(est, pids, use_zero_pages, by_ranges=r.granularity == "ranges")
     for info in infos:
         got = per_pid.get(info.pid)
         if got is None:
             results[info.key] = "exited during the estimate"
             continue
-        saved, scanned = got
+        saved, scanned, ranges, range_bytes = got
         pct = 100.0 * saved / scanned if scanned else 0.0
         results[info.key] = EstimateResult(at=now, saved_bytes=int(saved), scanned_bytes=int(scanned),
-                                           saved_percent=pct)
+                                           saved_percent=pct, ranges=ranges, range_bytes=range_bytes)
     return results
 
 
-def _per_process(est, pids, use_zero_pages: bool) -> dict:
-    """{pid: (predicted saved bytes, scanned bytes)} from an Estimate's per-target attribution.
+def screen_processes(infos, cfg: Config, now: float, seed: int = 0) -> dict:
+    """{key: EstimateResult} for the processes a sample rules out (see udedup.screen); the others
+    are left for the full estimate. Nothing is ruled out when screening is off, when the threshold
+    is so low that the sample would be most of the memory, or when the sample fails."""
+    from . import screen as screen_mod
+
+    r = cfg.registration
+    if not cfg.estimate.screen or r.min_saving <= 0 or not infos:
+        return {}
+    rate = screen_mod.rate_for(r.min_saving)
+    if rate > 0.25:
+        return {}
+    try:
+        sampled = screen_mod.screen([i.pid for i in infos], rate, seed=seed,
+                                    procfs=cfg.daemon.procfs)
+    except UdedupError as err:
+        log.info("screen failed (%s): estimating in full", err)
+        return {}
+    out = {}
+    for info in infos:
+        got = sampled.get(info.pid)
+        if not isinstance(got, screen_mod.ScreenResult) or got.sampled_pages == 0:
+            continue    # errors and empty samples: the full estimate decides and reports
+        ps = screen_mod.pages.PAGE_SIZE
+        present = got.present_pages * ps
+        threshold = max(r.min_saving, r.min_saving_percent / 100.0 * present)
+        bound = got.bound_pages * ps
+        if bound >= 0.5 * threshold:
+            continue
+        out[info.key] = EstimateResult(
+            at=now, saved_bytes=int(bound), scanned_bytes=int(present),
+            saved_percent=100.0 * bound / present if present else 0.0,
+            screened=(f"screened: {got.sampled_pages} sampled pages of {got.present_pages}, "
+                      f"{got.zero_pages} zero, {got.twin_pages} with a twin"))
+    return out
+
+
+def _per_process(est, pids, use_zero_pages: bool, by_ranges: bool = False) -> dict:
+    """{pid: (predicted saved bytes, scanned bytes, saving ranges, resident bytes in them)} from an
+    Estimate's per-target attribution.
 
     The estimator splits each duplicate group's saving among the processes holding it, so the
-    shares add up to the joint prediction; each share pays 64 bytes of rmap item per scanned page,
-    as general_profit does.
+    shares add up to the joint prediction. Each share pays 64 bytes of rmap item per page ksmd
+    would scan, as general_profit does: the pages of the saving ranges when only those get
+    registered (``by_ranges``), else every scanned page; zero pages merged into the shared zero
+    page (use_zero_pages) give theirs back.
     """
     k = int(bool(use_zero_pages))
     ps = est.page_size
@@ -377,20 +419,26 @@ def _per_process(est, pids, use_zero_pages: bool) -> dict:
         if getattr(t, "kind", "process") != "process" or t.exited:
             continue
         readable = t.scanned_pages - t.unreadable_pages
-        rmap = readable - (t.zero_pages if use_zero_pages else 0)
+        ranges = tuple(tuple(x) for x in getattr(t, "saving_ranges", ()) or ())
+        range_pages = int(getattr(t, "range_pages", 0) or 0)
+        scanned_by_ksmd = range_pages if by_ranges and ranges else readable
+        rmap = scanned_by_ksmd - (t.zero_pages if use_zero_pages else 0)
         saved = t.saved_pages[k] * ps - rmap * RMAP_ITEM_BYTES
-        per[int(t.pid)] = (saved, readable * ps)
+        per[int(t.pid)] = (saved, readable * ps, ranges, range_pages * ps)
     return per
 
 
-def register_process(info: ProcessInfo, mode: str) -> tuple[bool, str]:
+def register_process(info: ProcessInfo, mode: str, ranges=None) -> tuple[bool, str]:
     from . import inject
 
     try:
-        result = inject.enable(info.pid, mode=mode)
+        result = inject.enable(info.pid, mode=mode, ranges=list(ranges) if ranges else None)
     except UdedupError as err:
         return False, str(err)
-    return True, str(getattr(result, "mode", mode))
+    how = str(getattr(result, "mode", mode))
+    if ranges:
+        how += f", {len(ranges)} range{'s' if len(ranges) != 1 else ''}"
+    return True, how
 
 
 # --- the daemon -------------------------------------------------------------------------------------
@@ -457,8 +505,14 @@ class Daemon:
             self._shutdown()
         return 0
 
+    def _interval(self) -> float:
+        """Seconds to the next round: shorter while ksmd scans fast, so that it slows down soon
+        after the saving is realized (a fast scan costs CPU for every second it runs on)."""
+        d = self.cfg.daemon
+        return min(d.interval, d.fast_interval) if self.policy.mode == "fast" else d.interval
+
     def _loop(self) -> None:
-        next_round = self.clock() + self.cfg.daemon.interval
+        next_round = self.clock() + self._interval()
         wd = self.notify.watchdog_seconds
         next_ping = self.clock() + wd / 2 if wd else float("inf")
         while not self.signals.wait(max(0.0, min(next_round, next_ping) - self.clock())):
@@ -471,7 +525,7 @@ class Daemon:
             if now >= next_round:
                 self._round()
                 # skip missed rounds rather than running them back to back
-                next_round = max(next_round + self.cfg.daemon.interval, self.clock() + 0.05)
+                next_round = max(next_round + self._interval(), self.clock() + 0.05)
         log.info("received %s: stopping", self.signals.signame or "stop")
 
     def _shutdown(self) -> None:
@@ -656,9 +710,9 @@ class Daemon:
             if not ok:
                 continue
             cached = self._mappings.get(info.key)
-            if (cached is not None and not self.policy.wants_mappings(info.key)
+            if (cached is not None
                     and (cached[0].merge_any, cached[0].mergeable) == (info.merge_any, info.mergeable)
-                    and now - cached[1] < self.cfg.estimate.reestimate_seconds):
+                    and now - cached[1] < self.policy.mappings_max_age(info.key)):
                 seen[info.key] = cached
                 procs.append(replace(info, registered_bytes=cached[0].registered_bytes,
                                      eligible_bytes=cached[0].eligible_bytes))
@@ -721,9 +775,17 @@ class Daemon:
         if self.cfg.ksmd.use_zero_pages != "keep":
             use_zero = self.cfg.ksmd.use_zero_pages == "on"
         t0, cpu0 = time.monotonic(), time.process_time()
-        results = estimate_processes(plan.estimate, self.cfg, use_zero, obs.now)
-        log.info("estimated %d processes in %.2f s (%.2f CPU-s)", len(plan.estimate),
-                 time.monotonic() - t0, time.process_time() - cpu0)
+        results = screen_processes(plan.estimate, self.cfg, obs.now, seed=self.rounds)
+        full = [i for i in plan.estimate if i.key not in results]
+        if len(full) < len(plan.estimate):
+            log.info("screened %d processes in %.2f s (%.2f CPU-s): %d ruled out by their sample",
+                     len(plan.estimate), time.monotonic() - t0, time.process_time() - cpu0,
+                     len(results))
+        if full:
+            t1, cpu1 = time.monotonic(), time.process_time()
+            results.update(estimate_processes(full, self.cfg, use_zero, obs.now))
+            log.info("estimated %d processes in %.2f s (%.2f CPU-s)", len(full),
+                     time.monotonic() - t1, time.process_time() - cpu1)
         for key, result in results.items():
             if isinstance(result, EstimateResult):
                 self.policy.record_estimate(key, result, now=obs.now)
@@ -732,12 +794,12 @@ class Daemon:
                 self.policy.record_estimate(key, None, error=result, now=obs.now)
 
     def _register(self, plan: Plan) -> None:
-        for info, mode in plan.register:
+        for info, mode, ranges in plan.register:
             if self.opts.dry_run:
-                log.info("dry run: would opt pid %d (%s) in by injection, mode %s", info.pid,
-                         info.name, mode)
+                log.info("dry run: would opt pid %d (%s) in by injection, mode %s%s", info.pid,
+                         info.name, mode, f", {len(ranges)} ranges" if ranges else "")
                 continue
-            ok, detail = register_process(info, mode)
+            ok, detail = register_process(info, mode, ranges)
             if ok:
                 log.info("pid %d (%s): registered by injection (%s)", info.pid, info.name, detail)
             else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .config import Config, glob_match, regex_search
 
@@ -72,12 +73,28 @@ class ProcessInfo:
 
 @dataclass(frozen=True)
 class EstimateResult:
-    """What the estimator predicted for one process (scope: all eligible memory)."""
+    """What the estimator predicted for one process (scope: all eligible memory).
+
+    ``ranges``: the page-aligned (start, end) address ranges holding every page predicted to save
+    (registration.granularity = "ranges" registers only these); ``range_bytes``: resident bytes in
+    them, which ksmd would scan. ``saved_bytes`` pays KSM's 64-byte rmap item for each page that
+    would be registered: the ranges' pages, or all scanned pages for whole-process registration."""
 
     at: float
     saved_bytes: int
     scanned_bytes: int
     saved_percent: float
+    ranges: tuple = ()
+    range_bytes: int = 0
+    screened: str = ""          # set when a sample ruled the process out: how (no full estimate)
+
+
+class Register(NamedTuple):
+    """One registration to do by injection: the whole process (``ranges`` None) or ``ranges``."""
+
+    info: "ProcessInfo"
+    mode: str                   # inject mode: auto, prctl, madvise
+    ranges: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +132,7 @@ class Decision:
 @dataclass
 class Plan:
     estimate: list = field(default_factory=list)        # ProcessInfo to estimate together, now
-    register: list = field(default_factory=list)        # (ProcessInfo, mode) to opt in by injection
+    register: list = field(default_factory=list)        # Register actions, by injection
     knobs: dict = field(default_factory=dict)           # knob -> value to write
     mode: str = "hold"                                  # fast, slow, stopped, hold
     decisions: list = field(default_factory=list)       # new or changed decisions only
@@ -187,6 +204,17 @@ def knobs_for_rate(pages_per_second: float, sleep_ms: int, seconds_per_page: flo
     return int(min(max_pages, max(1, math.ceil(pages_per_second * s / (1.0 - busy)))))
 
 
+def _covers(outer, inner) -> bool:
+    """Does the union of ``outer`` ranges contain every range of ``inner``?"""
+    return all(any(a <= s and e <= b for a, b in outer) for s, e in inner)
+
+
+def _ranges_text(ranges, est: EstimateResult) -> str:
+    n = len(ranges)
+    return (f"{n} range{'s' if n != 1 else ''} holding the predicted saving "
+            f"({_mib(est.range_bytes)} of {_mib(est.scanned_bytes)} resident)")
+
+
 def _mib(n: float) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
@@ -200,6 +228,7 @@ class _Proc:
     estimate_failed_at: float = 0.0
     registration_failed: str | None = None
     registered_at: float | None = None
+    registered_ranges: tuple | None = None  # what our last range registration covered
     last_reason: str | None = None          # last decision reported for this process
     worthwhile: bool = False
 
@@ -256,6 +285,7 @@ class Policy:
             p.registered_at, p.registration_failed = now, None
         else:
             p.registered_at, p.registration_failed = None, detail
+            p.registered_ranges = None
 
     def record_written(self, knobs: dict) -> None:
         self.written.update(knobs)
@@ -394,6 +424,8 @@ class Policy:
             p.worthwhile = enough
             predicted = (f"predicted saving {_mib(est.saved_bytes)} ({est.saved_percent:.1f}% of "
                          f"{_mib(est.scanned_bytes)})")
+            if est.screened:
+                predicted = f"predicted saving at most about {_mib(est.saved_bytes)} ({est.screened})"
             if not enough:
                 why = ("below registration.min_saving " + _mib(r.min_saving)
                        if est.saved_bytes < r.min_saving else
@@ -405,16 +437,28 @@ class Policy:
                 else:
                     self._note(plan, p, "register", "skip", f"{info.name}: {predicted}, {why}")
                 continue
+            ranges = self._ranges(est)
             if info.registered:
                 how = "merge-any (prctl)" if info.merge_any else f"{_mib(info.registered_bytes)} madvised"
                 self._note(plan, p, "register", "registered", f"{info.name}: {predicted}; already "
                            f"registered ({how})")
-                if (not info.merge_any and r.allow_injection and info.eligible_bytes
+                if ranges is not None:
+                    if (r.allow_injection and not info.merge_any and p.registered_ranges is not None
+                            and not _covers(p.registered_ranges, ranges) and not p.registration_failed):
+                        # a newer estimate found saving outside what we registered: add it (the
+                        # old ranges stay registered: unregistering would unmerge their pages)
+                        plan.register.append(Register(info, "madvise", ranges))
+                        p.registered_at = obs.now
+                        p.registered_ranges = tuple(sorted(set(p.registered_ranges) | set(ranges)))
+                        self._note(plan, p, "register", "register", f"{info.name}: the new estimate "
+                                   f"puts saving outside the registered ranges: registering "
+                                   f"{_ranges_text(ranges, est)}")
+                elif (not info.merge_any and r.allow_injection and info.eligible_bytes
                         and info.registered_bytes < 0.8 * info.eligible_bytes
                         and p.registered_at is not None
                         and obs.now - p.registered_at >= self.cfg.estimate.reestimate_seconds):
                     # madvise covers the mappings that existed then: newer ones need another pass
-                    plan.register.append((info, r.inject_mode))
+                    plan.register.append(Register(info, r.inject_mode))
                     p.registered_at = obs.now
                     self._note(plan, p, "register", "register", f"{info.name}: only "
                                f"{_mib(info.registered_bytes)} of {_mib(info.eligible_bytes)} eligible "
@@ -431,10 +475,22 @@ class Policy:
                 continue
             if p.registered_at is not None:
                 continue  # injected, waiting to see mg flags in the next round
-            plan.register.append((info, r.inject_mode))
             p.registered_at = obs.now
-            self._note(plan, p, "register", "register", f"{info.name}: {predicted}; opting it in "
-                       f"by injection (mode {r.inject_mode})")
+            if ranges is not None:
+                plan.register.append(Register(info, "madvise", ranges))
+                p.registered_ranges = ranges
+                self._note(plan, p, "register", "register", f"{info.name}: {predicted}; opting "
+                           f"{_ranges_text(ranges, est)} in by injection (madvise)")
+            else:
+                plan.register.append(Register(info, r.inject_mode))
+                self._note(plan, p, "register", "register", f"{info.name}: {predicted}; opting it "
+                           f"in by injection (mode {r.inject_mode})")
+
+    def _ranges(self, est: EstimateResult) -> tuple | None:
+        """The ranges to register, or None for the whole process."""
+        if self.cfg.registration.granularity != "ranges" or not est.ranges:
+            return None
+        return tuple(tuple(x) for x in est.ranges)
 
     def _settled(self, obs: Observation) -> tuple[bool, str]:
         scans = int(obs.counters.get("full_scans", 0))
@@ -464,8 +520,8 @@ class Policy:
                                                    + int(obs.counters.get("ksm_zero_pages", 0)))
         self._managed_keys = keys
         # memory being registered right now counts already: the knobs are for the next minutes
-        registered_pages = sum(p.info.eligible_bytes if (p.registered_at is not None
-                                                         and not p.info.registered)
+        registered_pages = sum(self._pending_bytes(p) if (p.registered_at is not None
+                                                          and not p.info.registered)
                                else p.info.registered_bytes
                                for p in self.procs.values()) // obs.page_size
         plan.predicted_bytes = sum(p.estimate.saved_bytes for p in managed)
@@ -560,6 +616,13 @@ class Policy:
                                                 k.max_pages_to_scan),
                 "sleep_millisecs": sleep_ms}
 
+    @staticmethod
+    def _pending_bytes(p: _Proc) -> int:
+        """Bytes a registration under way will add to ksmd's scan."""
+        if p.registered_ranges is not None and p.estimate is not None:
+            return p.estimate.range_bytes
+        return p.info.eligible_bytes
+
     def _pages_per_full_scan(self, obs: Observation) -> int:
         """Pages one full scan covered, from the counters, once ksmd has completed scans."""
         prev = self._prev
@@ -571,13 +634,17 @@ class Policy:
             return d_pages // d_scans
         return 0
 
-    def wants_mappings(self, key) -> bool:
-        """Does deciding about this process need its smaps now? Reading smaps walks every page
-        table entry, the biggest cost of a round: a process known not to be worth merging and not
-        registered can do with the figures of its last read."""
+    def mappings_max_age(self, key) -> float:
+        """How old this process's smaps figures may be for deciding about it (seconds). Reading
+        smaps walks every page table entry, the biggest cost of a round: it is needed at once for
+        a new process or a registration not seen yet, every ``daemon.interval`` for memory we
+        manage (fast rounds come more often), and at re-estimate time for the rest."""
         p = self.procs.get(key)
-        return p is None or p.estimate is None or p.worthwhile or p.registered_at is not None \
-            or p.info.registered
+        if p is None or p.estimate is None or (p.registered_at is not None and not p.info.registered):
+            return 0.0
+        if p.worthwhile or p.info.registered:
+            return self.cfg.daemon.interval
+        return self.cfg.estimate.reestimate_seconds
 
     # --- for metrics and the state file
     def view(self) -> dict:
