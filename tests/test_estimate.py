@@ -306,3 +306,225 @@ def test_bench_script_runs_without_ksm():
     assert out["estimate"]["pages_scanned"] + out["estimate"]["zero_mapped_pages"] == out["pages"]
     assert out["ratios"]["read_scan_vs_plain_read"] > 0
     assert out["estimate"]["index_bytes_per_page"] <= 24
+
+
+# --- recheck="candidates" -----------------------------------------------------------------------
+def _prediction_fields(p):
+    return (p.pages_shared, p.pages_sharing, p.ksm_zero_pages, p.rmap_items, p.saved_pages,
+            p.general_profit)
+
+
+def test_recheck_candidates_predicts_the_same_and_reads_less(children, buffers):
+    # Registered memory only (no all_eligible, which would scan the children's whole heap), so
+    # no zero pages here: a ksmd run meanwhile by another test with use_zero_pages=1 could turn
+    # them into zero-page mappings between the two estimates. Zero pages: the next test.
+    # Content c of seed 7 in the children is _content(c) here: groups span processes and buffer.
+    _, a = children([{"kind": "dup", "pages": 32, "contents": 4, "seed": 7},
+                     {"kind": "unique", "pages": 20}, {"kind": "volatile", "pages": 16}])
+    _, b = children([{"kind": "dup", "pages": 32, "contents": 4, "seed": 7},
+                     {"kind": "dup", "pages": 12, "contents": 3, "seed": 5},
+                     {"kind": "unique", "pages": 30}])
+    _, c = children([{"kind": "unique", "pages": 12}])
+    buf = buffers(25)
+    p = buf.pages
+    p[0:6] = _content(100)                      # a group of this buffer alone
+    p[12:22] = np.random.default_rng(3).integers(0, 256, (10, PS), dtype=np.uint8)
+    p[22:25] = _content(0)                      # joins a group of both children
+    vol = p[6:12]
+
+    def run(recheck):
+        vol[:] = _content(101)                  # a group in pass 1 ...
+        done_once = []
+
+        def progress(pass_no, passes, done, total):
+            if pass_no == 1 and done == total and not done_once:
+                done_once.append(done)          # ... rewritten page by page before pass 2
+                vol[:] = np.random.default_rng(1).integers(0, 256, (6, PS), dtype=np.uint8)
+        est = estimate([a["pid"], b["pid"], c["pid"], buf], interval=0.2,
+                       max_page_sharing=256, recheck=recheck, progress=progress)
+        assert done_once
+        return est
+
+    full, cand = run("all"), run("candidates")
+    del p, vol
+    assert (full.recheck, cand.recheck) == ("all", "candidates")
+    assert cand.as_dict()["recheck"] == "candidates"
+    for est in (full, cand):
+        assert sorted(est.group_sizes.tolist()) == [4, 4, 4, 6, 16, 16, 16, 19]
+        assert est.duplicate_pages == 32 + 44 + 6 + 3 and est.zero_pages == 0
+    for uzp in (False, True):
+        assert _prediction_fields(full.predicted(uzp)) == _prediction_fields(cand.predicted(uzp))
+    for t_full, t_cand in zip(full.targets, cand.targets):
+        assert t_full.saved_pages == t_cand.saved_pages
+        assert t_full.saving_ranges == t_cand.saving_ranges
+        assert t_full.range_pages == t_cand.range_pages
+    assert [m.saved_pages for m in full.mappings] == [m.saved_pages for m in cand.mappings]
+    # volatile: the rewritten group in both; the churning unique pages only where re-read
+    assert cand.volatile_pages == 6
+    assert full.volatile_pages > 6
+    missed = full.volatile_pages - cand.volatile_pages
+    assert cand.unique_pages == full.unique_pages + missed
+    assert cand.predicted(True).pages_unshared == full.predicted(True).pages_unshared + missed
+    # pass 2 re-reads the candidates of pass 1 only (heads re-read as often in both)
+    head_reads = full.bytes_read - 2 * full.pages_scanned * PS
+    assert cand.bytes_read == (cand.pages_scanned + cand.duplicate_pages + 6) * PS + head_reads
+    assert cand.bytes_read < full.bytes_read
+    # saving ranges of processes with known layout; one with nothing to save gets none
+    by_pid = {t.pid: t for t in cand.targets}
+    assert by_pid[a["pid"]].saving_ranges == [(a["start"], a["start"] + 32 * PS)]
+    assert by_pid[a["pid"]].range_pages == 32
+    assert by_pid[b["pid"]].saving_ranges == [(b["start"], b["start"] + 44 * PS)]
+    assert by_pid[c["pid"]].saving_ranges == [] and by_pid[c["pid"]].range_pages == 0
+    mine = cand.targets[-1]
+    assert mine.kind == "buffer" and mine.saving_ranges == [(buf.address, buf.address + 25 * PS)]
+    assert mine.range_pages == 25 and mine.uncovered_pages == 0
+
+
+def test_recheck_candidates_with_zero_pages(buffers):
+    """Zero pages are re-read too: a zero page written between passes leaves the prediction."""
+    groups = [3, 5, 9]
+    buf = buffers(40 + sum(groups) + 30, register=False)
+    _layout(buf, zero=40, groups=groups, unique=30, seed=2)
+    p = buf.pages
+
+    def run(recheck):
+        p[:40] = 0
+        done_once = []
+
+        def progress(pass_no, passes, done, total):
+            if pass_no == 1 and done == total and not done_once:
+                done_once.append(done)
+                p[:4, 7] = 1                     # four zero pages change
+                p[-2:, 7] += 1                   # and two unique ones
+        return estimate(buf, interval=0, all_eligible=True, max_page_sharing=16,
+                        recheck=recheck, progress=progress)
+
+    full, cand = run("all"), run("candidates")
+    del p
+    for est in (full, cand):
+        assert est.zero_pages == 36 and sorted(est.group_sizes.tolist()) == groups
+    for uzp in (False, True):
+        assert _prediction_fields(full.predicted(uzp)) == _prediction_fields(cand.predicted(uzp))
+    assert (full.volatile_pages, cand.volatile_pages) == (6, 4)
+    assert cand.bytes_read == full.bytes_read - 30 * PS
+    assert full.targets[0].saving_ranges == cand.targets[0].saving_ranges == \
+        [(buf.address + 4 * PS, buf.address + (40 + sum(groups)) * PS)]
+
+
+def test_recheck_candidates_notices_an_exit_without_reading(children):
+    """A process with no candidate is not read after pass 1: its exit must still be noticed."""
+    proc, info = children([{"kind": "unique", "pages": 64}])
+    _, other = children([{"kind": "dup", "pages": 64, "contents": 4}])
+    killed = []
+
+    def progress(pass_no, passes, done, total):
+        if pass_no == 2 and not killed:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed.append(done)
+    est = estimate([info["pid"], other["pid"]], interval=0, recheck="candidates",
+                   progress=progress)
+    assert killed and est.partial
+    assert any(f"PID {info['pid']} exited during pass 2" in n for n in est.notes)
+    gone = next(t for t in est.targets if t.pid == info["pid"])
+    assert gone.exited and gone.unreadable_pages == 64 and gone.saving_ranges == []
+    assert est.predicted(False).rmap_items == 64 and est.duplicate_pages == 64
+
+
+@pytest.mark.parametrize("kwargs", [{"threads": 1}, {"buffer_bytes": 8 * PS, "cache_bytes": 0},
+                                    {"buffer_bytes": 8 * PS, "cache_bytes": 8 * PS}])
+def test_recheck_candidates_across_many_sparse_chunks(buffers, kwargs):
+    """Candidates scattered over many chunks: heads in earlier chunks, cached or re-read."""
+    groups = [2] * 40 + [7] * 10 + [100]
+    buf = buffers(sum(groups) + 300)
+    _layout(buf, zero=0, groups=groups, unique=300, seed=5)
+    order = np.random.default_rng(9).permutation(buf.pages.shape[0])
+    buf.pages[:] = buf.pages[order]               # unique pages between the candidates
+    full = estimate(buf, interval=0, **kwargs)
+    cand = estimate(buf, interval=0, recheck="candidates", **kwargs)
+    assert sorted(cand.group_sizes.tolist()) == sorted(groups)
+    assert cand.unique_pages == full.unique_pages == 300
+    assert cand.targets[0].saving_ranges == full.targets[0].saving_ranges
+    assert _prediction_fields(cand.predicted(True)) == _prediction_fields(full.predicted(True))
+    assert cand.bytes_read < full.bytes_read
+
+
+# --- saving ranges --------------------------------------------------------------------------------
+def _page_ranges(buf, est):
+    return [((a - buf.address) // PS, (b - buf.address) // PS)
+            for a, b in est.targets[0].saving_ranges]
+
+
+def test_saving_ranges_follow_the_layout(buffers):
+    buf = buffers(40, register=False)
+    p = buf.pages
+    p[:] = np.random.default_rng(4).integers(0, 256, (40, PS), dtype=np.uint8)  # unique
+    p[0:8] = 0
+    p[12:20] = _content(1)
+    p[22:26] = _content(1)
+    p[32:36] = _content(2)
+    p[36:38] = 0
+    buf.mm.madvise(mmap.MADV_DONTNEED, 21 * PS, PS)        # page 21 not present
+    gap = 3 * PS    # gaps: 4 pages (8-12), 2 (20-22, one absent), 6 (26-32)
+    want = {
+        (gap, 64): ([(0, 8), (12, 26), (32, 38)], 8 + 13 + 6),
+        (gap, 2): ([(0, 26), (32, 38)], 25 + 6),       # the smallest gap joined
+        (gap, 1): ([(0, 38)], 37),
+        (0, 64): ([(0, 8), (12, 20), (22, 26), (32, 38)], 8 + 8 + 4 + 6),
+        (5 * PS, 3): ([(0, 26), (32, 38)], 31),        # fewer than max_ranges: no forced split
+        (7 * PS, 64): ([(0, 38)], 37),
+    }
+    for (range_gap, max_ranges), (ranges, resident) in want.items():
+        est = estimate(buf, interval=0, all_eligible=True, range_gap=range_gap,
+                       max_ranges=max_ranges)
+        assert _page_ranges(buf, est) == ranges, (range_gap, max_ranges)
+        assert est.targets[0].range_pages == resident, (range_gap, max_ranges)
+        assert est.targets[0].uncovered_pages == 0
+    est = estimate(buf, interval=0, all_eligible=True)          # default: 2 MiB
+    assert _page_ranges(buf, est) == [(0, 38)] and est.targets[0].range_pages == 37
+    d = est.as_dict()["targets"][0]
+    assert d["saving_ranges"] == [[hex(buf.address), hex(buf.address + 38 * PS)]]
+    assert d["range_pages"] == 37
+    json.dumps(d)
+
+
+def test_saving_ranges_never_cross_a_mapping(buffers):
+    buf = buffers(16, register=False)
+    buf.pages[:] = 6                             # one group over two mappings
+    buf.mm.madvise(mmap.MADV_DONTDUMP, 6 * PS, 10 * PS)    # splits the VMA at page 6
+    maps = [m for m in procmem.read_mappings(os.getpid())
+            if m.start < buf.address + buf.nbytes and m.end > buf.address]
+    assert len(maps) == 2
+    est = estimate(buf, interval=0, all_eligible=True, range_gap=1 << 30)
+    assert _page_ranges(buf, est) == [(0, 6), (6, 16)]
+    assert est.targets[0].range_pages == 16 and est.largest_group == 16
+    # one range allowed: the mapping saving most keeps it, the rest is reported uncovered
+    est = estimate(buf, interval=0, all_eligible=True, max_ranges=1)
+    t = est.targets[0]
+    assert _page_ranges(buf, est) == [(6, 16)] and t.range_pages == 10 and t.uncovered_pages == 6
+    assert any("max_ranges=1" in n for n in est.notes)
+
+
+def test_volatile_and_unique_pages_are_outside_the_ranges(buffers):
+    buf = buffers(24)
+    buf.pages[:] = np.random.default_rng(8).integers(0, 256, (24, PS), dtype=np.uint8)
+    buf.pages[:4] = 9
+    buf.pages[20:24] = 9
+    hot = buf.pages[20:24]
+
+    def progress(pass_no, passes, done, total):
+        if pass_no == 1 and done == total:
+            hot[:, 0] += 1                       # volatile: the group's tail drops out
+    est = estimate(buf, interval=0, range_gap=0, progress=progress, recheck="candidates")
+    assert _page_ranges(buf, est) == [(0, 4)] and est.targets[0].range_pages == 4
+    assert est.volatile_pages == 4 and est.duplicate_pages == 4
+
+
+def test_recheck_and_range_errors():
+    for kwargs, word in (({"recheck": "some"}, "recheck"), ({"recheck": None}, "recheck"),
+                         ({"range_gap": -1}, "range_gap"), ({"range_gap": 1.5}, "range_gap"),
+                         ({"max_ranges": 0}, "max_ranges"), ({"max_ranges": 1 << 20}, "max_ranges"),
+                         ({"max_ranges": True}, "max_ranges")):
+        with pytest.raises(UsageError, match=word) as info:
+            estimate(os.getpid(), **kwargs)
+        assert "\n" not in str(info.value)
