@@ -138,3 +138,47 @@ def test_bench_script_tiny():
     assert isinstance(out["ratios"]["bytes_per_scanned_page"], (int, float))
     for key, acc in out["accuracy"].items():
         assert acc["error_percent"] is not None and acc["error_percent"] <= 1.0, (key, acc)
+
+
+def test_registering_only_the_saving_ranges_saves_what_was_predicted(ksm):
+    """Register only the saving ranges of unregistered memory: KSM reaches the full prediction,
+    and scans (one rmap item per page) only the resident pages inside the ranges."""
+    import mmap
+
+    n = 600
+    mm = mmap.mmap(-1, n * PS, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mm.madvise(mmap.MADV_NOHUGEPAGE)
+    a = np.frombuffer(mm, dtype=np.uint8).reshape(n, PS)
+    a[:] = np.random.default_rng(6).integers(0, 256, (n, PS), dtype=np.uint8)
+    a[:40] = 0
+    a[140:200] = np.arange(60, dtype=np.uint8)[:, None] % 3 + 1     # 3 contents, 20 pages each
+    a[400:430] = np.arange(30, dtype=np.uint8)[:, None] % 3 + 1     # 10 more each
+    base = int(a.ctypes.data)
+    others = [m for m in procmem.read_mappings(os.getpid()) if m.registered]
+    try:
+        est = estimate(mm, interval=0, all_eligible=True, max_page_sharing=MPS,
+                       range_gap=64 * PS)
+        t = est.targets[0]
+        assert [((lo - base) // PS, (hi - base) // PS) for lo, hi in t.saving_ranges] == \
+            [(0, 40), (140, 200), (400, 430)]
+        assert t.range_pages == 130 and est.unique_pages == 470
+        for lo, hi in t.saving_ranges:
+            mm.madvise(mmap.MADV_MERGEABLE, lo - base, hi - lo)
+        with ksm.settings(allow_unmerge=True, run=0, pages_to_scan=5000, sleep_millisecs=0,
+                          smart_scan=0, max_page_sharing=MPS):
+            for uzp in (False, True):
+                with ksm.settings(use_zero_pages=uzp, run=1):
+                    ksm.wait_settled(timeout=40)
+                    pred = est.predicted(uzp)
+                    mine = [m for m in procmem.read_mappings(os.getpid())
+                            if base <= m.start < base + n * PS]
+                    assert sum(m.ksm for m in mine) // PS == pred.pages_shared + pred.pages_sharing
+                    stat = procmem.ksm_stat(os.getpid())
+                    assert stat["ksm_zero_pages"] == pred.ksm_zero_pages
+                    if not others:      # nothing else of this process is registered
+                        assert stat["ksm_rmap_items"] == t.range_pages - \
+                            (est.zero_pages if uzp else 0)
+                ksm.unmerge_all()
+    finally:
+        del a
+        mm.close()
