@@ -14,11 +14,17 @@ How (each step is what ksmd would do, done faster):
 4. later passes — crc32c again: a page whose crc32c changed is volatile and excluded, as ksmd does.
    The last pass also byte-compares every candidate with its group head (re-read when it lies in an
    earlier chunk): only pages that compare equal count as duplicates; the rest are regrouped by their
-   full hash64 and compared again. Zero pages come only from the byte check;
+   full hash64 and compared again. Zero pages come only from the byte check. With
+   ``recheck="candidates"`` these passes re-read only the zero pages and candidate group members
+   (runs of them still in large reads): a unique page saves nothing whether it changes or not;
 5. predictions for use_zero_pages 0 and 1 under max_page_sharing, with the kernel's accounting
    (a group of n equal pages makes n // mps full KSM pages plus one for a remainder of 2 or more;
    a remainder of 1 stays unshared; every scanned page costs one 64-byte rmap item, except zero pages
-   KSM maps to the zero page under use_zero_pages=1).
+   KSM maps to the zero page under use_zero_pages=1);
+6. saving ranges per target: the address ranges, each inside one mapping, that hold every page
+   predicted to save memory, joined across small gaps, so that registering only them spares ksmd
+   (about 3 us per registered page over its first two scans, and a 64-byte rmap item for as long as
+   it stays registered) the memory that would never merge.
 
 Memory: per scanned page 4 (crc32c) + 8 (hash, then sort key) + 4 (group head) + 1 (flags) = 17
 bytes, plus where the page is (8 bytes per run of contiguous pages, at most 4 per page), plus the
