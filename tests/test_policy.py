@@ -12,15 +12,18 @@ from udedup.config import Config
 
 from fake_sysfs import MINIMAL_COUNTERS, MINIMAL_KNOBS, make_fake_ksm
 from udedup.policy import (PRIOR_SECONDS_PER_PAGE, EstimateResult, Memory, Observation, Policy,
-                           ProcessInfo, Register, knobs_for_rate, match_process, pressure_state)
+                           ProcessInfo, Register, knobs_for_rate, match_process, pressure_state,
+                           sleep_for_batch)
 
 PS = 4096
 MiB, GiB = 1 << 20, 1 << 30
 
 
 def cfg(**sections) -> Config:
-    """Config() with ``section={key: value}`` changes."""
+    """Config() with ``section={key: value}`` changes. The rate tests below read the knobs at the
+    configured sleeps: the batch rule (ksmd.min_batch_pages) is off unless a test sets it."""
     c = Config()
+    c.ksmd.min_batch_pages = 1
     for section, values in sections.items():
         for key, value in values.items():
             setattr(getattr(c, section), key, value)
@@ -111,6 +114,34 @@ def texts(plan):
 def test_match_process(changes, info, ok, words):
     got, why = match_process(cfg(candidates=changes), info)
     assert got is ok and words in why
+
+
+def test_sleep_grows_until_batches_reach_the_minimum():
+    # 25000 pages/s at 2 us/page: 4000-page batches need 4000 * (1 - 0.05) / 25000 s = 152 ms
+    assert sleep_for_batch(25000, 20, 2e-6, 4000) == 152
+    assert knobs_for_rate(25000, 152, 2e-6, 10**6) >= 4000
+    assert sleep_for_batch(25000, 500, 2e-6, 4000) == 500     # already long enough
+    assert sleep_for_batch(10, 200, 2e-6, 4000) == 60000      # capped
+    assert sleep_for_batch(1e9, 0, 2e-6, 4000) == 0           # flat out: no sleep to stretch
+    assert sleep_for_batch(25000, 20, 2e-6, 1) == 20          # rule off
+
+
+def test_fast_mode_scans_in_large_batches_by_default():
+    vm = proc(1, size=GiB)
+    c = cfg(candidates={"names": ["vm"]})
+    c.ksmd.min_batch_pages = Config().ksmd.min_batch_pages
+    policy = Policy(c)
+    host = Host(policy, vm)
+    host.round()
+    estimated(policy, vm, 400 * MiB)
+    plan = host.round()
+    assert plan.mode == "fast"
+    assert plan.knobs["pages_to_scan"] >= c.ksmd.min_batch_pages
+    assert plan.knobs["sleep_millisecs"] > c.ksmd.fast_sleep_millisecs
+    # the rate is what the budget allows, whatever the batch size
+    p, s = plan.knobs["pages_to_scan"], plan.knobs["sleep_millisecs"] / 1000
+    rate = p / (s + p * policy.seconds_per_page)
+    assert rate == pytest.approx(plan.target_pages_per_second, rel=0.01)
 
 
 def test_knobs_for_rate():

@@ -204,6 +204,22 @@ def knobs_for_rate(pages_per_second: float, sleep_ms: int, seconds_per_page: flo
     return int(min(max_pages, max(1, math.ceil(pages_per_second * s / (1.0 - busy)))))
 
 
+def sleep_for_batch(pages_per_second: float, sleep_ms: int, seconds_per_page: float,
+                    min_batch: int, max_sleep_ms: int = 60000) -> int:
+    """The least sleep_millisecs >= ``sleep_ms`` at which ``pages_per_second`` comes in batches of
+    at least ``min_batch`` pages (the inverse of :func:`knobs_for_rate`).
+
+    ksmd pays for every wake-up: merging the same memory took 2.19 CPU-s at 500 pages per 20 ms
+    and 1.77 at 5000 per 200 ms, the same rate (measured on this project's 6.18 VM)."""
+    if pages_per_second <= 0 or min_batch <= 1:
+        return sleep_ms
+    busy = pages_per_second * seconds_per_page
+    if busy >= 1.0:
+        return sleep_ms
+    need = math.ceil(1000.0 * min_batch * (1.0 - busy) / pages_per_second)
+    return int(min(max_sleep_ms, max(sleep_ms, need)))
+
+
 def _covers(outer, inner) -> bool:
     """Does the union of ``outer`` ranges contain every range of ``inner``?"""
     return all(any(a <= s and e <= b for a, b in outer) for s, e in inner)
@@ -612,6 +628,8 @@ class Policy:
         sleep_ms = k.fast_sleep_millisecs if mode == "fast" else k.slow_sleep_millisecs
         if budget < 1.0 and sleep_ms == 0:
             sleep_ms = 1  # sleep 0 runs ksmd flat out: no budget below 100% survives that
+        sleep_ms = sleep_for_batch(rate, sleep_ms, self.seconds_per_page,
+                                   min(k.min_batch_pages, k.max_pages_to_scan))
         return {"pages_to_scan": knobs_for_rate(rate, sleep_ms, self.seconds_per_page,
                                                 k.max_pages_to_scan),
                 "sleep_millisecs": sleep_ms}
