@@ -503,7 +503,8 @@ def test_discovery_and_memory_on_a_fake_proc(tmp_path):
     q = found[10]
     assert (q.name, q.cmdline, q.uid, q.cgroup, q.anon_rss, q.merge_any, q.start_time) == (
         "qemu-system-x86", "qemu-system-x86_64 -m 1G", 0, "/machine.slice/vm.scope", GiB, True, 70)
-    q = daemon_mod.with_mappings(q, str(procfs))
+    q, maps = daemon_mod.with_mappings(q, str(procfs))
+    assert len(maps) == 2 and maps[0].registered
     assert q.registered_bytes == GiB and q.eligible_bytes == GiB + 2 * MiB
     mem = daemon_mod.read_memory(str(procfs))
     assert mem == Memory(total=16384000 * 1024, available=8192000 * 1024, psi_some_avg10=1.5)
@@ -628,8 +629,12 @@ def test_daemon_rounds_on_fake_trees_write_the_fake_knobs(tmp_path, monkeypatch)
     d._round()
     assert read("sleep_millisecs") == "200" and d.policy.mode == "slow"
     # smaps walks page tables: the unregistered process known not to be worth it is not read
-    # again (the registered ones are: ksmd scans them whatever we think of them)
+    # again (the registered ones are, every daemon.interval: ksmd scans them whatever we think)
     assert sorted(smaps_reads) == [10, 11]
+    smaps_reads.clear()
+    clock[0] += 1
+    d._round()
+    assert smaps_reads == []                  # one second later: the figures are current enough
     assert d.policy.procs[(12, 84)].info.eligible_bytes == GiB // 2      # figures of the last read
     restored, left = daemon_mod.restore_knobs(d.ksm, d.original, d.policy.written)
     assert restored == {"run": 0, "pages_to_scan": 100, "sleep_millisecs": 20} and left == {}

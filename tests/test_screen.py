@@ -64,6 +64,8 @@ def test_full_rate_counts_exactly_and_touches_no_absent_page(estimate_children):
     # never-touched pages and pages mapping the shared zero page are not sampled, not faulted in
     assert rb.present_pages < ra.present_pages + noise
     assert rss_anon(b["pid"]) - before < MiB
+    # mappings read beforehand (the daemon passes its own) give the same sample
+    assert screen.screen(pids, 1.0, mappings={p: procmem.read_mappings(p) for p in pids}) == got
     _, first, n = next(r for r in b["regions"] if r[0] == "absent")
     lo = b["start"] + first * PS
     assert procmem.present_pages(b["pid"], lo, lo + n * PS).size == 0

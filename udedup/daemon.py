@@ -206,18 +206,18 @@ def discover_processes(procfs: str = "/proc", exclude_pid: int | None = None) ->
     return out
 
 
-def with_mappings(info: ProcessInfo, procfs: str = "/proc") -> ProcessInfo | None:
-    """``info`` plus registered and eligible resident bytes from smaps (None if it exited;
-    ProcessAccessError if we may not read it)."""
+def with_mappings(info: ProcessInfo, procfs: str = "/proc") -> tuple[ProcessInfo | None, list]:
+    """(``info`` plus registered and eligible resident bytes from smaps, the mappings); (None, [])
+    if it exited; ProcessAccessError if we may not read it."""
     from .procmem import read_mappings
 
     try:
         maps = read_mappings(info.pid, procfs)
     except (ProcessNotFoundError, KernelThreadError):
-        return None
+        return None, []
     registered = sum(m.anonymous for m in maps if m.registered)
     eligible = sum(m.anonymous for m in maps if m.eligible)
-    return replace(info, registered_bytes=registered, eligible_bytes=eligible)
+    return replace(info, registered_bytes=registered, eligible_bytes=eligible), maps
 
 
 def read_memory(procfs: str = "/proc") -> Memory | None:
@@ -365,7 +365,7 @@ def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float) -> 
     return results
 
 
-def screen_processes(infos, cfg: Config, now: float, seed: int = 0) -> dict:
+def screen_processes(infos, cfg: Config, now: float, seed: int = 0, mappings=None) -> dict:
     """{key: EstimateResult} for the processes a sample rules out (see udedup.screen); the others
     are left for the full estimate. Nothing is ruled out when screening is off, when the threshold
     is so low that the sample would be most of the memory, or when the sample fails."""
@@ -379,7 +379,7 @@ def screen_processes(infos, cfg: Config, now: float, seed: int = 0) -> dict:
         return {}
     try:
         sampled = screen_mod.screen([i.pid for i in infos], rate, seed=seed,
-                                    procfs=cfg.daemon.procfs)
+                                    procfs=cfg.daemon.procfs, mappings=mappings)
     except UdedupError as err:
         log.info("screen failed (%s): estimating in full", err)
         return {}
@@ -712,13 +712,14 @@ class Daemon:
             cached = self._mappings.get(info.key)
             if (cached is not None
                     and (cached[0].merge_any, cached[0].mergeable) == (info.merge_any, info.mergeable)
-                    and now - cached[1] < self.policy.mappings_max_age(info.key)):
+                    and (cached[3] == self.rounds     # read earlier in this round: still current
+                         or now - cached[1] < self.policy.mappings_max_age(info.key))):
                 seen[info.key] = cached
                 procs.append(replace(info, registered_bytes=cached[0].registered_bytes,
                                      eligible_bytes=cached[0].eligible_bytes))
                 continue
             try:
-                detailed = with_mappings(info, d.procfs)
+                detailed, maps = with_mappings(info, d.procfs)
             except ProcessAccessError as err:
                 if info.key not in self._unreadable:
                     self._unreadable.add(info.key)
@@ -727,7 +728,7 @@ class Daemon:
                                 info.name, err)
                 continue
             if detailed is not None:
-                seen[info.key] = (detailed, now)
+                seen[info.key] = (detailed, now, maps, self.rounds)
                 if match_process(self.cfg, detailed)[0]:
                     procs.append(detailed)
         self._mappings = seen
@@ -775,7 +776,9 @@ class Daemon:
         if self.cfg.ksmd.use_zero_pages != "keep":
             use_zero = self.cfg.ksmd.use_zero_pages == "on"
         t0, cpu0 = time.monotonic(), time.process_time()
-        results = screen_processes(plan.estimate, self.cfg, obs.now, seed=self.rounds)
+        maps = {key: cached[2] for key, cached in self._mappings.items()}
+        results = screen_processes(plan.estimate, self.cfg, obs.now, seed=self.rounds,
+                                   mappings={k[0]: v for k, v in maps.items()})
         full = [i for i in plan.estimate if i.key not in results]
         if len(full) < len(plan.estimate):
             log.info("screened %d processes in %.2f s (%.2f CPU-s): %d ruled out by their sample",

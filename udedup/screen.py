@@ -73,19 +73,21 @@ def rate_for(threshold_bytes: int, page_size: int | None = None,
     return min(1.0, math.sqrt(expected / (2.0 * t_pages)))
 
 
-def _present_addresses(pid: int, procfs: str) -> np.ndarray:
+def _present_addresses(pid: int, procfs: str, maps=None) -> np.ndarray:
     parts = []
-    for m in procmem.read_mappings(pid, procfs):
+    for m in maps if maps is not None else procmem.read_mappings(pid, procfs):
         if m.eligible and m.anonymous:
             parts.append(procmem.present_pages(pid, m.start, m.end, procfs, anon_only=True,
                                                skip_zero_page=True))
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
 
 
-def screen(pids, rate: float, seed: int = 0, procfs: str = "/proc") -> dict:
+def screen(pids, rate: float, seed: int = 0, procfs: str = "/proc", mappings=None) -> dict:
     """Sample ``pids`` jointly at ``rate`` -> {pid: ScreenResult, or a one-line error string}.
 
-    Jointly: twins are looked for across all the processes, as KSM merges across processes."""
+    Jointly: twins are looked for across all the processes, as KSM merges across processes.
+    ``mappings``: {pid: [procmem.Mapping]} already read (smaps walks every page table entry);
+    the others are read here. Presence always comes from a fresh pagemap read."""
     if not 0.0 < rate <= 1.0:
         raise UsageError(f"screen rate must be in (0, 1], got {rate}")
     ps = pages.PAGE_SIZE
@@ -94,7 +96,7 @@ def screen(pids, rate: float, seed: int = 0, procfs: str = "/proc") -> dict:
     sampled: dict = {}
     for pid in pids:
         try:
-            addrs = _present_addresses(pid, procfs)
+            addrs = _present_addresses(pid, procfs, (mappings or {}).get(pid))
         except ProcessNotFoundError:
             out[pid] = "exited during the screen"
             continue
