@@ -16,6 +16,9 @@ The peers, each from the same start (fresh processes, everything unmerged, kerne
   advisor      every process registered, advisor_mode=scan-time
   udedup       the daemon with candidates = these processes: it estimates them, registers by
                injection only what is worth it, and tunes ksmd
+  floor        not a tuner: the least ksmd CPU any tuner pays here. The estimator (not counted)
+               finds the ranges holding the saving; only those are registered and ksmd runs flat
+               out (10000 pages / 0 ms, the cheapest rate measured) until 95 %
 
 Reported per peer: saved memory over time, time to 90 % and 95 % of the achievable saving, CPU-
 seconds of ksmd plus the tuner up to then and over the whole window, saved MiB per CPU-second. Every
@@ -169,7 +172,7 @@ def proc_cpu(pid: int) -> float | None:
 class Sampler(threading.Thread):
     """Saved pages, general_profit, ksmd CPU and the tuner's CPU every ``period`` seconds."""
 
-    def __init__(self, ksm, period=0.5):
+    def __init__(self, ksm, period=0.1):
         super().__init__(daemon=True)
         self.ksm, self.period = ksm, period
         self.samples = []
@@ -390,6 +393,25 @@ def ksmtuned_default_check(ksm, workdir, args, log) -> str:
                                        "of RAM)" if run == 0 else ""))
 
 
+def floor_tool(log):
+    """Register exactly the ranges the estimator says hold the saving, then run ksmd flat out."""
+    def start(kids, sampler):
+        from udedup import inject
+        from udedup.estimate import estimate
+        from udedup.ksm import Ksm
+        est = estimate([k.pid for k in kids], passes=2, interval=0.5, all_eligible=True,
+                       recheck="candidates")
+        pages = 0
+        for t in est.targets:
+            if t.saving_ranges:
+                inject.enable(t.pid, mode="madvise", ranges=t.saving_ranges)
+                pages += t.range_pages
+        Ksm().set("run", 1)
+        return (lambda: None), (f"saving ranges only ({pages} pages, estimator not counted), "
+                                "pages_to_scan=10000 sleep_millisecs=0: the ksmd cost of the merge itself")
+    return start
+
+
 def udedup_tool(workdir, args, log, injection: bool):
     def start(kids, sampler):
         cfg = os.path.join(workdir, "udedup.toml")
@@ -466,7 +488,13 @@ def report(results, series, achievable_pages, predicted_pages, notes, args) -> s
             lines.append(f"{r['peer']}: {r['note']}")
     lines += notes
     udedup = next((r for r in results if r["peer"] == "udedup"), None)
-    peers = [r for r in results if r["peer"] not in ("udedup", "reference") and r.get("cpu95_s")]
+    peers = [r for r in results if r["peer"] not in ("udedup", "reference", "floor") and r.get("cpu95_s")]
+    floor = next((r for r in results if r["peer"] == "floor" and r.get("cpu95_s")), None)
+    if floor and peers:
+        best = min(peers, key=lambda r: r["cpu95_s"])
+        lines.append(f"floor: ksmd alone, on exactly the saving ranges at its cheapest rate, spent "
+                     f"{floor['cpu95_s']:.2f} CPU-s to 95 % = {floor['cpu95_s'] / best['cpu95_s']:.2f} "
+                     f"of the best peer ({best['peer']}); a tuner can only add to it")
     if udedup and udedup.get("cpu95_s") and peers:
         best = min(peers, key=lambda r: r["cpu95_s"])
         lines.append(f"target check: udedup reached 95 % in {udedup['t95_s']:.1f} s with "
@@ -497,7 +525,7 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=float, default=150.0, help="seconds each peer runs")
     parser.add_argument("--reference-timeout", type=float, default=120.0)
     parser.add_argument("--interval", type=float, default=10.0, help="daemon.interval for udedup")
-    parser.add_argument("--peers", default="reference,default,ksmtuned,advisor,udedup")
+    parser.add_argument("--peers", default="reference,default,ksmtuned,advisor,udedup,floor")
     parser.add_argument("--out", help="also write the report here (and JSON next to it)")
     parser.add_argument("--no-lock", action="store_true",
                         help="do not take the KSM experiment lock (the caller holds it already)")
@@ -562,6 +590,10 @@ def main(argv=None) -> int:
                     continue
                 notes.append("ksmtuned: " + ksmtuned_default_check(ksm, workdir, args, log))
                 r, s = run_peer(ksm, peer, args, log, achievable, tool=tool)
+            elif peer == "floor":
+                r, s = run_peer(ksm, peer, args, log, achievable, register="none",
+                                knobs={"pages_to_scan": 10000, "sleep_millisecs": 0, "smart_scan": 1},
+                                tool=floor_tool(log), until_settled=True)
             elif peer == "udedup":
                 r, s = run_peer(ksm, peer, args, log, achievable,
                                 register="none" if injection else "prctl",
