@@ -249,9 +249,9 @@ def test_processes_merge_across_each_other(children):
     assert top.pid in (a["pid"], b["pid"]) and top.saved_pages[1] >= 60
 
 
-def test_process_exiting_mid_scan_gives_a_partial_result(children):
-    proc, info = children([{"kind": "dup", "pages": 512, "contents": 4}])
-    _, other = children([{"kind": "dup", "pages": 64, "contents": 4}])
+def kill_in_pass_2(proc):
+    """(killed, progress): a progress callback that kills ``proc`` when pass 2 starts; ``killed``
+    gets the page count done then."""
     killed = []
 
     def progress(pass_no, passes, done, total):
@@ -259,6 +259,13 @@ def test_process_exiting_mid_scan_gives_a_partial_result(children):
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             killed.append(done)
+    return killed, progress
+
+
+def test_process_exiting_mid_scan_gives_a_partial_result(children):
+    proc, info = children([{"kind": "dup", "pages": 512, "contents": 4}])
+    _, other = children([{"kind": "dup", "pages": 64, "contents": 4}])
+    killed, progress = kill_in_pass_2(proc)
     est = estimate([info["pid"], other["pid"]], interval=0, buffer_bytes=16 * PS,
                    progress=progress, threads=1)
     assert killed and est.partial
@@ -415,13 +422,7 @@ def test_recheck_candidates_notices_an_exit_without_reading(children):
     """A process with no candidate is not read after pass 1: its exit must still be noticed."""
     proc, info = children([{"kind": "unique", "pages": 64}])
     _, other = children([{"kind": "dup", "pages": 64, "contents": 4}])
-    killed = []
-
-    def progress(pass_no, passes, done, total):
-        if pass_no == 2 and not killed:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            killed.append(done)
+    killed, progress = kill_in_pass_2(proc)
     est = estimate([info["pid"], other["pid"]], interval=0, recheck="candidates",
                    progress=progress)
     assert killed and est.partial

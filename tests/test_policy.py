@@ -514,14 +514,21 @@ def test_discovery_and_memory_on_a_fake_proc(tmp_path):
 RANGES = ((0x7f0000000000, 0x7f0000000000 + 448 * MiB),)
 
 
-def test_range_granularity_registers_only_the_saving_ranges():
+def estimated_with_ranges(**registration):
+    """An unregistered 1 GiB process whose estimate puts its saving in RANGES (448 MiB): the
+    plan of the round after the estimate."""
     vm = proc(1, registered=False)
-    policy = Policy(cfg(candidates={"names": ["vm"]}, registration={"allow_injection": True}))
+    policy = Policy(cfg(candidates={"names": ["vm"]},
+                        registration={"allow_injection": True, **registration}))
     host = Host(policy, vm)
     host.round()
     policy.record_estimate(vm.key, EstimateResult(0.0, 400 * MiB, GiB, 39.0, ranges=RANGES,
                                                   range_bytes=448 * MiB))
-    plan = host.round()
+    return vm, policy, host, host.round()
+
+
+def test_range_granularity_registers_only_the_saving_ranges():
+    vm, policy, host, plan = estimated_with_ranges()
     assert plan.register == [Register(vm, "madvise", RANGES)]
     assert any("opting 1 range holding the predicted saving (448.0 MiB of 1024.0 MiB resident)" in t
                for t in texts(plan))
@@ -541,14 +548,7 @@ def test_range_granularity_registers_only_the_saving_ranges():
 
 
 def test_process_granularity_ignores_the_ranges():
-    vm = proc(1, registered=False)
-    policy = Policy(cfg(candidates={"names": ["vm"]},
-                        registration={"allow_injection": True, "granularity": "process"}))
-    host = Host(policy, vm)
-    host.round()
-    policy.record_estimate(vm.key, EstimateResult(0.0, 400 * MiB, GiB, 39.0, ranges=RANGES,
-                                                  range_bytes=448 * MiB))
-    plan = host.round()
+    vm, _, _, plan = estimated_with_ranges(granularity="process")
     assert plan.register == [Register(vm, "auto", None)]
     assert plan.scan_pages == GiB // PS
 

@@ -71,12 +71,17 @@ def test_full_rate_counts_exactly_and_touches_no_absent_page(estimate_children):
     assert procmem.present_pages(b["pid"], lo, lo + n * PS).size == 0
 
 
+def unique_and_twins(spawn, seed: int):
+    """One process of 4096 unique pages, two holding the same 4096 pages (each page's twin is in
+    the other)."""
+    _, u = spawn({"regions": [{"kind": "unique", "pages": 4096}], "options": UNREGISTERED})
+    twins = [spawn({"regions": [{"kind": "dup", "pages": 4096, "contents": 4096, "seed": seed}],
+                    "options": UNREGISTERED})[1] for _ in range(2)]
+    return u, *twins
+
+
 def test_sample_bound_separates_duplicate_rich_from_unique(estimate_children):
-    _, u = estimate_children({"regions": [{"kind": "unique", "pages": 4096}], "options": UNREGISTERED})
-    _, v = estimate_children({"regions": [{"kind": "dup", "pages": 4096, "contents": 4096, "seed": 5}],
-                              "options": UNREGISTERED})
-    _, w = estimate_children({"regions": [{"kind": "dup", "pages": 4096, "contents": 4096, "seed": 5}],
-                              "options": UNREGISTERED})
+    u, v, w = unique_and_twins(estimate_children, seed=5)
     got = screen.screen([u["pid"], v["pid"], w["pid"]], 0.25, seed=7)
     ru, rv = got[u["pid"]], got[v["pid"]]
     assert 0.2 * ru.present_pages < ru.sampled_pages < 0.3 * ru.present_pages
@@ -85,11 +90,7 @@ def test_sample_bound_separates_duplicate_rich_from_unique(estimate_children):
 
 
 def test_screen_processes_rules_out_only_what_cannot_reach_the_threshold(estimate_children):
-    _, u = estimate_children({"regions": [{"kind": "unique", "pages": 4096}], "options": UNREGISTERED})
-    _, v = estimate_children({"regions": [{"kind": "dup", "pages": 4096, "contents": 4096, "seed": 9}],
-                              "options": UNREGISTERED})
-    _, w = estimate_children({"regions": [{"kind": "dup", "pages": 4096, "contents": 4096, "seed": 9}],
-                              "options": UNREGISTERED})
+    u, v, w = unique_and_twins(estimate_children, seed=9)
     infos = [ProcessInfo(pid=x["pid"], start_time=i, name=n)
              for i, (x, n) in enumerate(((u, "uniq"), (v, "dup-v"), (w, "dup-w")))]
     cfg = Config()
