@@ -21,9 +21,11 @@ MiB, GiB = 1 << 20, 1 << 30
 
 def cfg(**sections) -> Config:
     """Config() with ``section={key: value}`` changes. The rate tests below read the knobs at the
-    configured sleeps: the batch rule (ksmd.min_batch_pages) is off unless a test sets it."""
+    configured sleeps: the batch rule (ksmd.min_batch_pages) and bursts on unspent budget
+    (ksmd.cpu_budget_window) are off unless a test sets them."""
     c = Config()
     c.ksmd.min_batch_pages = 1
+    c.ksmd.cpu_budget_window = 0.0
     for section, values in sections.items():
         for key, value in values.items():
             setattr(getattr(c, section), key, value)
@@ -277,6 +279,40 @@ def test_cpu_budget_measured_cost_and_daemon_share():
     # the chosen knobs keep ksmd within its share: p / (s + p c) * c <= share
     p, s = host.knobs["pages_to_scan"], host.knobs["sleep_millisecs"] / 1000
     assert p / (s + p * 6e-6) * 6e-6 <= 0.1 * 0.25 * 1.01
+
+
+def test_unspent_budget_lets_a_fast_scan_burst_until_it_is_spent():
+    vm = proc(1, size=GiB)
+    policy = Policy(cfg(ksmd={"cpu_budget_window": 60.0}))    # 20 % over 60 s: 12 CPU-s of credit
+    host = Host(policy, vm)
+    host.round()
+    estimated(policy, vm, 400 * MiB)
+    plan = host.round()
+    assert plan.mode == "fast" and plan.bursting and plan.cpu_credit_seconds == pytest.approx(12.0)
+    assert plan.knobs == {"run": 1, "pages_to_scan": 100000, "sleep_millisecs": 0}
+    # 11 CPU-s of ksmd and 2 of the daemon over 5 s: the credit (12 + 0.2 * 5 - 13) is spent
+    host.scan(1, 262144, 11.0)
+    host.daemon_cpu += 2.0
+    plan = host.round(dt=5)
+    assert policy.cpu_credit == pytest.approx(0.0, abs=1e-9) and not plan.bursting
+    # back within the average budget: ksmd's share of 20 %, minus the daemon's
+    assert plan.target_pages_per_second * policy.seconds_per_page <= 0.2
+    assert plan.knobs["sleep_millisecs"] > 0
+    # idle time refills it at the budget rate, up to one window's worth
+    plan = host.round(dt=1000)
+    assert policy.cpu_credit == pytest.approx(12.0) and plan.bursting
+
+
+def test_slow_mode_never_bursts():
+    vm = proc(1, size=GiB)
+    policy = Policy(cfg(ksmd={"cpu_budget_window": 60.0}))
+    host = Host(policy, vm)
+    host.round()
+    estimated(policy, vm, 400 * MiB)
+    host.round()
+    host.scan(3, 3 * 262144, 1.0, saved_pages=400 * MiB // PS, profit={1: 400 * MiB})
+    plan = host.round()
+    assert plan.mode == "slow" and not plan.bursting and plan.knobs["sleep_millisecs"] > 0
 
 
 def test_small_cost_drift_does_not_rewrite_knobs():
@@ -567,6 +603,24 @@ def test_per_process_prediction_pays_rmap_items_for_what_ksmd_scans():
     assert whole[7] == (600 * PS - 1000 * 64, 1000 * PS, ((0x1000, 0x1000 + 800 * PS),), 800 * PS)
     assert ranges[7][0] == 600 * PS - 800 * 64
     assert zero[7][0] == 700 * PS - 700 * 64
+
+
+def test_burst_watch_calls_a_round_once_the_saving_is_realized(tmp_path):
+    from udedup.ksm import Ksm
+    sysfs = fake_sysfs(tmp_path / "ksm")
+    d = daemon_mod.Daemon(cfg(daemon={"ksm_root": str(sysfs)}))
+    d.ksm = Ksm(str(sysfs), procfs=str(tmp_path))
+    obs = Observation(now=0.0, processes=(), counters={"full_scans": 0}, knobs={}, saved_bytes=0,
+                      page_size=PS, ksmd_cpu_seconds=0.0, daemon_cpu_seconds=0.0)
+    d._last_obs = obs
+    d._last_plan = daemon_mod.Plan(mode="fast", bursting=True, predicted_bytes=400 * MiB)
+    (sysfs / "general_profit").write_text(str(300 * MiB))
+    assert not d._burst_progress()                  # 75 % of the prediction: keep bursting
+    (sysfs / "general_profit").write_text(str(390 * MiB))
+    assert d._burst_progress()                      # >= ksmd.realized_percent (95 %): decide now
+    (sysfs / "general_profit").write_text("0")
+    (sysfs / "full_scans").write_text("1")
+    assert d._burst_progress()                      # a full scan ended: the policy looks at settling
 
 
 def test_rounds_come_faster_while_ksmd_scans_fast():

@@ -17,7 +17,10 @@ How ksmd's speed is chosen:
 - *stopped* (``run=0``: merged pages stay merged) when nothing is worth merging;
 - memory pressure multiplies the rate by ``pressure.speedup``;
 - always within the CPU budget: ksmd's cost per scanned page is measured (CPU-seconds over
-  ``pages_scanned``), the daemon's own CPU share is subtracted, and the rate is clamped to what fits.
+  ``pages_scanned``), the daemon's own CPU share is subtracted, and the rate is clamped to what fits;
+- the budget is an average over ``cpu_budget_window``: while unspent budget remains, a fast scan
+  bursts at ``burst_percent`` (flat out by default: the cheapest way to merge, measured), and the
+  daemon watches the counters closely so that the burst ends when the saving is realized.
 """
 from __future__ import annotations
 
@@ -146,6 +149,8 @@ class Plan:
     ksmd_cpu_percent: float | None = None
     daemon_cpu_percent: float | None = None
     seconds_per_page: float = PRIOR_SECONDS_PER_PAGE
+    bursting: bool = False                              # fast scan above the average budget
+    cpu_credit_seconds: float = 0.0                     # unspent CPU budget (ksmd + daemon)
 
 
 # --- candidate matching ---------------------------------------------------------------------------
@@ -263,6 +268,9 @@ class Policy:
         self.decision_counts: dict[str, int] = {}
         self.seconds_per_page = PRIOR_SECONDS_PER_PAGE
         self.daemon_cpu_share = 0.0
+        # the CPU budget as a bucket of CPU-seconds: it fills at the budget rate up to one window's
+        # worth, ksmd and the daemon drain it; it starts full, so the first merge may burst
+        self.cpu_credit = self._credit_cap()
         self.mode = "hold"
         self._mode_reason = ""
         self._mode_tag = ""
@@ -274,9 +282,14 @@ class Policy:
         self._advisor_logged = False
 
     # --- feedback from the daemon
+    def _credit_cap(self) -> float:
+        k = self.cfg.ksmd
+        return k.cpu_budget_percent / 100.0 * k.cpu_budget_window
+
     def reconfigure(self, cfg: Config) -> None:
         """SIGHUP: new settings; estimates stay, yielded knobs are ours again to decide about."""
         self.cfg = cfg
+        self.cpu_credit = min(self.cpu_credit, self._credit_cap())
         self.yielded.clear()
         for p in self.procs.values():
             p.last_reason = None
@@ -377,6 +390,8 @@ class Policy:
         d_pages = int(obs.counters.get("pages_scanned", 0)) - int(prev.counters.get("pages_scanned", 0))
         plan.ksmd_cpu_percent = 100.0 * d_ksmd / dt
         plan.daemon_cpu_percent = 100.0 * d_daemon / dt
+        budget = self.cfg.ksmd.cpu_budget_percent / 100.0
+        self.cpu_credit = min(self._credit_cap(), self.cpu_credit + budget * dt - d_ksmd - d_daemon)
         # CPU time has 10 ms resolution: only trust the per-page cost over enough work
         if d_pages >= 20000 and d_ksmd >= 0.05:
             sample = d_ksmd / d_pages
@@ -619,6 +634,13 @@ class Policy:
         if plan.pressure:
             rate *= cfg.pressure.speedup
         budget = k.cpu_budget_percent / 100.0
+        plan.cpu_credit_seconds = self.cpu_credit
+        if mode == "fast" and self.cpu_credit > 0 and k.burst_percent > k.cpu_budget_percent:
+            # unspent budget: merge flat out now rather than slowly for longer. ksmd pays per
+            # wake-up and per cold cache, so the same merge costs less CPU in a burst.
+            plan.bursting = True
+            budget = k.burst_percent / 100.0
+            rate = budget / self.seconds_per_page
         ksmd_share = max(budget * KSMD_BUDGET_FLOOR, budget - self.daemon_cpu_share)
         max_rate = ksmd_share / self.seconds_per_page
         plan.budget_pages_per_second = max_rate
@@ -626,6 +648,8 @@ class Policy:
             rate = max_rate
         plan.target_pages_per_second = rate
         sleep_ms = k.fast_sleep_millisecs if mode == "fast" else k.slow_sleep_millisecs
+        if plan.bursting and budget >= 1.0:
+            return {"pages_to_scan": k.max_pages_to_scan, "sleep_millisecs": 0}
         if budget < 1.0 and sleep_ms == 0:
             sleep_ms = 1  # sleep 0 runs ksmd flat out: no budget below 100% survives that
         sleep_ms = sleep_for_batch(rate, sleep_ms, self.seconds_per_page,
