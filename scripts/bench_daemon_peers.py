@@ -297,6 +297,9 @@ def run_peer_once(ksm, name, args, log, achievable_pages, register="prctl", knob
                   until_settled=False) -> tuple[dict, list]:
     """One peer on fresh processes; ``tool(children, sampler) -> stop()`` starts the tuner."""
     with ksm_lock():
+        # put the knobs back before the lock goes: a test session or experiment starting between
+        # two peers must find them as they were, not at this peer's values
+        snap = ksm.snapshot()
         kids = start_children(args.scale, register, qemu=(name == "ksmtuned"), log=log)
         stop_tool = None
         try:
@@ -322,6 +325,7 @@ def run_peer_once(ksm, name, args, log, achievable_pages, register="prctl", knob
                 k.stop()
             ksm.set("advisor_mode", "none")
             ksm.set("run", 2)
+            ksm.restore(snap)
     samples = sampler.samples
     if tool is None and samples:
         # nothing of ours tunes these peers: any change is another program's, and spoils the run
@@ -369,6 +373,7 @@ def ksmtuned_default_check(ksm, workdir, args, log) -> str:
     """What stock ksmtuned does with this workload on this host: a few seconds suffice."""
     path = shutil.which("ksmtuned") or "/usr/sbin/ksmtuned"
     with ksm_lock():
+        snap = ksm.snapshot()
         kids = start_children(args.scale, "prctl", True, log)
         pid = None
         try:
@@ -388,6 +393,7 @@ def ksmtuned_default_check(ksm, workdir, args, log) -> str:
             for k in kids:
                 k.stop()
             ksm.set("run", 2)
+            ksm.restore(snap)
     return (f"stock ksmtuned (KSM_THRES_COEF=20) on this host with this workload set run={run} "
             "within 3 s of SIGUSR1" + (" (it stops ksmd: the guests commit far less than 80 % "
                                        "of RAM)" if run == 0 else ""))

@@ -435,6 +435,27 @@ def test_bench_script_runs_at_a_tiny_size(tmp_path):
     assert ksm.knobs() == before
 
 
+@pytest.mark.ksm
+@pytest.mark.slow
+def test_ksmd_rate_script_runs_at_a_tiny_size(tmp_path):
+    """scripts/bench_ksmd_rate.py: each case reaches 95 % of the saving, knobs come back."""
+    from udedup.ksm import Ksm
+    ksm = Ksm()
+    before = ksm.knobs()
+    out = tmp_path / "rate.txt"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_ksmd_rate.py"),
+                        "--size", "16", "--cases", "whole:10000:0,ranges:2000:20", "--no-lock",
+                        "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=REPO))
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in out.read_text().splitlines()
+            if line.startswith(("whole ", "ranges "))]
+    assert [(row[0], row[1], row[2]) for row in rows] == [("whole", "10000", "0"),
+                                                          ("ranges", "2000", "20")]
+    assert all(row[3] != "-" and float(row[4].rstrip("s")) > 0 for row in rows)
+    assert ksm.knobs() == before
+
+
 def test_metrics_address_in_use_is_a_config_error():
     from udedup.errors import ConfigError
     from udedup.metrics import DaemonCollector, MetricsServer
