@@ -18,7 +18,7 @@ The peers, each from the same start (fresh processes, everything unmerged, kerne
                injection only what is worth it, and tunes ksmd
   floor        not a tuner: the least ksmd CPU any tuner pays here. The estimator (not counted)
                finds the ranges holding the saving; only those are registered and ksmd runs flat
-               out (10000 pages / 0 ms, the cheapest rate measured) until 95 %
+               out (10000 pages / 0 ms) until 95 %
 
 Reported per peer: saved memory over time, time to 90 % and 95 % of the achievable saving, CPU-
 seconds of ksmd plus the tuner up to then and over the whole window, saved MiB per CPU-second. Every
@@ -498,7 +498,7 @@ def report(results, series, achievable_pages, predicted_pages, notes, args) -> s
     floor = next((r for r in results if r["peer"] == "floor" and r.get("cpu95_s")), None)
     if floor and peers:
         best = min(peers, key=lambda r: r["cpu95_s"])
-        lines.append(f"floor: ksmd alone, on exactly the saving ranges at its cheapest rate, spent "
+        lines.append(f"floor: ksmd alone, on exactly the saving ranges, flat out, spent "
                      f"{floor['cpu95_s']:.2f} CPU-s to 95 % = {floor['cpu95_s'] / best['cpu95_s']:.2f} "
                      f"of the best peer ({best['peer']}); a tuner can only add to it")
     if udedup and udedup.get("cpu95_s") and peers:

@@ -3,7 +3,7 @@
 fast ksmd scans. The figures behind the daemon's choices (register ranges, big batches, bursts).
 
 The two 512 MiB processes of scripts/bench_daemon_peers.py (75 % shared image, 10 % zero pages,
-15 % private) are started unregistered; then, for each case, everything is unmerged, the case's
+15 % private) are started unregistered, afresh for each case; everything is unmerged, the case's
 memory is registered by injection, ksmd runs at the case's pages_to_scan / sleep_millisecs, and
 ksmd's CPU is read the moment the saving reaches 95 % of the achievable (polled every 2 ms).
 
@@ -93,28 +93,32 @@ def main(argv=None) -> int:
              f"{'pass 1':>7}"]
     try:
         with experiment_lock(enabled=not args.no_lock):
-            kids = [peers.Child("vm-a", args.size << 20, zero=.10, image=.75, image_seed=7,
-                                private_seed=11),
-                    peers.Child("vm-b", args.size << 20, zero=.10, image=.75, image_seed=7,
-                                private_seed=12)]
             try:
-                for k in kids:
-                    k.wait_ready()
-                # achievable: the image once, the zero pages but one per max_page_sharing group
-                n = kids[0].info["pages"]
-                zero = 2 * int(n * 0.10)
-                achievable = int(n * 0.75) + zero - -(-zero // 256)
                 for reg, pts, sleep in cases:
-                    t95, cpu, pass1 = run_case(ksm, inject, kids, reg, pts, sleep,
-                                               int(0.95 * achievable))
+                    # fresh processes per case: a registration (PR_SET_MEMORY_MERGE above all)
+                    # outlives the case that made it
+                    kids = [peers.Child("vm-a", args.size << 20, zero=.10, image=.75, image_seed=7,
+                                        private_seed=11),
+                            peers.Child("vm-b", args.size << 20, zero=.10, image=.75, image_seed=7,
+                                        private_seed=12)]
+                    try:
+                        for k in kids:
+                            k.wait_ready()
+                        # achievable: the image once, the zero pages but one per 256-page group
+                        n = kids[0].info["pages"]
+                        zero = 2 * int(n * 0.10)
+                        achievable = int(n * 0.75) + zero - -(-zero // 256)
+                        t95, cpu, pass1 = run_case(ksm, inject, kids, reg, pts, sleep,
+                                                   int(0.95 * achievable))
+                    finally:
+                        for k in kids:
+                            k.stop()
                     line = (f"{reg:<12} {pts:>6} {sleep:>6} "
                             f"{(f'{t95:.2f}s' if t95 is not None else '-'):>7} {cpu:>11.2f}s "
                             f"{(f'{pass1:.2f}s' if pass1 is not None else '-'):>7}")
                     print(line, file=sys.stderr, flush=True)
                     lines.append(line)
             finally:
-                for k in kids:
-                    k.stop()
                 # still under the lock: nobody may see this run's knobs
                 ksm.set("run", 2)
                 ksm.restore(snap)

@@ -116,9 +116,8 @@ class Ksmd:
         60.0, "float", "seconds the budget is averaged over: unspent budget (up to one window's "
         "worth) lets a fast scan burst (0: no averaging, never above the budget)", lo=0.0, hi=86400.0)
     burst_percent: float = _f(
-        100.0, "float", "ksmd's CPU while bursting, percent of one CPU (flat out, 100, is the cheapest "
-        "way to merge: measured 1.6-1.7 CPU-s where 20 % took 1.9 for the same memory)", lo=0.1,
-        hi=100.0)
+        100.0, "float", "ksmd's CPU while bursting, percent of one CPU (flat out merges in seconds for "
+        "the CPU of large slow batches: docs/results/bench_ksmd_rate.txt)", lo=0.1, hi=100.0)
     fast_scan_seconds: float = _f(
         5.0, "float", "target time for one full scan of registered memory while predicted saving is "
         "not yet realized", lo=0.1)
@@ -129,8 +128,8 @@ class Ksmd:
     max_pages_to_scan: int = _f(100000, "int", "never set pages_to_scan above this", lo=1)
     min_batch_pages: int = _f(
         4000, "int", "scan at least this many pages per ksmd wake-up: sleep_millisecs grows to keep "
-        "the rate (ksmd pays per wake-up: 500 pages per 20 ms cost 24 % more CPU than 5000 per "
-        "200 ms for the same merge)", lo=1)
+        "the rate (ksmd pays per wake-up: 500 pages per 20 ms cost 38 % more CPU than 5000 per "
+        "200 ms for the same merge, docs/results/bench_ksmd_rate.txt)", lo=1)
     realized_percent: float = _f(
         95.0, "float", "slow down once realized savings reach this percent of the prediction",
         lo=1.0, hi=100.0)

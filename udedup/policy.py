@@ -19,8 +19,9 @@ How ksmd's speed is chosen:
 - always within the CPU budget: ksmd's cost per scanned page is measured (CPU-seconds over
   ``pages_scanned``), the daemon's own CPU share is subtracted, and the rate is clamped to what fits;
 - the budget is an average over ``cpu_budget_window``: while unspent budget remains, a fast scan
-  bursts at ``burst_percent`` (flat out by default: the cheapest way to merge, measured), and the
-  daemon watches the counters closely so that the burst ends when the saving is realized.
+  bursts at ``burst_percent`` (flat out by default: seconds instead of tens of seconds, for the
+  CPU of large slow batches, measured), and the daemon watches the counters closely so that the
+  burst ends when the saving is realized.
 """
 from __future__ import annotations
 
@@ -214,8 +215,8 @@ def sleep_for_batch(pages_per_second: float, sleep_ms: int, seconds_per_page: fl
     """The least sleep_millisecs >= ``sleep_ms`` at which ``pages_per_second`` comes in batches of
     at least ``min_batch`` pages (the inverse of :func:`knobs_for_rate`).
 
-    ksmd pays for every wake-up: merging the same memory took 2.19 CPU-s at 500 pages per 20 ms
-    and 1.77 at 5000 per 200 ms, the same rate (measured on this project's 6.18 VM)."""
+    ksmd pays for every wake-up: merging the same memory took 2.39 CPU-s at 500 pages per 20 ms
+    and 1.73 at 5000 per 200 ms, the same rate (docs/results/bench_ksmd_rate.txt)."""
     if pages_per_second <= 0 or min_batch <= 1:
         return sleep_ms
     busy = pages_per_second * seconds_per_page
