@@ -229,14 +229,23 @@ def summarize(name, samples, achievable_pages, note="", tool_cpu_base=0.0) -> di
 
 
 # --- the host scenario ----------------------------------------------------------------------------
+#: Layout of each "VM" buffer, in this order: zero pages, the image shared by both VMs, private pages.
+VM_ZERO, VM_IMAGE = 0.10, 0.75
+
+
+def vm_pair(size: int, **common) -> list[Child]:
+    """The two "VMs" booted from one image (also used by bench_ksmd_rate.py)."""
+    return [Child("vm-a", size, zero=VM_ZERO, image=VM_IMAGE, image_seed=7, private_seed=11, **common),
+            Child("vm-b", size, zero=VM_ZERO, image=VM_IMAGE, image_seed=7, private_seed=12, **common)]
+
+
 def scenario(scale: float, register: str, qemu: bool) -> list[Child]:
     def size(mib):
         return max(16, int(mib * scale)) * MiB
     common = dict(register=register, looks_like_qemu=qemu)
-    return [Child("vm-a", size(512), zero=0.10, image=0.75, image_seed=7, private_seed=11, **common),
-            Child("vm-b", size(512), zero=0.10, image=0.75, image_seed=7, private_seed=12, **common),
-            Child("db-c", size(768), private_seed=13, **common),
-            Child("calc-d", size(512), private_seed=14, volatile_hz=4.0, **common)]
+    return vm_pair(size(512), **common) + [
+        Child("db-c", size(768), private_seed=13, **common),
+        Child("calc-d", size(512), private_seed=14, volatile_hz=4.0, **common)]
 
 
 WATCHED = ("run", "pages_to_scan", "sleep_millisecs", "advisor_mode", "smart_scan")

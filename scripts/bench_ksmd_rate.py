@@ -46,7 +46,7 @@ def run_case(ksm, inject, kids, registration, pages_to_scan, sleep_ms, target_pa
         elif kind == "buffer":
             inject.enable(k.pid, mode="madvise", ranges=[(start, start + n * peers.PAGE)])
         else:   # the zero pages then the image pages lead the buffer (see bench_daemon_peers)
-            keep = int(n * 0.10) + int(n * 0.75)
+            keep = int(n * peers.VM_ZERO) + int(n * peers.VM_IMAGE)
             inject.enable(k.pid, mode="madvise", ranges=[(start, start + keep * peers.PAGE)])
     cpu0, t0 = ksm.ksmd_cpu_seconds(), time.monotonic()
     ksm.set("run", 1)
@@ -97,17 +97,14 @@ def main(argv=None) -> int:
                 for reg, pts, sleep in cases:
                     # fresh processes per case: a registration (PR_SET_MEMORY_MERGE above all)
                     # outlives the case that made it
-                    kids = [peers.Child("vm-a", args.size << 20, zero=.10, image=.75, image_seed=7,
-                                        private_seed=11),
-                            peers.Child("vm-b", args.size << 20, zero=.10, image=.75, image_seed=7,
-                                        private_seed=12)]
+                    kids = peers.vm_pair(args.size << 20)
                     try:
                         for k in kids:
                             k.wait_ready()
                         # achievable: the image once, the zero pages but one per 256-page group
                         n = kids[0].info["pages"]
-                        zero = 2 * int(n * 0.10)
-                        achievable = int(n * 0.75) + zero - -(-zero // 256)
+                        zero = 2 * int(n * peers.VM_ZERO)
+                        achievable = int(n * peers.VM_IMAGE) + zero - -(-zero // 256)
                         t95, cpu, pass1 = run_case(ksm, inject, kids, reg, pts, sleep,
                                                    int(0.95 * achievable))
                     finally:
