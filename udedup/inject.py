@@ -49,7 +49,6 @@ NR_PRCTL = 157
 
 CAP_SYS_PTRACE = 19
 CAP_SYS_RESOURCE = 24
-PF_KTHREAD = 0x00200000
 KSM_SYSFS = "/sys/kernel/mm/ksm"
 
 #: How long to wait for a thread in uninterruptible sleep (D) before refusing: PTRACE_INTERRUPT
@@ -274,7 +273,7 @@ def check_target(pid, force: bool = False, procfs: str = "/proc") -> Target:
         raise UnsupportedArchError(f"injecting a syscall is not implemented for "
                                    f"{os.uname().machine} (x86_64 only)", pid=pid)
     comm, state, fields = _stat_fields(procfs, pid)
-    if int(fields[6]) & PF_KTHREAD:
+    if int(fields[6]) & procmem.PF_KTHREAD:
         raise KernelThreadError(f"PID {pid} ({comm}) is a kernel thread: it has no user memory "
                                 "for KSM", pid=pid)
     status = parse_status(_read_text(os.path.join(procfs, str(pid), "status"), pid))
@@ -609,13 +608,10 @@ def _apply(pid, action: str, mode: str, ranges, force: bool, keep_eintr: bool = 
 
 def _merge_any(pid: int) -> bool | None:
     try:
-        with open(f"/proc/{pid}/ksm_stat") as f:
-            for line in f:
-                if line.startswith("ksm_merge_any:"):
-                    return line.split(":", 1)[1].strip() == "yes"
-    except OSError:
-        pass
-    return None
+        value = procmem.ksm_stat(pid).get("ksm_merge_any")
+    except UdedupError:
+        return None
+    return None if value is None else value == "yes"
 
 
 def enable(pid, mode: str = "auto", ranges=None, force: bool = False) -> InjectResult:
