@@ -285,3 +285,10 @@ def test_ksm_stat_parses_this_process():
         pytest.skip("no /proc/PID/ksm_stat on this kernel")
     assert isinstance(stat["ksm_rmap_items"], int)
     assert stat["ksm_merge_any"] in ("yes", "no")
+
+
+def test_comm_of_this_process_and_of_none():
+    with open("/proc/self/comm") as f:
+        assert procmem.comm(os.getpid()) == f.read().strip()
+    assert procmem.comm(999_999_999) is None
+    assert procmem.comm(999_999_999, default="?") == "?"

@@ -418,14 +418,6 @@ def _buffer_range(buf) -> tuple[int, int]:
     return int(arr.ctypes.data), int(arr.ctypes.data) + arr.nbytes
 
 
-def _comm(pid: int, procfs: str) -> str:
-    try:
-        with open(os.path.join(procfs, str(pid), "comm")) as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
-
-
 def _normalize_targets(targets, procfs: str) -> list:
     """Processes first, then buffers of this process; each page once (a PID given twice,
     overlapping buffers, buffers of a process also given whole)."""
@@ -442,7 +434,7 @@ def _normalize_targets(targets, procfs: str) -> list:
             pid = int(t)
             if all(p.pid != pid for p in processes):
                 procmem.check_process(pid, procfs)
-                processes.append(_Target(pid, _comm(pid, procfs), "process"))
+                processes.append(_Target(pid, procmem.comm(pid, procfs, "?"), "process"))
         else:
             lo, hi = _buffer_range(t)
             buffers.append((lo // ps * ps, -(-hi // ps) * ps))

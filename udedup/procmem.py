@@ -158,6 +158,15 @@ def check_process(pid: int, procfs: str = "/proc") -> None:
         raise ProcessNotFoundError(f"PID {pid} has exited (zombie): its memory is gone", pid=pid)
 
 
+def comm(pid: int, procfs: str = "/proc", default: str | None = None) -> str | None:
+    """The command name of ``pid`` (/proc/PID/comm), or ``default`` when it cannot be read."""
+    try:
+        with open(_proc_path(pid, "comm", procfs)) as f:
+            return f.read().strip()
+    except OSError:
+        return default
+
+
 def _size_kb(value: str) -> int:
     return int(value.split()[0]) * 1024
 
