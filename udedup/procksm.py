@@ -12,6 +12,7 @@ import errno as _errno
 import os
 from dataclasses import dataclass, field
 
+from . import procmem
 from .errors import KernelThreadError, ProcessAccessError, ProcessNotFoundError, UsageError
 
 DEFAULT_PROCFS = "/proc"
@@ -132,25 +133,9 @@ def parse_ksm_stat(text: str) -> dict[str, object]:
 
 def parse_smaps(text: str) -> tuple[int, tuple[MergeableMapping, ...]]:
     """smaps -> (sum of ``KSM:`` bytes, mappings whose VmFlags include ``mg``)."""
-    total = 0
-    found = []
-    head = None
-    ksm = 0
-    for line in text.splitlines():
-        first = line.split(None, 1)[0] if line.strip() else ""
-        if "-" in first and not first.endswith(":"):
-            parts = line.split(None, 5)
-            lo, _, hi = parts[0].partition("-")
-            head = (int(lo, 16), int(hi, 16), parts[1] if len(parts) > 1 else "",
-                    parts[5].strip() if len(parts) > 5 else "")
-            ksm = 0
-        elif first == "KSM:":
-            ksm = int(line.split()[1]) * 1024
-            total += ksm
-        elif first == "VmFlags:" and head is not None:
-            if "mg" in line.split()[1:]:
-                found.append(MergeableMapping(head[0], head[1], head[2], head[3], ksm))
-    return total, tuple(found)
+    mappings = procmem.parse_smaps(text)
+    return sum(m.ksm for m in mappings), tuple(
+        MergeableMapping(m.start, m.end, m.perms, m.path, m.ksm) for m in mappings if m.registered)
 
 
 def process_ksm(pid, procfs: str = DEFAULT_PROCFS, smaps: bool = True) -> ProcessKsm:
