@@ -392,15 +392,19 @@ def test_ranges_must_be_mapped_and_aligned(spawn):
 
 
 # --- proof the refinements are needed: the same targets fail without them -------------------------
-@needs_ptrace
-def test_without_the_eintr_fixup_epoll_sees_eintr(spawn):
-    t = spawn("target_epoll", feed=True)
+def _getpid_ten_times(t, **switches) -> dict:
+    """Inject getpid() ten times with one refinement switched off; the target's RESULT line."""
     time.sleep(0.05)
     ip = inject.find_syscall_address(t.pid)
     for _ in range(10):
-        pages.inject_syscalls(t.pid, ip, [(39, ())], own_child=True, keep_eintr=True)
+        pages.inject_syscalls(t.pid, ip, [(39, ())], own_child=True, **switches)
         time.sleep(0.003)
-    result = t.finish()
+    return t.finish()
+
+
+@needs_ptrace
+def test_without_the_eintr_fixup_epoll_sees_eintr(spawn):
+    result = _getpid_ten_times(spawn("target_epoll", feed=True), keep_eintr=True)
     assert int(result["eintr"]) > 0, result
 
 
@@ -410,12 +414,7 @@ def test_without_the_rseq_abort_the_section_resumes_unaborted(spawn):
         t = spawn("target_rseq")
     except stress.SkipTarget as why:
         pytest.skip(str(why))
-    time.sleep(0.05)
-    ip = inject.find_syscall_address(t.pid)
-    for _ in range(10):
-        pages.inject_syscalls(t.pid, ip, [(39, ())], own_child=True, rseq_check=False)
-        time.sleep(0.003)
-    result = t.finish()
+    result = _getpid_ten_times(t, rseq_check=False)
     assert int(result["violations"]) > 0, result
 
 
