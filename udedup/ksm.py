@@ -82,10 +82,6 @@ _KNOWN: dict[str, KnobSpec] = {spec.name: spec for spec in (
     KnobSpec("advisor_target_scan_time", "int", 1, _ULONG, since="6.9"),
 )}
 
-_KNOWN_COUNTERS = ("full_scans", "general_profit", "ksm_zero_pages", "pages_scanned", "pages_shared",
-                   "pages_sharing", "pages_skipped", "pages_unshared", "pages_volatile",
-                   "stable_node_chains", "stable_node_dups")
-
 _TRUE = {"1", "y", "yes", "on", "true"}
 _FALSE = {"0", "n", "no", "off", "false"}
 
