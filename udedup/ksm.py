@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -285,7 +286,7 @@ class Ksm:
                 st = os.stat(self._path(name))
             except OSError:
                 continue
-            if not os.path.isfile(self._path(name)):
+            if not stat.S_ISREG(st.st_mode):
                 continue
             (knobs if st.st_mode & 0o200 else counters).append(name)
         return knobs, counters
@@ -501,8 +502,8 @@ class Ksm:
         busy = self._needs_unmerge(typed)
         if busy:
             stats = self.stats()
-            running = self.get("run") == 1
-            if stats.pages_shared or running:
+            previous_run = self.get("run")
+            if stats.pages_shared or previous_run == 1:
                 if not allow_unmerge:
                     if stats.pages_shared:
                         raise KsmBusyError(
@@ -512,7 +513,6 @@ class Ksm:
                 else:
                     # stop ksmd and unmerge, so nothing gets merged again before the write; run
                     # goes back to its value afterwards unless the caller asked for another
-                    previous_run = self.get("run")
                     self._write_raw("run", "2")
                     written.append("run")
                     typed = dict(typed)
