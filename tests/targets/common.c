@@ -124,6 +124,7 @@ struct stream {
     uint64_t bad;
     uint8_t partial[8];
     size_t have;
+    uint64_t reads, eintr, errors; /* by stream_read */
 };
 
 __attribute__((unused)) static void stream_feed(struct stream *s, const uint8_t *p, size_t n)
@@ -139,4 +140,29 @@ __attribute__((unused)) static void stream_feed(struct stream *s, const uint8_t 
             s->have = 0;
         }
     }
+}
+
+/* One blocking read(2) of the stream on stdin: 1 to read on, 0 at EOF or after an error. A read
+ * failing with EINTR (what an injection must never cause) is counted and the caller reads on. */
+__attribute__((unused)) static int stream_read(struct stream *s)
+{
+    uint8_t buf[4096];
+    ssize_t n = read(0, buf, sizeof(buf));
+    if (n > 0) {
+        s->reads++;
+        stream_feed(s, buf, (size_t)n);
+        return 1;
+    }
+    if (n < 0 && errno == EINTR) {
+        s->eintr++;
+        return 1;
+    }
+    s->errors += n < 0;
+    return 0;
+}
+
+/* Everything wrong with the stream: a wrong word, a failed read, a partial word at EOF. */
+__attribute__((unused)) static uint64_t stream_failures(const struct stream *s)
+{
+    return s->bad + s->errors + (s->have != 0);
 }

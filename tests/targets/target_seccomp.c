@@ -30,20 +30,7 @@ int main(int argc, char **argv)
         die("seccomp");
     ready("tids=%d", (int)getpid());
     struct stream s = {0};
-    uint8_t buf[4096];
-    uint64_t eintr = 0, errors = 0;
-    for (;;) {
-        ssize_t n = read(0, buf, sizeof(buf));
-        if (n > 0)
-            stream_feed(&s, buf, (size_t)n);
-        else if (n == 0)
-            break;
-        else if (errno == EINTR)
-            eintr++;
-        else {
-            errors++;
-            break;
-        }
-    }
-    return report(eintr, errors + s.bad + (s.have != 0), "words=%llu", (unsigned long long)s.next);
+    while (stream_read(&s))
+        ;
+    return report(s.eintr, stream_failures(&s), "words=%llu", (unsigned long long)s.next);
 }

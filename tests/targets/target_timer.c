@@ -89,8 +89,7 @@ int main(int argc, char **argv)
     if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, 0, &ev) < 0)
         die("epoll");
     struct stream s = {0};
-    uint8_t buf[4096];
-    uint64_t reads = 0, eintr = 0, errors = 0, epoll_eintr = 0, spurious = 0;
+    uint64_t errors = 0, epoll_eintr = 0, spurious = 0;
     for (uint64_t round = 0;; round++) {
         if (round & 1) {
             uint64_t handled = (uint64_t)alarms + rt_received;
@@ -107,18 +106,8 @@ int main(int argc, char **argv)
                 break;
             }
         }
-        ssize_t n = read(0, buf, sizeof(buf));
-        if (n > 0) {
-            reads++;
-            stream_feed(&s, buf, (size_t)n);
-        } else if (n == 0) {
+        if (!stream_read(&s))
             break;
-        } else if (errno == EINTR) {
-            eintr++;
-        } else {
-            errors++;
-            break;
-        }
     }
     atomic_store(&stop_flag, 1);
     pthread_join(th, NULL);
@@ -130,10 +119,10 @@ int main(int argc, char **argv)
         sched_yield();
     uint64_t sent = atomic_load(&rt_sent);
     uint64_t lost = sent > rt_received ? sent - rt_received : rt_received - sent;
-    return report(eintr + spurious, errors + s.bad + (s.have != 0) + lost + rt_bad + (alarms == 0),
+    return report(s.eintr + spurious, errors + stream_failures(&s) + lost + rt_bad + (alarms == 0),
                   "reads=%llu alarms=%d rt_sent=%llu rt_received=%llu rt_bad=%llu "
                   "epoll_eintr_with_handler=%llu spurious_eintr=%llu",
-                  (unsigned long long)reads, (int)alarms, (unsigned long long)sent,
+                  (unsigned long long)s.reads, (int)alarms, (unsigned long long)sent,
                   (unsigned long long)rt_received, (unsigned long long)rt_bad,
                   (unsigned long long)(epoll_eintr - spurious), (unsigned long long)spurious);
 }
