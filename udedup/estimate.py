@@ -599,15 +599,11 @@ class _Scanner:
 
     def _present(self, fd, pid, lo, hi, zero_pfns, rep):
         ps = self.ps
-        block = _STEP    # pagemap entries per read: small temporaries, 64 MiB of address space
-        parts = []
         counts: dict = {}
-        for a in range(lo, hi, block * ps):
-            b = min(hi, a + block * ps)
-            entries = procmem.read_pagemap(fd, a, b, pid=pid)
-            idx = procmem.present_offsets(entries, anon_only=True, zero_pfns=zero_pfns,
-                                          counts=counts)
-            parts.append((idx + (a - lo) // ps).astype(np.uint32))
+        # _STEP pagemap entries per read: small temporaries, 64 MiB of address space
+        parts = [(idx + (a - lo) // ps).astype(np.uint32)
+                 for a, idx in procmem.present_blocks(fd, pid, lo, hi, True, zero_pfns, counts,
+                                                      block=_STEP)]
         pageset = PageSet(np.concatenate(parts) if len(parts) > 1 else parts[0])
         rep.zero_mapped_pages = counts.get("zero_page", 0)
         rep.swapped_pages = counts.get("swapped", 0)

@@ -335,27 +335,37 @@ def present_offsets(entries: np.ndarray, anon_only: bool = True, zero_pfns: tupl
     return np.flatnonzero(keep)
 
 
+def present_blocks(fd: int, pid: int, start: int, end: int, anon_only: bool = True,
+                   zero_pfns: tuple = (), counts: dict | None = None, block: int = PAGEMAP_BLOCK):
+    """``(block start, present_offsets of the block)`` per ``block`` pagemap entries of the
+    page-aligned range [start, end), read from ``fd`` (see :func:`open_pagemap`)."""
+    ps = pages.PAGE_SIZE
+    out = np.empty(min(block, max(1, (end - start) // ps)), dtype=np.uint64)
+    for lo in range(start, end, block * ps):
+        entries = read_pagemap(fd, lo, min(end, lo + block * ps), out=out, pid=pid)
+        yield lo, present_offsets(entries, anon_only, zero_pfns, counts)
+
+
 def present_pages(pid: int, start: int, end: int, procfs: str = "/proc", anon_only: bool = False,
-                  skip_zero_page: bool = False) -> np.ndarray:
+                  skip_zero_page: bool = False, fd: int | None = None) -> np.ndarray:
     """Page-aligned addresses (uint64) of the pages of [start, end) that are in RAM.
 
     Pages not present or swapped out are left out, so reading the result never faults anything in.
     ``anon_only`` keeps only anonymous pages; ``skip_zero_page`` also drops pages that map the
-    kernel's shared zero page (a read-faulted page, or one KSM already replaced)."""
+    kernel's shared zero page (a read-faulted page, or one KSM already replaced). ``fd``: the
+    process's pagemap already open (it stays open), for callers that look at many ranges."""
     ps = pages.PAGE_SIZE
     start, end = start // ps * ps, -(-end // ps) * ps
     zero = zero_page_pfns() if skip_zero_page else ()
-    fd = open_pagemap(pid, procfs)
-    parts = []
+    own = fd is None
+    if own:
+        fd = open_pagemap(pid, procfs)
     try:
-        block = np.empty(min(PAGEMAP_BLOCK, max(1, (end - start) // ps)), dtype=np.uint64)
-        for lo in range(start, end, PAGEMAP_BLOCK * ps):
-            hi = min(end, lo + PAGEMAP_BLOCK * ps)
-            entries = read_pagemap(fd, lo, hi, out=block, pid=pid)
-            idx = present_offsets(entries, anon_only, zero)
-            parts.append(np.uint64(lo) + idx.astype(np.uint64) * np.uint64(ps))
+        parts = [np.uint64(lo) + idx.astype(np.uint64) * np.uint64(ps)
+                 for lo, idx in present_blocks(fd, pid, start, end, anon_only, zero)]
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
 
 

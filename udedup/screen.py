@@ -24,6 +24,7 @@ not in RAM are never touched, and the memory is only read.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,11 +75,15 @@ def rate_for(threshold_bytes: int, page_size: int | None = None,
 
 
 def _present_addresses(pid: int, procfs: str, maps=None) -> np.ndarray:
-    parts = []
-    for m in maps if maps is not None else procmem.read_mappings(pid, procfs):
-        if m.eligible and m.anonymous:
-            parts.append(procmem.present_pages(pid, m.start, m.end, procfs, anon_only=True,
-                                               skip_zero_page=True))
+    if maps is None:
+        maps = procmem.read_mappings(pid, procfs)
+    fd = procmem.open_pagemap(pid, procfs)    # once per process, not once per mapping
+    try:
+        parts = [procmem.present_pages(pid, m.start, m.end, procfs, anon_only=True,
+                                       skip_zero_page=True, fd=fd)
+                 for m in maps if m.eligible and m.anonymous]
+    finally:
+        os.close(fd)
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
 
 
