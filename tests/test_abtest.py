@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+from fake_sysfs import MINIMAL_COUNTERS, MINIMAL_KNOBS, make_fake_ksm
 
 from udedup import abtest
 from udedup import ksm as ksm_mod
@@ -134,10 +135,8 @@ def test_spec_validation_and_sizes():
 
 
 # --- the engine against a fake kernel -----------------------------------------------------------
-KNOBS = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "use_zero_pages": "0",
-         "smart_scan": "1", "max_page_sharing": "256", "advisor_mode": "[none] scan-time"}
-COUNTERS = ("full_scans", "general_profit", "ksm_zero_pages", "pages_scanned", "pages_shared",
-            "pages_sharing", "pages_unshared", "pages_volatile")
+KNOBS = MINIMAL_KNOBS
+COUNTERS = tuple(MINIMAL_COUNTERS)
 KSMD_PID = 77
 
 
@@ -157,15 +156,8 @@ class FakeKernel:
     running fake workload: a full scan every few ms while run=1, counters from use_zero_pages."""
 
     def __init__(self, tmp_path):
-        self.root = tmp_path / "ksm"
+        self.root = make_fake_ksm(tmp_path / "ksm", KNOBS, MINIMAL_COUNTERS)
         self.proc = tmp_path / "proc"
-        self.root.mkdir()
-        for name, value in KNOBS.items():
-            (self.root / name).write_text(value + "\n")
-            os.chmod(self.root / name, 0o644)
-        for name in COUNTERS:
-            (self.root / name).write_text("0\n")
-            os.chmod(self.root / name, 0o444)
         (self.proc / str(KSMD_PID)).mkdir(parents=True)
         (self.proc / str(KSMD_PID) / "comm").write_text("ksmd\n")
         self.ticks = 0
