@@ -26,14 +26,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("pids", nargs="+", metavar="PID", help="processes to scan together")
     parser.add_argument("--all-eligible", action="store_true",
                         help="also scan KSM-compatible memory that is not registered yet")
-    parser.add_argument("--passes", type=int, default=2, metavar="N",
-                        help="reads of every page (default 2, at least 2)")
-    parser.add_argument("--interval", type=float, default=0.5, metavar="SECONDS",
-                        help="least time between two reads of a page (default 0.5)")
     parser.add_argument("--max-page-sharing", type=int, metavar="N",
                         help="predict for this max_page_sharing (default: the kernel's)")
     parser.add_argument("--top", type=int, default=5, metavar="N",
                         help="show the N mappings saving most (default 5)")
+    add_read_arguments(parser)
+
+
+def add_read_arguments(parser) -> None:
+    """How 'scan' and 'why' read process memory: --passes, --interval, --procfs."""
+    parser.add_argument("--passes", type=int, default=2, metavar="N",
+                        help="reads of every page (default 2, at least 2)")
+    parser.add_argument("--interval", type=float, default=0.5, metavar="SECONDS",
+                        help="least time between two reads of a page (default 0.5)")
     parser.add_argument("--procfs", default="/proc", metavar="PATH",
                         help="procfs mount (default /proc)")
 
@@ -59,8 +64,9 @@ def progress_callback(progress: Progress):
     return report
 
 
-def run(args) -> int:
-    pids = parse_pids(args.pids)
+def estimate_with_progress(args, targets, **kwargs):
+    """estimate() with the options of :func:`add_read_arguments` and a progress line on a
+    terminal (none under --json or -q)."""
     if args.passes < 2:
         raise UsageError(f"--passes {args.passes}: at least 2 are needed (the first hashes, a "
                          "later one confirms duplicates and finds volatile pages)")
@@ -68,11 +74,16 @@ def run(args) -> int:
         raise UsageError(f"--interval {args.interval}: must be >= 0 seconds")
     progress = Progress(enabled=None if not (args.json or args.quiet) else False)
     try:
-        est = estimate(pids, passes=args.passes, interval=args.interval,
-                       all_eligible=args.all_eligible, max_page_sharing=args.max_page_sharing,
-                       procfs=args.procfs, progress=progress_callback(progress))
+        return estimate(targets, passes=args.passes, interval=args.interval, procfs=args.procfs,
+                        progress=progress_callback(progress), **kwargs)
     finally:
         progress.done()
+
+
+def run(args) -> int:
+    pids = parse_pids(args.pids)
+    est = estimate_with_progress(args, pids, all_eligible=args.all_eligible,
+                                 max_page_sharing=args.max_page_sharing)
     if args.json:
         print_json(est.as_dict(top=args.top))
         return 0

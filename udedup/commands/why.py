@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 from ..errors import KsmError
-from ..estimate import estimate
 from ..procmem import ksm_stat, read_mappings
-from ._util import Progress, human_bytes, print_json
-from .scan import parse_pids, progress_callback
+from ._util import human_bytes, print_json
+from .scan import add_read_arguments, estimate_with_progress, parse_pids
 
 NAME = "why"
 HELP = "explain, per mapping, why a process's pages merge or not, and what to change"
@@ -32,14 +31,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("pid", metavar="PID", help="the process to explain")
     parser.add_argument("--no-scan", action="store_true",
                         help="do not read page contents: flags and sizes only")
-    parser.add_argument("--passes", type=int, default=2, metavar="N",
-                        help="reads of every page (default 2)")
-    parser.add_argument("--interval", type=float, default=0.5, metavar="SECONDS",
-                        help="least time between two reads of a page (default 0.5)")
     parser.add_argument("--all", action="store_true",
                         help="list every mapping, also those with nothing in RAM")
-    parser.add_argument("--procfs", default="/proc", metavar="PATH",
-                        help="procfs mount (default /proc)")
+    add_read_arguments(parser)
 
 
 def _ksm_state() -> dict:
@@ -109,12 +103,7 @@ def run(args) -> int:
     stat = ksm_stat(pid, args.procfs)
     est = None
     if not args.no_scan:
-        progress = Progress(enabled=None if not (args.json or args.quiet) else False)
-        try:
-            est = estimate(pid, passes=args.passes, interval=args.interval, all_eligible=True,
-                           procfs=args.procfs, progress=progress_callback(progress))
-        finally:
-            progress.done()
+        est = estimate_with_progress(args, pid, all_eligible=True)
     uzp = bool(state.get("use_zero_pages"))
     ps = est.page_size if est else _page_size()
     reports = {(r.mapping.start, r.mapping.end): r for r in est.mappings} if est else {}
