@@ -244,6 +244,20 @@ def _as_list(value, from_text: bool) -> list:
     raise ValueError(f"expected a list such as [\"a\", \"b\"], got {value!r}")
 
 
+def _as_number(value, from_text: bool, parse: Callable, types: tuple, what: str):
+    """``value`` as one of ``types`` (text parsed with ``parse`` when ``from_text``); never a bool,
+    never infinite or NaN."""
+    if isinstance(value, str) and from_text:
+        try:
+            value = parse(value.strip())
+        except ValueError:
+            raise ValueError(f"expected {what}, got {value!r}") from None
+    if (isinstance(value, bool) or not isinstance(value, types)
+            or (isinstance(value, float) and not math.isfinite(value))):
+        raise ValueError(f"expected {what}, got {value!r}")
+    return value
+
+
 def convert(f: dataclasses.Field, value, from_text: bool = False):
     """Check and convert one value for field ``f``; ValueError says what was expected."""
     meta = f.metadata
@@ -251,27 +265,9 @@ def convert(f: dataclasses.Field, value, from_text: bool = False):
     if kind == "size":
         out = parse_size(value)
     elif kind == "int":
-        if isinstance(value, bool):
-            raise ValueError(f"expected an integer, got {value!r}")
-        if isinstance(value, str) and from_text:
-            try:
-                value = int(value.strip())
-            except ValueError:
-                raise ValueError(f"expected an integer, got {value!r}") from None
-        if not isinstance(value, int):
-            raise ValueError(f"expected an integer, got {value!r}")
-        out = value
+        out = _as_number(value, from_text, int, (int,), "an integer")
     elif kind == "float":
-        if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
-        if isinstance(value, str) and from_text:
-            try:
-                value = float(value.strip())
-            except ValueError:
-                raise ValueError(f"expected a number, got {value!r}") from None
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"expected a number, got {value!r}")
-        out = float(value)
+        out = float(_as_number(value, from_text, float, (int, float), "a number"))
     elif kind == "bool":
         out = _as_bool(value, from_text)
     elif kind in ("str", "choice"):
