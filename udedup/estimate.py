@@ -744,21 +744,26 @@ class _Scanner:
             self._report(1, passes, sl.stop)
         self._note_exits(1)
 
-    def pass_middle(self, pass_no, passes, sparse=False):
-        ps = self.ps
+    def _recheck(self, pass_no, passes, sparse):
+        """The chunks of a pass after the first: (chunk, ordinals, buffer, ok, flags) as
+        :meth:`_pass`, with pages not read already flagged unreadable. The caller marks what
+        changed in ``flags``; they are stored back when it asks for the next chunk."""
         for idx, ords, buf, ok in self._pass(sparse):
-            n = ok.size
-            c = self._ctmp[:n]
-            pages.crc32c_pages(buf, ps, out=c)
             f = self.flags[idx]
-            f[c != self.crc[idx]] |= VOLATILE
-            self.crc[idx] = c
             if not ok.all():
                 f[~ok] |= UNREADABLE
-            if sparse:      # fancy indexing gave copies
+            yield idx, ords, buf, ok, f
+            if sparse:      # fancy indexing gave a copy
                 self.flags[idx] = f
             self._report(pass_no, passes, int(ords[-1]) + 1)
         self._end_pass(pass_no, passes, sparse)
+
+    def pass_middle(self, pass_no, passes, sparse=False):
+        for idx, ords, buf, ok, f in self._recheck(pass_no, passes, sparse):
+            c = self._ctmp[:ok.size]
+            pages.crc32c_pages(buf, self.ps, out=c)
+            f[c != self.crc[idx]] |= VOLATILE
+            self.crc[idx] = c
 
     def _end_pass(self, pass_no, passes, sparse):
         if sparse:
@@ -864,25 +869,18 @@ class _Scanner:
         self._over_keys, self._over_vals = keys[order], vals[order]
 
     def pass_last(self, passes, sparse=False):
-        ps = self.ps
-        for idx, ords, buf, ok in self._pass(sparse):
+        for idx, ords, buf, ok, f in self._recheck(passes, passes, sparse):
             n = ok.size
             c, h, z = self._ctmp[:n], self._htmp[:n], self._ztmp[:n]
-            pages.scan_pages(buf, ps, crc_out=c, hash_out=h, zero_out=z)
-            f = self.flags[idx]
+            pages.scan_pages(buf, self.ps, crc_out=c, hash_out=h, zero_out=z)
             changed = (c != self.crc[idx]) | (z != ((f & ZERO) != 0))
             f[changed] |= VOLATILE
-            if not ok.all():
-                f[~ok] |= UNREADABLE
             r = self.rep[idx]
             cand = np.flatnonzero(r != NONE)
             if cand.size:
                 self._confirm(ords, buf, cand, r, f, h)
-            if sparse:      # fancy indexing gave copies
-                self.flags[idx] = f
+            if sparse:      # fancy indexing gave a copy
                 self.rep[idx] = r
-            self._report(passes, passes, int(ords[-1]) + 1)
-        self._end_pass(passes, passes, sparse)
         self.crc = None
 
     def _cache_lookup(self, heads: np.ndarray):
