@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import mmap
 import os
 import statistics
 import subprocess
@@ -24,7 +23,9 @@ import zlib
 import numpy as np
 
 from . import pages
+from .commands._util import Progress
 from .errors import UsageError
+from .memory import MergeableBuffer
 
 DEFAULT_SIZE = 1 << 30
 QUICK_SIZE = 64 << 20
@@ -43,11 +44,10 @@ def _parse_size(text: str) -> int:
             f"size {text!r} is not a number of bytes (examples: 1073741824, 256M, 1G)") from None
 
 
-def _buffer(nbytes: int, fill: str) -> tuple[mmap.mmap, np.ndarray]:
+def _buffer(nbytes: int, fill: str) -> tuple[MergeableBuffer, np.ndarray]:
     """Anonymous private pages, small pages (what KSM scans), every page really allocated."""
-    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    m.madvise(mmap.MADV_NOHUGEPAGE)
-    a = np.frombuffer(m, dtype=np.uint8)
+    m = MergeableBuffer(nbytes, merge=False)
+    a = m.array(np.uint8)
     if fill == "random":
         rng = np.random.default_rng(12345)
         words = a.view(np.uint64)
@@ -148,23 +148,17 @@ def _measure(buf, content, runs, page_size, python_baselines, progress) -> list[
             t0 = time.perf_counter()
             fn(target)
             times[name].append((time.perf_counter() - t0, target.nbytes))
-    results = []
-    for name, samples in times.items():
-        secs = statistics.median(s for s, _ in samples)
-        nbytes = samples[0][1]
-        results.append({
-            "name": name, "content": content, "bytes": nbytes, "runs": runs,
-            "seconds": secs, "gbps": nbytes / secs / 1e9,
-            "ns_per_page": secs / (nbytes // page_size) * 1e9,
-        })
+    def row(name, nbytes, secs):
+        return {"name": name, "content": content, "bytes": nbytes, "runs": runs,
+                "seconds": secs, "gbps": nbytes / secs / 1e9,
+                "ns_per_page": secs / (nbytes // page_size) * 1e9}
+
+    results = [row(name, samples[0][1], statistics.median(s for s, _ in samples))
+               for name, samples in times.items()]
     if python_baselines and "crc32c_package_per_page" in kernels and content == "random":
         secs = _crc32c_package_sw(prefix.nbytes, page_size, runs)
         if secs:
-            results.append({
-                "name": "crc32c_package_sw_per_page", "content": content, "bytes": prefix.nbytes,
-                "runs": runs, "seconds": secs, "gbps": prefix.nbytes / secs / 1e9,
-                "ns_per_page": secs / (prefix.nbytes // page_size) * 1e9,
-            })
+            results.append(row("crc32c_package_sw_per_page", prefix.nbytes, secs))
     base = next(r["gbps"] for r in results if r["name"] == "memory_read")
     for r in results:
         r["ratio_to_memory_read"] = r["gbps"] / base
@@ -237,16 +231,11 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"udedup.bench: error: {err}", file=sys.stderr)
         return err.exit_code
-    tty = sys.stderr.isatty() and not args.json
-
-    def progress(text):
-        if tty:
-            sys.stderr.write("\r" + text.ljust(60))
-            sys.stderr.flush()
-
-    results = run(size, runs, python_baselines=not args.no_python, progress=progress)
-    if tty:
-        sys.stderr.write("\r" + " " * 60 + "\r")
+    progress = Progress(enabled=False if args.json else None)
+    try:
+        results = run(size, runs, python_baselines=not args.no_python, progress=progress.update)
+    finally:
+        progress.done()
     if args.json:
         json.dump(results, sys.stdout, indent=2)
         sys.stdout.write("\n")
