@@ -24,6 +24,7 @@ import numpy as np
 
 from . import pages
 from .commands._util import Progress
+from .config import parse_size
 from .errors import UsageError
 from .memory import MergeableBuffer
 
@@ -33,12 +34,8 @@ PYTHON_BASELINE_MAX = 64 << 20
 
 
 def _parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
+        return parse_size(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"size {text!r} is not a number of bytes (examples: 1073741824, 256M, 1G)") from None
