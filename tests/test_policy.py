@@ -91,6 +91,27 @@ def estimated(policy, info, saved, at=0.0):
                                                     saved_percent=100.0 * saved / info.anon_rss))
 
 
+def estimated_round(info, saved, config=None, **knobs):
+    """A policy tracking ``info`` (on a host whose ``knobs`` differ as given) after one round, told
+    ``saved`` by the estimator: (policy, host, the plan of the round after the estimate)."""
+    policy = Policy(cfg() if config is None else config)
+    host = Host(policy, info)
+    host.knobs.update(knobs)
+    host.round()
+    estimated(policy, info, saved)
+    return policy, host, host.round()
+
+
+def merge_steadily(host, saved_pages, scans=4) -> list:
+    """``scans`` rounds, each after one full scan of 1 GiB that ends with ``saved_pages`` merged
+    (pid 1's profit): their plans."""
+    plans = []
+    for _ in range(scans):
+        host.scan(1, 262144, 0.5, saved_pages=saved_pages, profit={1: saved_pages * PS})
+        plans.append(host.round())
+    return plans
+
+
 def texts(plan):
     return [str(d) for d in plan.decisions]
 
@@ -132,11 +153,7 @@ def test_fast_mode_scans_in_large_batches_by_default():
     vm = proc(1, size=GiB)
     c = cfg(candidates={"names": ["vm"]})
     c.ksmd.min_batch_pages = Config().ksmd.min_batch_pages
-    policy = Policy(c)
-    host = Host(policy, vm)
-    host.round()
-    estimated(policy, vm, 400 * MiB)
-    plan = host.round()
+    policy, _, plan = estimated_round(vm, 400 * MiB, c)
     assert plan.mode == "fast"
     assert plan.knobs["pages_to_scan"] >= c.ksmd.min_batch_pages
     assert plan.knobs["sleep_millisecs"] > c.ksmd.fast_sleep_millisecs
@@ -211,32 +228,18 @@ def test_estimate_then_fast_then_slow_once_realized():
 
 
 def test_settled_short_of_prediction_goes_slow():
-    vm = proc(1)
-    policy = Policy(cfg())
-    host = Host(policy, vm)
-    host.round()
-    estimated(policy, vm, 512 * MiB)
-    assert host.round().mode == "fast"
-    for _ in range(2):
-        host.scan(1, 262144, 0.5, saved_pages=65536, profit={1: 256 * MiB})
-        assert host.round().mode == "fast"           # moving, or not enough scans yet
-    host.scan(1, 262144, 0.5, saved_pages=65536, profit={1: 256 * MiB})
-    plan = host.round()
-    assert plan.mode == "slow"
+    _, host, plan = estimated_round(proc(1), 512 * MiB)
+    assert plan.mode == "fast"
+    plans = merge_steadily(host, 65536, scans=3)
+    # moving, or not enough scans yet; then settled
+    assert [p.mode for p in plans] == ["fast", "fast", "slow"]
+    plan = plans[-1]
     assert any("merging settled" in t and "(50%)" in t for t in texts(plan))
 
 
 def test_new_registration_restarts_the_settle_count():
-    a = proc(1, "a")
-    policy = Policy(cfg())
-    host = Host(policy, a)
-    host.round()
-    estimated(policy, a, 512 * MiB)
-    host.round()
-    for _ in range(4):
-        host.scan(1, 262144, 0.5, saved_pages=65536, profit={1: 256 * MiB})
-        plan = host.round()
-    assert plan.mode == "slow"
+    policy, host, _ = estimated_round(proc(1, "a"), 512 * MiB)
+    assert merge_steadily(host, 65536)[-1].mode == "slow"
     b = proc(2, "b")
     host.procs.append(b)
     host.round()
@@ -246,13 +249,7 @@ def test_new_registration_restarts_the_settle_count():
 
 
 def test_nothing_worth_merging_stops_ksmd():
-    vm = proc(1)
-    policy = Policy(cfg())
-    host = Host(policy, vm)
-    host.knobs["run"] = 1
-    host.round()
-    estimated(policy, vm, 4 * MiB)
-    plan = host.round()
+    policy, host, plan = estimated_round(proc(1), 4 * MiB, run=1)
     assert plan.mode == "stopped" and plan.knobs == {"run": 0}
     assert any("nothing worth merging" in t and "merged pages stay" in t for t in texts(plan))
     policy.cfg.ksmd.stop_when_idle = False
@@ -261,12 +258,8 @@ def test_nothing_worth_merging_stops_ksmd():
 
 
 def test_cpu_budget_measured_cost_and_daemon_share():
-    vm = proc(1, size=4 * GiB)
-    policy = Policy(cfg(ksmd={"cpu_budget_percent": 10.0}))
-    host = Host(policy, vm)
-    host.round()
-    estimated(policy, vm, 2 * GiB)
-    host.round()
+    policy, host, _ = estimated_round(proc(1, size=4 * GiB), 2 * GiB,
+                                      cfg(ksmd={"cpu_budget_percent": 10.0}))
     # ksmd spent 10 us per page, the daemon 20 % of a CPU: the cost moves halfway (EWMA 0.5)
     # to 6 us, and the daemon's share (10 % after the EWMA) eats the whole budget but ksmd's floor
     host.scan(0, 100000, 1.0)
@@ -282,12 +275,9 @@ def test_cpu_budget_measured_cost_and_daemon_share():
 
 
 def test_unspent_budget_lets_a_fast_scan_burst_until_it_is_spent():
-    vm = proc(1, size=GiB)
-    policy = Policy(cfg(ksmd={"cpu_budget_window": 60.0}))    # 20 % over 60 s: 12 CPU-s of credit
-    host = Host(policy, vm)
-    host.round()
-    estimated(policy, vm, 400 * MiB)
-    plan = host.round()
+    # 20 % over 60 s: 12 CPU-s of credit
+    policy, host, plan = estimated_round(proc(1, size=GiB), 400 * MiB,
+                                         cfg(ksmd={"cpu_budget_window": 60.0}))
     assert plan.mode == "fast" and plan.bursting and plan.cpu_credit_seconds == pytest.approx(12.0)
     assert plan.knobs == {"run": 1, "pages_to_scan": 100000, "sleep_millisecs": 0}
     # 11 CPU-s of ksmd and 2 of the daemon over 5 s: the credit (12 + 0.2 * 5 - 13) is spent
@@ -304,40 +294,23 @@ def test_unspent_budget_lets_a_fast_scan_burst_until_it_is_spent():
 
 
 def test_slow_mode_never_bursts():
-    vm = proc(1, size=GiB)
-    policy = Policy(cfg(ksmd={"cpu_budget_window": 60.0}))
-    host = Host(policy, vm)
-    host.round()
-    estimated(policy, vm, 400 * MiB)
-    host.round()
+    _, host, _ = estimated_round(proc(1, size=GiB), 400 * MiB, cfg(ksmd={"cpu_budget_window": 60.0}))
     host.scan(3, 3 * 262144, 1.0, saved_pages=400 * MiB // PS, profit={1: 400 * MiB})
     plan = host.round()
     assert plan.mode == "slow" and not plan.bursting and plan.knobs["sleep_millisecs"] > 0
 
 
 def test_small_cost_drift_does_not_rewrite_knobs():
-    vm = proc(1, size=4 * GiB)
-    policy = Policy(cfg())
-    host = Host(policy, vm)
-    host.round()
-    estimated(policy, vm, 2 * GiB)
-    first = host.round().knobs["pages_to_scan"]
+    _, host, plan = estimated_round(proc(1, size=4 * GiB), 2 * GiB)
+    first = plan.knobs["pages_to_scan"]
     host.scan(0, 100000, 0.22)            # 2.2 us/page: a 5 % change
     plan = host.round()
     assert "pages_to_scan" not in plan.knobs and host.knobs["pages_to_scan"] == first
 
 
 def test_memory_pressure_scans_faster_within_budget():
-    vm = proc(1)
-    c = cfg()
-    policy = Policy(c)
-    host = Host(policy, vm)
-    host.round()
-    estimated(policy, vm, 512 * MiB)
-    host.round()
-    for _ in range(4):
-        host.scan(1, 262144, 0.5, saved_pages=131072, profit={1: 512 * MiB})
-        plan = host.round()
+    policy, host, _ = estimated_round(proc(1), 512 * MiB)
+    plan = merge_steadily(host, 131072)[-1]
     assert plan.mode == "slow"
     calm = plan.target_pages_per_second
     host.memory = Memory(total=16 * GiB, available=GiB // 2, psi_some_avg10=30.0)
@@ -391,11 +364,7 @@ def test_failed_estimate_is_retried_only_after_the_reestimate_interval():
 
 def test_unregistered_process_needs_injection():
     vm = proc(1, registered=False)
-    policy = Policy(cfg(candidates={"names": ["vm"]}))
-    host = Host(policy, vm)
-    host.round()
-    estimated(policy, vm, 512 * MiB)
-    plan = host.round()
+    policy, host, plan = estimated_round(vm, 512 * MiB, cfg(candidates={"names": ["vm"]}))
     assert plan.register == [] and plan.mode == "stopped"
     assert any("would need injection; not allowed by config" in t for t in texts(plan))
 
@@ -412,23 +381,18 @@ def test_unregistered_process_needs_injection():
 
 
 def test_knobs_changed_by_someone_else_are_reported_and_left_alone():
-    vm = proc(1)
-    policy = Policy(cfg())
-    host = Host(policy, vm)
-    host.round()
-    estimated(policy, vm, 512 * MiB)
+    policy, host, plan = estimated_round(proc(1), 512 * MiB)
     # 1 GiB = 262144 pages in 5 s at 20 ms sleeps: p = R s / (1 - R c) = 1172
-    assert host.round().knobs["pages_to_scan"] == 1172
+    assert plan.knobs["pages_to_scan"] == 1172
     host.knobs["pages_to_scan"] = 777                # an operator, or ksmtuned
     plan = host.round()
     assert "pages_to_scan" not in plan.knobs
     assert any(d.kind == "external" and "pages_to_scan was changed by someone else (1172 -> 777)"
                in d.reason for d in plan.decisions)
     assert policy.yielded == {"pages_to_scan": 777} and "pages_to_scan" not in policy.written
-    for _ in range(4):                               # even when the mode changes
-        host.scan(1, 262144, 0.5, saved_pages=131072, profit={1: 512 * MiB})
-        plan = host.round()
-        assert "pages_to_scan" not in plan.knobs
+    plans = merge_steadily(host, 131072)
+    assert not any("pages_to_scan" in p.knobs for p in plans)      # even when the mode changes
+    plan = plans[-1]
     assert plan.mode == "slow" and host.knobs["pages_to_scan"] == 777
     policy.reconfigure(policy.cfg)                   # SIGHUP: ours to decide again
     assert "pages_to_scan" in host.round().knobs
