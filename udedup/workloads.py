@@ -37,7 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ProcessNotFoundError, UsageError, WorkloadError
+from .errors import ProcessError, ProcessNotFoundError, UsageError, WorkloadError
 from .procksm import process_ksm
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -255,25 +255,6 @@ def _populate(arr: np.ndarray, layout: Layout, seed: int) -> None:
                 arr[idx] = templates[layout.group[idx] - g0]
 
 
-def _zero_pfn(page_size: int) -> int:
-    """PFN of the kernel's shared zero page: read-fault one fresh private page and look it up."""
-    m = mmap.mmap(-1, page_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        view = np.frombuffer(m, dtype=np.uint8)
-        int(view[0])                   # a read fault maps the zero page
-        entry = _pagemap(view.ctypes.data, 1, page_size)[0]
-        del view
-        return int(entry & np.uint64((1 << 55) - 1))
-    finally:
-        m.close()
-
-
-def _pagemap(address: int, n: int, page_size: int) -> np.ndarray:
-    with open("/proc/self/pagemap", "rb", buffering=0) as f:
-        raw = os.pread(f.fileno(), n * 8, (address // page_size) * 8)
-    return np.frombuffer(raw, dtype=np.uint64).copy()
-
-
 KPF_KSM = 21
 
 
@@ -283,13 +264,20 @@ def classify_pages(address: int, n: int, page_size: int = PAGE_SIZE):
     PFNs in /proc/self/pagemap need CAP_SYS_ADMIN (we run as root for KSM anyway). A KSM page is
     recognised by /proc/kpageflags' KPF_KSM bit, or, without it, by the same PFN appearing twice in
     the buffer (private anonymous pages share a frame only through KSM)."""
-    entries = _pagemap(address, n, page_size)
-    present = (entries >> np.uint64(63)) & np.uint64(1) == 1
-    pfn = entries & np.uint64((1 << 55) - 1)
+    from .procmem import PM_PFN_MASK, PM_PRESENT, read_pagemap, zero_page_pfns
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        entries = read_pagemap(fd, address, address + n * page_size, page_size=page_size)
+    finally:
+        os.close(fd)
+    present = (entries & np.uint64(PM_PRESENT)) != 0
+    pfn = entries & np.uint64(PM_PFN_MASK)
     if not present.any() or not pfn[present].any():
         raise PermissionError("pagemap hides page frame numbers (needs CAP_SYS_ADMIN)")
-    zpfn = _zero_pfn(page_size)
-    zero = present & (pfn == np.uint64(zpfn)) & (zpfn != 0)
+    zero = np.zeros(n, dtype=bool)
+    for first, stop in zero_page_pfns():
+        zero |= (pfn >= np.uint64(first)) & (pfn < np.uint64(stop))
+    zero &= present
     candidates = present & ~zero
     uniq, inverse, counts = np.unique(pfn[candidates], return_inverse=True, return_counts=True)
     try:
@@ -353,7 +341,7 @@ def measure_cow(flat: np.ndarray, address: int, layout: Layout, sample: int, see
     method = "pagemap"
     try:
         ksm, zero, present = classify_pages(address, n, page_size)
-    except (OSError, PermissionError):
+    except (OSError, ProcessError):
         # no PFNs: trust the layout (pages meant to merge), and say so
         method = "layout"
         ksm = (layout.kinds == DUPLICATE) | (layout.kinds == ZERO)
