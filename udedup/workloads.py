@@ -43,7 +43,6 @@ from .procksm import process_ksm
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 PR_SET_PDEATHSIG = 1
-PR_SET_MEMORY_MERGE = 67
 
 ZERO, DUPLICATE, UNIQUE, VOLATILE = 0, 1, 2, 3
 KIND_NAMES = ("zero", "duplicate", "unique", "volatile")
@@ -320,11 +319,12 @@ def _warm_allocator(n_pages: int, page_size: int) -> None:
     A COW break allocates a page. In a VM with free page reporting, a page the host took back costs
     ~5x more to fault in (10.6 vs 2.2 us here), so trials would differ by what the allocator hands
     out. Recently freed pages come first: this makes every trial start from warm free pages."""
+    from .memory import MADV_NOHUGEPAGE
     if n_pages <= 0:
         return
     m = mmap.mmap(-1, n_pages * page_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
-        m.madvise(getattr(mmap, "MADV_NOHUGEPAGE", 15))   # small pages, as the COW breaks take
+        m.madvise(MADV_NOHUGEPAGE)   # small pages, as the COW breaks take
         view = np.frombuffer(m, dtype=np.uint8)
         view[::page_size] = 1
         del view
@@ -430,16 +430,15 @@ def synthetic_main(spec: SyntheticSpec) -> int:
 
 def exec_main(argv: Sequence[str], merge: bool = True) -> int:
     """The launcher: parent-death signal, process-wide merging, then exec the command."""
-    from . import pages
-    from .errors import NativeError
+    from .errors import UdedupError
+    from .memory import enable_process_merge
 
     _set_parent_death_signal()
     if merge:
         try:
-            pages.prctl(PR_SET_MEMORY_MERGE, 1)
-        except NativeError as err:
-            print(f"udedup: error: PR_SET_MEMORY_MERGE failed: {err} (needs Linux 6.4+ and "
-                  "CAP_SYS_RESOURCE)", file=sys.stderr)
+            enable_process_merge()
+        except UdedupError as err:
+            print(f"udedup: error: {err}", file=sys.stderr)
             return 126
     # Python ignores SIGPIPE and SIGXFSZ; ignored signals survive exec: give the command the defaults
     for name in ("SIGPIPE", "SIGXFSZ"):
