@@ -40,18 +40,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from udedup import pages, procmem  # noqa: E402
+from udedup.config import parse_size  # noqa: E402
 from udedup.estimate import DEFAULT_CHUNK_BYTES  # noqa: E402
 from udedup.ksm import experiment_lock  # noqa: E402
 
 MIX = (("zero", 0.20), ("many", 0.30), ("pairs", 0.10), ("unique", 0.40))
-
-
-def parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().rstrip("ib")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
 
 
 # --- the child ------------------------------------------------------------------------------------
