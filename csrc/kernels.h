@@ -285,10 +285,7 @@ static size_t zero_pages(const uint8_t *buf, size_t page_size, size_t npages, ui
             __builtin_prefetch(p + UD_ZERO_AHEAD * page_size, 0, 2);
         uint8_t is_zero = ld64(p) == 0 && or_line(p) == 0;
         for (size_t off = 64; is_zero && off < page_size; off += 256) {
-            __builtin_prefetch(p + off + UD_PREFETCH, 0, 3);
-            __builtin_prefetch(p + off + UD_PREFETCH + 64, 0, 3);
-            __builtin_prefetch(p + off + UD_PREFETCH + 128, 0, 3);
-            __builtin_prefetch(p + off + UD_PREFETCH + 192, 0, 3);
+            UD_PREFETCH_256(p + off);
             uint64_t any = or_line(p + off);
             if (off + 64 < page_size)
                 any |= or_line(p + off + 64);
