@@ -278,7 +278,7 @@ def test_unspent_budget_lets_a_fast_scan_burst_until_it_is_spent():
     # 20 % over 60 s: 12 CPU-s of credit
     policy, host, plan = estimated_round(proc(1, size=GiB), 400 * MiB,
                                          cfg(ksmd={"cpu_budget_window": 60.0}))
-    assert plan.mode == "fast" and plan.bursting and plan.cpu_credit_seconds == pytest.approx(12.0)
+    assert plan.mode == "fast" and plan.bursting and policy.cpu_credit == pytest.approx(12.0)
     assert plan.knobs == {"run": 1, "pages_to_scan": 100000, "sleep_millisecs": 0}
     # 11 CPU-s of ksmd and 2 of the daemon over 5 s: the credit (12 + 0.2 * 5 - 13) is spent
     host.scan(1, 262144, 11.0)

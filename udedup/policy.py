@@ -151,7 +151,6 @@ class Plan:
     daemon_cpu_percent: float | None = None
     seconds_per_page: float = PRIOR_SECONDS_PER_PAGE
     bursting: bool = False                              # fast scan above the average budget
-    cpu_credit_seconds: float = 0.0                     # unspent CPU budget (ksmd + daemon)
 
 
 # --- candidate matching ---------------------------------------------------------------------------
@@ -635,7 +634,6 @@ class Policy:
         if plan.pressure:
             rate *= cfg.pressure.speedup
         budget = k.cpu_budget_percent / 100.0
-        plan.cpu_credit_seconds = self.cpu_credit
         if mode == "fast" and self.cpu_credit > 0 and k.burst_percent > k.cpu_budget_percent:
             # unspent budget: merge flat out now rather than slowly for longer. ksmd pays per
             # wake-up and per cold cache, so the same merge costs less CPU in a burst.
