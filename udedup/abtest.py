@@ -407,23 +407,18 @@ def t99(series: Mapping[str, list], final_saved_pages: int) -> tuple[float | Non
 def other_mergeable_processes(exclude=(), procfs: str = "/proc") -> list[dict]:
     """Processes with memory registered for KSM, other than ours: ksmd scans them in every trial,
     so their pages show in the global counters and their cost in ksmd's CPU time."""
-    from .procksm import parse_ksm_stat
+    from .procksm import process_ksm
     skip = {os.getpid(), *exclude}
     found = []
     for entry in os.listdir(procfs):
         if not entry.isdigit() or int(entry) in skip:
             continue
         try:
-            with open(os.path.join(procfs, entry, "ksm_stat")) as f:
-                stat = parse_ksm_stat(f.read())
-            with open(os.path.join(procfs, entry, "comm")) as f:
-                comm = f.read().strip()
-        except OSError:
+            p = process_ksm(int(entry), procfs, smaps=False)
+        except UdedupError:         # gone, unreadable, or a kernel thread
             continue
-        if stat.get("ksm_mergeable") is True or stat.get("ksm_merge_any") is True \
-                or stat.get("ksm_rmap_items", 0):
-            found.append({"pid": int(entry), "comm": comm,
-                          "rmap_items": int(stat.get("ksm_rmap_items", 0))})
+        if p.registered:
+            found.append({"pid": p.pid, "comm": p.comm, "rmap_items": p.rmap_items})
     return found
 
 
