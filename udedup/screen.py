@@ -113,7 +113,7 @@ def screen(pids, rate: float, seed: int = 0, procfs: str = "/proc", mappings=Non
 
     hashes, zero_count, owners = [], {}, []
     with procmem.RemoteReader(buffer_bytes=BATCH_PAGES * ps) as reader:
-        for pid, (_present, pick) in sampled.items():
+        for i, (pid, (_present, pick)) in enumerate(sampled.items()):
             zero_count[pid] = 0
             read_total = 0
             for lo in range(0, pick.size, reader.capacity):
@@ -128,7 +128,7 @@ def screen(pids, rate: float, seed: int = 0, procfs: str = "/proc", mappings=Non
                 good = ok & ~res.zero
                 zero_count[pid] += int(np.count_nonzero(ok & res.zero))
                 hashes.append(res.hash[good])
-                owners.append(np.full(int(np.count_nonzero(good)), pid, dtype=np.int64))
+                owners.append(np.full(int(np.count_nonzero(good)), i, dtype=np.int64))
                 read_total += int(np.count_nonzero(ok))
             if pid in reader.exited:
                 out[pid] = "exited during the screen"
@@ -138,13 +138,14 @@ def screen(pids, rate: float, seed: int = 0, procfs: str = "/proc", mappings=Non
         h = np.concatenate(hashes)
         who = np.concatenate(owners)
         _, inverse, counts = np.unique(h, return_inverse=True, return_counts=True)
-        twin = counts[inverse] >= 2
+        # sampled twins per process (by its index in ``sampled``), in one pass over the sample
+        twins = np.bincount(who[counts[inverse] >= 2], minlength=len(sampled))
     else:
-        who, twin = np.empty(0, np.int64), np.empty(0, bool)
-    for pid, (present, read_total) in sampled.items():
+        twins = np.zeros(len(sampled), dtype=np.int64)
+    for i, (pid, (present, read_total)) in enumerate(sampled.items()):
         if pid in out:
             continue
         out[pid] = ScreenResult(pid=pid, rate=rate, present_pages=int(present),
                                 sampled_pages=int(read_total), zero_pages=zero_count[pid],
-                                twin_pages=int(np.count_nonzero(twin[who == pid])))
+                                twin_pages=int(twins[i]))
     return out
