@@ -11,6 +11,7 @@ The guard reads sysfs directly, not through udedup.ksm, so a bug there cannot hi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -66,20 +67,16 @@ def _raw_restore(saved: dict[str, str]) -> None:
 _session_knobs: dict[str, str] = {}
 
 
-def _ksm_lock():
-    return experiment_lock()
-
-
 def pytest_sessionstart(session):
     # under the lock: another pytest process's test may have knobs changed right now
-    with _ksm_lock():
+    with experiment_lock():
         _session_knobs.update(_writable_knobs())
 
 
 def pytest_sessionfinish(session, exitstatus):
     if not _session_knobs:
         return
-    with _ksm_lock():
+    with experiment_lock():
         now = _writable_knobs()
         leaked = {k: (v, now.get(k)) for k, v in _session_knobs.items() if now.get(k) != v}
         if leaked:
@@ -100,14 +97,12 @@ def _ksm_marker(request):
     reason = ksm_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    with _ksm_lock():
+    with experiment_lock():
         yield
 
 
-@pytest.fixture
-def estimate_children():
-    """Start tests/estimate_targets.py children (memory of known content): ``spawn(spec)`` returns
-    ``(Popen, info)``; every child is killed and reaped after the test."""
+@contextlib.contextmanager
+def _estimate_spawner():
     made = []
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "estimate_targets.py")
 
@@ -116,8 +111,25 @@ def estimate_children():
                              stdout=subprocess.PIPE, text=True)
         made.append(p)
         return p, json.loads(p.stdout.readline())
-    yield spawn
-    for p in made:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
+    try:
+        yield spawn
+    finally:
+        for p in made:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+@pytest.fixture
+def estimate_children():
+    """Start tests/estimate_targets.py children (memory of known content): ``spawn(spec)`` returns
+    ``(Popen, info)``; every child is killed and reaped after the test."""
+    with _estimate_spawner() as spawn:
+        yield spawn
+
+
+@pytest.fixture(scope="module")
+def estimate_children_module():
+    """:func:`estimate_children` for children shared by a whole test module."""
+    with _estimate_spawner() as spawn:
+        yield spawn

@@ -2,28 +2,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
 from udedup.cli import main
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 @pytest.fixture(scope="module")
-def targets():
-    """A registered child with known content, and one that registered nothing."""
-    made = []
-
+def targets(estimate_children_module):
+    """A registered child with known content, one that registered nothing, one with THP and
+    volatile pages."""
     def spawn(spec):
-        p = subprocess.Popen([sys.executable, os.path.join(HERE, "estimate_targets.py"),
-                              json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True)
-        made.append(p)
-        return json.loads(p.stdout.readline())["pid"]
+        return estimate_children_module(spec)[1]["pid"]
     registered = spawn([{"kind": "zero", "pages": 40}, {"kind": "dup", "pages": 60, "contents": 3},
                         {"kind": "unique", "pages": 20}])
     plain = spawn({"regions": [{"kind": "dup", "pages": 30, "contents": 2}],
@@ -31,10 +22,7 @@ def targets():
     busy = spawn({"regions": [{"kind": "dup", "pages": 2048, "contents": 3},
                               {"kind": "volatile", "pages": 16}],
                   "options": {"thp": True}})
-    yield registered, plain, busy
-    for p in made:
-        p.kill()
-        p.wait()
+    return registered, plain, busy
 
 
 def run(capsys, *argv):
