@@ -381,6 +381,20 @@ static int to_event_stop(struct ctx *c, enum stop st, int *sig, const struct tim
     return -1;
 }
 
+/* At a signal-delivery-stop with the thread's own registers back in place: pass the signal on,
+ * come back to a get_signal() stop and save the registers there again. -1 to go on, else the
+ * status to return. */
+static int resave(struct ctx *c, enum stop st, int *sig, const struct timespec *t0)
+{
+    int rc, is_compat = 0;
+    if ((rc = to_event_stop(c, st, sig, t0)) >= 0)
+        return rc;
+    int snap = snapshot(c, &is_compat);
+    if (snap < 0)
+        return finish(c, snap == -2 ? UD_INJECT_E_BUSY : UD_INJECT_E_PTRACE, 0, t0);
+    return -1;
+}
+
 int ud_inject_syscalls(int tid, uint64_t syscall_ip, ud_syscall *calls, size_t ncalls,
                        uint32_t flags, ud_inject_info *info)
 {
@@ -471,11 +485,8 @@ int ud_inject_syscalls(int tid, uint64_t syscall_ip, ud_syscall *calls, size_t n
                 if (st == ST_SIGNAL && restore(&c) < 0)
                     return finish(&c, UD_INJECT_E_PTRACE, 0, &t0);
                 if (st == ST_SIGNAL) {
-                    if ((rc = to_event_stop(&c, st, &sig, &t0)) >= 0)
+                    if ((rc = resave(&c, st, &sig, &t0)) >= 0)
                         return rc;
-                    if ((snap = snapshot(&c, &is_compat)) < 0)
-                        return finish(&c, snap == -2 ? UD_INJECT_E_BUSY : UD_INJECT_E_PTRACE, 0,
-                                      &t0);
                 } else if (st == ST_GONE) {
                     return UD_INJECT_E_GONE;
                 } else if (st != ST_EVENT) {
@@ -502,12 +513,8 @@ int ud_inject_syscalls(int tid, uint64_t syscall_ip, ud_syscall *calls, size_t n
                 return finish(&c, UD_INJECT_E_STATE, 0, &t0);
             if (restore(&c) < 0)
                 return finish(&c, UD_INJECT_E_PTRACE, 0, &t0);
-            if (st == ST_SIGNAL) {
-                if ((rc = to_event_stop(&c, st, &sig, &t0)) >= 0)
-                    return rc;
-                if ((snap = snapshot(&c, &is_compat)) < 0)
-                    return finish(&c, snap == -2 ? UD_INJECT_E_BUSY : UD_INJECT_E_PTRACE, 0, &t0);
-            }
+            if (st == ST_SIGNAL && (rc = resave(&c, st, &sig, &t0)) >= 0)
+                return rc;
             info->retries++;
             if (++retries > MAX_RETRIES)
                 return finish(&c, UD_INJECT_E_BUSY, 0, &t0);
