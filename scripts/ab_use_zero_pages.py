@@ -28,7 +28,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from udedup.abreport import format_table, write_report  # noqa: E402
+from udedup.abreport import LABELS, _diff_cell, format_table, write_report  # noqa: E402
 from udedup.abtest import ABInterrupted, ABResult, DEFAULT_FIXED, _fmt_knob, run_ab  # noqa: E402
 from udedup.errors import UdedupError  # noqa: E402
 from udedup.ksm import experiment_lock  # noqa: E402
@@ -188,25 +188,16 @@ def write_overview(results: dict, out: str, args, seconds: float, figure: bool =
             v = a[arm]["metrics"][metric]["median"]
             return "-" if v is None else f.format(v * scale)
 
-        def ci(metric, scale=1.0, f="{:+.2f}"):
-            x = d.get(metric, {})
-            if x.get("diff") is None:
-                return "-"
-            text = f.format(x["diff"] * scale)
-            if x.get("relative") is not None:
-                text += f" ({x['relative'] * 100:+.1f} %)"
-            if x.get("ci_low") is not None:
-                text += f" [{f.format(x['ci_low'] * scale)}, {f.format(x['ci_high'] * scale)}]"
-                text += " *" if x.get("clear") else ""
-            return text
+        def ci(metric):   # as summary.txt writes it
+            return _diff_cell(d.get(metric, {}), LABELS[metric][1])
 
         mib = 1 / 2**20
         lines.append(f"| {name} | {med('saved_bytes', 'off', mib)} / {med('saved_bytes', 'on', mib)} | "
-                     f"{ci('saved_bytes', mib)} | {med('ksmd_cpu_seconds', 'off')} / "
-                     f"{med('ksmd_cpu_seconds', 'on')} | {ci('ksmd_cpu_seconds', f='{:+.3f}')} | "
+                     f"{ci('saved_bytes')} | {med('ksmd_cpu_seconds', 'off')} / "
+                     f"{med('ksmd_cpu_seconds', 'on')} | {ci('ksmd_cpu_seconds')} | "
                      f"{med('settle_seconds', 'off')} / {med('settle_seconds', 'on')} | "
                      f"{med('cow_ns_per_page', 'off', f='{:.0f}')} / {med('cow_ns_per_page', 'on', f='{:.0f}')} | "
-                     f"{ci('cow_ns_per_page', f='{:+.0f}')} |")
+                     f"{ci('cow_ns_per_page')} |")
     lines += ["", "## Where the difference in saving comes from", "",
               "general_profit = (pages_sharing + ksm_zero_pages) x page size - rmap items x 64 B. "
               "Split of the on - off difference of the medians:", "",
