@@ -44,7 +44,7 @@ import numpy as np
 
 from . import pages, procmem
 from .errors import KsmError, ProcessNotFoundError, UsageError
-from .ksm import RMAP_ITEM_BYTES
+from .ksm import RMAP_ITEM_BYTES, Ksm
 
 log = logging.getLogger(__name__)
 
@@ -455,12 +455,11 @@ def _current_knobs(max_page_sharing):
     """(max_page_sharing, use_zero_pages or None) from the running kernel where readable."""
     uzp = None
     try:
-        from .ksm import Ksm
         ksm = Ksm()
         uzp = bool(ksm.get("use_zero_pages"))
         if max_page_sharing is None:
             max_page_sharing = int(ksm.get("max_page_sharing"))
-    except (ImportError, KsmError, OSError) as err:
+    except (KsmError, OSError) as err:
         log.debug("estimate: KSM knobs not readable (%s); using defaults", err)
     if max_page_sharing is None:
         max_page_sharing = DEFAULT_MAX_PAGE_SHARING
