@@ -170,7 +170,7 @@ def wait_state(pid: int, states: str, timeout: float = 2.0) -> bool:
     return False
 
 
-def inject_once(t: TargetProcess, i: int, rng: random.Random, stopped: bool = False):
+def inject_once(t: TargetProcess, i: int, rng: random.Random):
     """One enable or disable, cycling through the madvise variants. Returns the InjectResult."""
     who = rng.choice(t.tids)
     op = i % 4
@@ -325,8 +325,8 @@ def print_table(rows, out=sys.stdout):
             str(r["signals_forwarded"]), str(r["eintr_fixups"]), str(r["rseq_aborts"]),
             f"{_fmt(r['hold_us_median'])}/{_fmt(r['hold_us_p99'])}/{_fmt(r['hold_us_max'])}",
             _fmt(r["wall_us_median"]), ksm_txt]), file=out)
-        detail = {k: v for k, v in r["result"].items()}
-        print(f"    target report: {' '.join(f'{k}={v}' for k, v in detail.items())}", file=out)
+        print(f"    target report: {' '.join(f'{k}={v}' for k, v in r['result'].items())}",
+              file=out)
         for err, n in r["errors"].items():
             print(f"    error x{n}: {err}", file=out)
         if r["failed_checks"]:
