@@ -94,6 +94,12 @@ class PageKinds:
                 "ksm_zero_pages": int(self.zero.sum())}
 
 
+def assert_buffer_counters(kinds: PageKinds, exp: dict[str, int]) -> None:
+    """The buffer's share is exactly ``exp``'s KSM pages, and none of it is a zero page."""
+    assert kinds.counters() == {"pages_shared": exp["pages_shared"],
+                                "pages_sharing": exp["pages_sharing"], "ksm_zero_pages": 0}
+
+
 @pytest.fixture
 def buffers():
     """Make MergeableBuffers that are gone after the test even when it fails holding views: a
@@ -127,6 +133,15 @@ def fill_identical(buf: MergeableBuffer, count: int, seed: int, start: int = 0) 
     page = np.random.default_rng(seed).integers(0, 256, buf.page_size, dtype=np.uint8)
     buf.array("u1").reshape(-1, buf.page_size)[start:start + count] = page
     return page
+
+
+def merged_buffer(ksm: Ksm, buffers, n: int, seed: int) -> tuple[MergeableBuffer, np.ndarray]:
+    """A buffer of ``n`` identical pages, settled with every page merged; returns it and the page."""
+    buf = buffers(n * ksm.page_size)
+    page = fill_identical(buf, n, seed=seed)
+    ksm.wait_settled(timeout=20)
+    assert PageKinds(buf).ksm.all()
+    return buf, page
 
 
 def consistent_stats(ksm: Ksm) -> KsmStats:
@@ -163,9 +178,7 @@ def test_identical_pages_merge_to_exact_counters_and_content_survives(fast_ksm, 
     cpu0 = ksm.ksmd_cpu_seconds()
     st = ksm.wait_settled(timeout=20)
     exp = expected_counters(n, m)
-    kinds = PageKinds(buf)
-    assert kinds.counters() == {"pages_shared": exp["pages_shared"],
-                                "pages_sharing": exp["pages_sharing"], "ksm_zero_pages": 0}
+    assert_buffer_counters(PageKinds(buf), exp)
     me = process_ksm(os.getpid())
     assert me.merging_pages == exp["pages_shared"] + exp["pages_sharing"]
     assert me.rmap_items == n and me.zero_pages == 0
@@ -193,8 +206,7 @@ def test_max_page_sharing_splits_into_dups(buffers, n):
             ksm.wait_settled(timeout=20)
             exp = expected_counters(n, 16)
             kinds = PageKinds(buf)
-            assert kinds.counters() == {"pages_shared": exp["pages_shared"],
-                                        "pages_sharing": exp["pages_sharing"], "ksm_zero_pages": 0}
+            assert_buffer_counters(kinds, exp)
             assert int((~kinds.ksm).sum()) == exp["pages_unshared"]
             assert process_ksm(os.getpid()).merging_pages == exp["pages_shared"] + exp["pages_sharing"]
             if global_counters_clean():
@@ -207,10 +219,7 @@ def test_max_page_sharing_splits_into_dups(buffers, n):
 def test_copy_on_write_keeps_every_page_right(fast_ksm, buffers):
     ksm = fast_ksm
     n = 300
-    buf = buffers(n * ksm.page_size)
-    page = fill_identical(buf, n, seed=300)
-    ksm.wait_settled(timeout=20)
-    assert PageKinds(buf).ksm.all()
+    buf, page = merged_buffer(ksm, buffers, n, seed=300)
     written = np.arange(0, n, 10)
     stamps = [np.frombuffer(int(i + 1).to_bytes(8, "little"), np.uint8) for i in written]
     view = buf.array("u1").reshape(n, -1)
@@ -226,8 +235,7 @@ def test_copy_on_write_keeps_every_page_right(fast_ksm, buffers):
     assert (view == expect).all()
     del view
     exp = expected_counters(n - len(written), ksm.get("max_page_sharing"))
-    assert PageKinds(buf).counters() == {"pages_shared": exp["pages_shared"],
-                                         "pages_sharing": exp["pages_sharing"], "ksm_zero_pages": 0}
+    assert_buffer_counters(PageKinds(buf), exp)
     assert process_ksm(os.getpid()).merging_pages == n - len(written)
     if global_counters_clean():
         exp["pages_unshared"] += len(written)      # unique pages wait in the unstable tree
@@ -275,10 +283,7 @@ def test_use_zero_pages_decides_where_zero_pages_are_counted(buffers, use_zero_p
 def test_unmerge_all_brings_savings_to_zero_and_run_back(fast_ksm, buffers):
     ksm = fast_ksm
     n = 200
-    buf = buffers(n * ksm.page_size)
-    page = fill_identical(buf, n, seed=200)
-    ksm.wait_settled(timeout=20)
-    assert PageKinds(buf).ksm.all()
+    buf, page = merged_buffer(ksm, buffers, n, seed=200)
     ksm.unmerge_all()
     assert ksm.get("run") == 1
     ksm.wait_settled(timeout=20)                    # registrations stay: it merges again
