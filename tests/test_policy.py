@@ -500,6 +500,8 @@ def test_discovery_and_memory_on_a_fake_proc(tmp_path):
 
     found = {p.pid: p for p in daemon_mod.discover_processes(str(procfs))}
     assert sorted(found) == [10, 11]                    # the kernel thread is skipped
+    # below candidates.min_anon_rss: left out before its other files are read
+    assert [p.pid for p in daemon_mod.discover_processes(str(procfs), min_anon_rss=64 * MiB)] == [10]
     q = found[10]
     assert (q.name, q.cmdline, q.uid, q.cgroup, q.anon_rss, q.merge_any, q.start_time) == (
         "qemu-system-x86", "qemu-system-x86_64 -m 1G", 0, "/machine.slice/vm.scope", GiB, True, 70)

@@ -159,8 +159,13 @@ def process_start_time(pid: int, procfs: str = "/proc") -> int | None:
     return int(got[1][19]) if got else None
 
 
-def discover_processes(procfs: str = "/proc", exclude_pid: int | None = None) -> list[ProcessInfo]:
-    """Every user process with what candidate matching needs (no smaps: that is per candidate)."""
+def discover_processes(procfs: str = "/proc", exclude_pid: int | None = None,
+                       min_anon_rss: int = 0) -> list[ProcessInfo]:
+    """Every user process with what candidate matching needs (no smaps: that is per candidate).
+
+    Processes with less than ``min_anon_rss`` anonymous resident bytes, never candidates, are
+    left out before their cmdline, exe, cgroup and ksm_stat are read: on most hosts that is most
+    processes, and this walk runs every round."""
     from .procksm import parse_ksm_stat
 
     out = []
@@ -186,6 +191,8 @@ def discover_processes(procfs: str = "/proc", exclude_pid: int | None = None) ->
                 uid = int(line.split()[1])
             elif line.startswith("RssAnon:"):
                 anon = int(line.split()[1]) * 1024
+        if anon < min_anon_rss:
+            continue
         raw = _read(os.path.join(base, "cmdline"), binary=True) or b""
         cmdline = raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
         try:
@@ -729,7 +736,8 @@ class Daemon:
         procs = []
         now = self.clock()
         seen: dict = {}
-        for info in discover_processes(d.procfs, exclude_pid=os.getpid()):
+        for info in discover_processes(d.procfs, exclude_pid=os.getpid(),
+                                       min_anon_rss=self.cfg.candidates.min_anon_rss):
             ok, _why = match_process(self.cfg, info)
             if not ok:
                 continue
