@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 DEFAULT_STATE_FILE = "/run/udedup/state.json"
-PF_KTHREAD = 0x00200000
 #: Knob write order: the speed first, ``run`` last so ksmd starts with its final settings.
 WRITE_ORDER = ("use_zero_pages", "sleep_millisecs", "pages_to_scan", "run")
 
@@ -167,6 +166,7 @@ def discover_processes(procfs: str = "/proc", exclude_pid: int | None = None,
     left out before their cmdline, exe, cgroup and ksm_stat are read: on most hosts that is most
     processes, and this walk runs every round."""
     from .procksm import parse_ksm_stat
+    from .procmem import PF_KTHREAD
 
     out = []
     try:
