@@ -134,18 +134,12 @@ def preset(name: str, size: int, seed: int = 0) -> SyntheticSpec:
 
 def parse_size(text: str, page_size: int = PAGE_SIZE) -> int:
     """``"256M"``, ``"1G"``, ``"64MiB"``, ``"4096"`` -> bytes, rounded down to whole pages."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    from .config import parse_size as parse_bytes
     raw = str(text).strip()
-    t = raw.upper().replace("IB", "").replace("B", "")
-    num = t.rstrip("KMGT")
-    unit = t[len(num):]
     try:
-        value = float(num)
-        if unit not in units or not math.isfinite(value) or value <= 0:
-            raise ValueError
+        nbytes = parse_bytes(raw) // page_size * page_size
     except ValueError:
         raise UsageError(f"size {raw!r} is not a size; write e.g. 256M, 1G or 65536") from None
-    nbytes = int(value * units[unit]) // page_size * page_size
     if nbytes < page_size:
         raise UsageError(f"size {raw!r} is smaller than one page ({page_size} bytes)")
     return nbytes
