@@ -37,3 +37,8 @@ def make_fake_ksm(root, knobs=None, counters=None, **overrides):
             (root / name).write_text(value + "\n")
             os.chmod(root / name, mode)
     return root
+
+
+def read_tree(root) -> dict[str, str]:
+    """Every file of a fake tree and its text: compare before and after to prove nothing changed."""
+    return {p.name: p.read_text() for p in sorted(root.iterdir())}

@@ -18,7 +18,7 @@ import pytest
 from udedup import cli
 from udedup.errors import UdedupError
 
-from fake_sysfs import KNOBS_618, make_fake_ksm
+from fake_sysfs import KNOBS_618, make_fake_ksm, read_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KNOBS = KNOBS_618
@@ -32,10 +32,6 @@ COUNTERS = {
 def fake_sysfs(root, drop=()):
     return make_fake_ksm(root, {k: v for k, v in KNOBS.items() if k not in drop},
                          {k: v for k, v in COUNTERS.items() if k not in drop})
-
-
-def tree_state(root) -> dict[str, str]:
-    return {p.name: p.read_text() for p in sorted(root.iterdir())}
 
 
 def cli_run(argv, capsys):
@@ -96,13 +92,13 @@ BAD_INPUTS = [
                               for a, *_ in BAD_INPUTS])
 def test_bad_input_table(tmp_path, capsys, argv, code, pattern, opts):
     sysfs = fake_sysfs(tmp_path / "ksm", **opts)
-    before = tree_state(sysfs)
+    before = read_tree(sysfs)
     argv = [a.format(sysfs=sysfs, missing=tmp_path / "no-ksm") for a in argv]
     got, out, err = cli_run(argv, capsys)
     assert got == code, err
     assert_one_line_error(err, pattern)
     assert out == ""
-    assert tree_state(sysfs) == before
+    assert read_tree(sysfs) == before
 
 
 @contextmanager

@@ -13,15 +13,11 @@ from udedup.errors import (KsmBusyError, KsmError, KsmNotRunningError, KsmPermis
                            KsmTimeout, KsmUnavailableError, KsmValueError)
 from udedup.ksm import Ksm, KsmStats
 
-from fake_sysfs import COUNTERS_618, KNOBS_618, make_fake_ksm
+from fake_sysfs import COUNTERS_618, KNOBS_618, make_fake_ksm, read_tree
 
 # what a 5.15 kernel has: no smart_scan, no advisor, no general_profit file
 OLD_KNOBS = ("advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan",
              "advisor_max_pages_to_scan", "advisor_target_scan_time", "smart_scan")
-
-
-def read_tree(root) -> dict[str, str]:
-    return {p.name: p.read_text() for p in sorted(root.iterdir())}
 
 
 class FakeKernel:
