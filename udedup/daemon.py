@@ -34,7 +34,7 @@ from .policy import EstimateResult, Memory, Observation, Plan, Policy, ProcessIn
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-DEFAULT_STATE_FILE = "/run/udedup/state.json"
+DEFAULT_STATE_FILE = Config().daemon.state_file   # the one default lives in config
 #: Knob write order: the speed first, ``run`` last so ksmd starts with its final settings.
 WRITE_ORDER = ("use_zero_pages", "sleep_millisecs", "pages_to_scan", "run")
 
