@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from udedup import memory, pages
+from udedup import memory, pages, procmem
 from udedup.errors import (BufferInUseError, KsmPermissionError, KsmUnavailableError, NativeError,
                            PageBufferError)
 from udedup.memory import MergeableBuffer, kernel_version, mergeable_array
@@ -23,19 +23,12 @@ from udedup.memory import MergeableBuffer, kernel_version, mergeable_array
 PAGE = pages.PAGE_SIZE
 
 
-def smaps_entry(address: int) -> tuple[str, set[str]]:
-    """(header line, VmFlags) of the mapping containing ``address`` in our own smaps."""
-    header, hit = None, None
+def smaps_entry(address: int) -> procmem.Mapping:
+    """The mapping containing ``address``, from our own smaps."""
     with open("/proc/self/smaps") as f:
-        for line in f:
-            first = line.split(None, 1)[0]
-            if "-" in first and not first.endswith(":"):
-                lo, hi = (int(x, 16) for x in first.split("-"))
-                header = line if lo <= address < hi else None
-                if header:
-                    hit = header
-            elif first == "VmFlags:" and header is not None:
-                return hit, set(line.split()[1:])
+        for mapping in procmem.parse_smaps(f.read()):
+            if mapping.start <= address < mapping.end:
+                return mapping
     raise AssertionError(f"{address:#x} is not mapped")
 
 
@@ -44,9 +37,9 @@ def test_buffer_is_private_anonymous_mergeable_and_not_huge():
     try:
         assert buf.nbytes == 4 * PAGE and buf.npages == 4
         assert buf.address % PAGE == 0
-        header, flags = smaps_entry(buf.address)
-        perms = header.split()[1]
-        assert perms == "rw-p", header        # p: MAP_PRIVATE (KSM ignores shared mappings)
+        mapping = smaps_entry(buf.address)
+        flags = mapping.vmflags
+        assert mapping.perms == "rw-p", mapping   # p: MAP_PRIVATE (KSM ignores shared mappings)
         assert "mg" in flags and "nh" in flags, flags
         assert "hg" not in flags
     finally:
@@ -56,18 +49,18 @@ def test_buffer_is_private_anonymous_mergeable_and_not_huge():
 def test_merge_false_then_merge_and_unmerge_toggle_mg():
     buf = MergeableBuffer(PAGE * 2, merge=False)
     try:
-        assert "mg" not in smaps_entry(buf.address)[1]
+        assert "mg" not in smaps_entry(buf.address).vmflags
         buf.merge()
-        assert buf.merged and "mg" in smaps_entry(buf.address)[1]
+        assert buf.merged and "mg" in smaps_entry(buf.address).vmflags
         buf.unmerge()
-        assert not buf.merged and "mg" not in smaps_entry(buf.address)[1]
+        assert not buf.merged and "mg" not in smaps_entry(buf.address).vmflags
     finally:
         buf.close()
 
 
 def test_hugepages_true_asks_for_thp():
     with MergeableBuffer(4 << 20, hugepages=True) as buf:
-        flags = smaps_entry(buf.address)[1]
+        flags = smaps_entry(buf.address).vmflags
         assert "hg" in flags and "nh" not in flags and "mg" in flags
 
 
@@ -76,10 +69,10 @@ def test_python_default_mmap_is_shared_which_ksm_ignores():
     import mmap
     m = mmap.mmap(-1, PAGE)
     view = np.frombuffer(m, dtype="u1")
-    header, _ = smaps_entry(view.ctypes.data)
+    perms = smaps_entry(view.ctypes.data).perms
     del view
     m.close()
-    assert header.split()[1] == "rw-s"
+    assert perms == "rw-s"
 
 
 def test_array_is_a_view_of_the_buffer():
@@ -144,7 +137,7 @@ def test_mergeable_array_keeps_its_mapping_alive():
     gc.collect()                              # the MergeableBuffer object itself is gone
     arr[:] = 7
     assert arr.shape == (3, 100) and arr.dtype == np.uint32 and int(arr.sum()) == 2100
-    assert "mg" in smaps_entry(address)[1]
+    assert "mg" in smaps_entry(address).vmflags
     del arr
     gc.collect()
     with open("/proc/self/maps") as f:
