@@ -348,9 +348,9 @@ def _live_threads(tgid: int, procfs: str) -> list[int]:
 
 def _thread_status(procfs: str, tgid: int, tid: int) -> dict | None:
     try:
-        with open(os.path.join(procfs, str(tgid), "task", str(tid), "status"), "rb") as f:
-            return parse_status(f.read().decode("utf-8", "replace"))
-    except (FileNotFoundError, ProcessLookupError):
+        return parse_status(_read_text(os.path.join(procfs, str(tgid), "task", str(tid), "status"),
+                                       tgid))
+    except ProcessNotFoundError:
         return None
 
 
