@@ -808,9 +808,9 @@ class Daemon:
         if self.cfg.ksmd.use_zero_pages != "keep":
             use_zero = self.cfg.ksmd.use_zero_pages == "on"
         t0, cpu0 = time.monotonic(), time.process_time()
-        maps = {key: cached[2] for key, cached in self._mappings.items()}
+        # the smaps this round already read, by pid: the screen does not read them again
         results = screen_processes(plan.estimate, self.cfg, obs.now, seed=self.rounds,
-                                   mappings={k[0]: v for k, v in maps.items()})
+                                   mappings={key[0]: cached[2] for key, cached in self._mappings.items()})
         full = [i for i in plan.estimate if i.key not in results]
         if len(full) < len(plan.estimate):
             log.info("screened %d processes in %.2f s (%.2f CPU-s): %d ruled out by their sample",
