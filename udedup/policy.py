@@ -539,10 +539,11 @@ class Policy:
 
     def _choose_mode(self, obs: Observation, plan: Plan, pressure_reason: str) -> None:
         cfg, k = self.cfg, self.cfg.ksmd
-        managed = [p for p in self.procs.values() if p.worthwhile and (p.info.registered or
-                                                                        p.registered_at is not None)]
+        managed_by_key = {key: p for key, p in self.procs.items()
+                          if p.worthwhile and (p.info.registered or p.registered_at is not None)}
+        managed = list(managed_by_key.values())
         pending = [p for p in self.procs.values() if p.estimate is None and p.estimate_failed is None]
-        keys = {key for key, p in self.procs.items() if p in managed}
+        keys = set(managed_by_key)
         if keys - self._managed_keys:
             # new memory to merge: it needs settle_scans full scans of its own before "settled"
             self._change_scan = int(obs.counters.get("full_scans", 0))
