@@ -139,8 +139,9 @@ def _output(out, n, dtype, name):
 
 
 def _ptr(array, ctype):
+    """``ctype`` is the C array type, e.g. ``"uint32_t[]"``."""
     # from_buffer costs ~0.15 us, array.ctypes.data ~1 us: this runs for every chunk of a scan
-    return ffi.from_buffer(ctype[:-1].rstrip() + "[]", array) if array.size else ffi.NULL
+    return ffi.from_buffer(ctype, array) if array.size else ffi.NULL
 
 
 # --- page kernels -------------------------------------------------------------------------------
@@ -160,17 +161,17 @@ def _per_page(kernel, buf, page_size, out, dtype, ctype) -> np.ndarray:
 
 def crc32c_pages(buf, page_size=None, out=None) -> np.ndarray:
     """crc32c of every page: a change detector, never an equality test."""
-    return _per_page(lib.ud_crc32c_pages, buf, page_size, out, np.uint32, "uint32_t *")
+    return _per_page(lib.ud_crc32c_pages, buf, page_size, out, np.uint32, "uint32_t[]")
 
 
 def hash64_pages(buf, page_size=None, out=None) -> np.ndarray:
     """64-bit hash of every byte of every page: equal pages hash equal; confirm matches by bytes."""
-    return _per_page(lib.ud_hash64_pages, buf, page_size, out, np.uint64, "uint64_t *")
+    return _per_page(lib.ud_hash64_pages, buf, page_size, out, np.uint64, "uint64_t[]")
 
 
 def zero_pages(buf, page_size=None, out=None) -> np.ndarray:
     """Exact per-page "all bytes are zero" (bool), leaving each page at its first non-zero word."""
-    return _per_page(lib.ud_zero_pages, buf, page_size, out, np.bool_, "uint8_t *")
+    return _per_page(lib.ud_zero_pages, buf, page_size, out, np.bool_, "uint8_t[]")
 
 
 def scan_pages(buf, page_size=None, crc_out=None, hash_out=None, zero_out=None) -> ScanResult:
@@ -180,8 +181,8 @@ def scan_pages(buf, page_size=None, crc_out=None, hash_out=None, zero_out=None) 
     hsh = _output(hash_out, n, np.uint64, "hash_out")
     zero = _output(zero_out, n, np.bool_, "zero_out")
     if n:
-        lib.ud_scan_pages(ptr, ps, n, _ptr(crc, "uint32_t *"), _ptr(hsh, "uint64_t *"),
-                          _ptr(zero, "uint8_t *"))
+        lib.ud_scan_pages(ptr, ps, n, _ptr(crc, "uint32_t[]"), _ptr(hsh, "uint64_t[]"),
+                          _ptr(zero, "uint8_t[]"))
     return ScanResult(crc, hsh, zero)
 
 
@@ -199,8 +200,8 @@ def compare_pages(a, index_a, index_b, b=None, page_size=None, out=None) -> np.n
     out = _output(out, ia.size, np.bool_, "out")
     if ia.size == 0:
         return out
-    rc = lib.ud_compare_pages(pa, na, pb, nb, ps, _ptr(ia, "int64_t *"), _ptr(ib, "int64_t *"),
-                              ia.size, _ptr(out, "uint8_t *"))
+    rc = lib.ud_compare_pages(pa, na, pb, nb, ps, _ptr(ia, "int64_t[]"), _ptr(ib, "int64_t[]"),
+                              ia.size, _ptr(out, "uint8_t[]"))
     if rc != 0:
         raise PageBufferError(f"a page index is out of range (a has {na} pages, b has {nb})")
     return out
@@ -228,7 +229,7 @@ def remote_readv(pid: int, addrs: np.ndarray, lens: np.ndarray, out) -> tuple[in
     if a.size == 0:
         return 0, 0
     err = ffi.new("int *")
-    got = lib.ud_remote_readv(int(pid), _ptr(a, "uint64_t *"), _ptr(ln, "uint64_t *"), a.size,
+    got = lib.ud_remote_readv(int(pid), _ptr(a, "uint64_t[]"), _ptr(ln, "uint64_t[]"), a.size,
                               ptr, nbytes, err)
     return int(got), int(err[0])
 
