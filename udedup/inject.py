@@ -302,7 +302,7 @@ def check_target(pid, force: bool = False, procfs: str = "/proc") -> Target:
         statuses[tid] = tstatus
         tracer = int(tstatus.get("TracerPid", "0"))
         if tracer:
-            tracer_comm = _comm(procfs, tracer)
+            tracer_comm = procmem.comm(tracer, procfs, "?")
             raise InjectRefusedError(
                 f"PID {pid} ({comm}) is already traced by PID {tracer} ({tracer_comm}), a debugger "
                 "or another tracer: detach it first", pid=pid, reason="traced", tracer=tracer)
@@ -352,14 +352,6 @@ def _thread_status(procfs: str, tgid: int, tid: int) -> dict | None:
                                        tgid))
     except ProcessNotFoundError:
         return None
-
-
-def _comm(procfs: str, pid: int) -> str:
-    try:
-        with open(os.path.join(procfs, str(pid), "comm")) as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
 
 
 def _wait_not_d_state(target: Target, procfs: str) -> None:
