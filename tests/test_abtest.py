@@ -328,6 +328,19 @@ def test_engine_custom_arms_and_fixed(kernel):
     assert result.config["fixed"] == {"sleep_millisecs": 0}
 
 
+def test_arms_varying_pages_to_scan_run_on_a_machine_with_the_scan_time_advisor(kernel):
+    """The fixed advisor_mode=none makes the arms' pages_to_scan valid: each arm is validated
+    with the fixed knobs, as a trial applies them."""
+    kernel.put("advisor_mode", "none [scan-time]")
+    before = kernel.knobs()
+    w = FakeWorkload(kernel)
+    result = _run(kernel, w, arms={"slow": {"pages_to_scan": 100}, "fast": {"pages_to_scan": 5000}},
+                  trials=1)
+    assert [t.status for t in result.trials] == ["ok", "ok"]
+    assert all(s["advisor_mode"] == "[none] scan-time" for s in w.seen_knobs)
+    assert kernel.knobs() == before
+
+
 @pytest.mark.parametrize("arms, fixed, match", [
     ({"on": {"use_zero_pages": 1}}, None, "at least two arms"),
     ({"a": {"use_zero_pages": 0}, "b": {"pages_to_scan": 5}}, None, "same knobs"),

@@ -478,16 +478,22 @@ def _check_arms(arms, fixed, knob_names: Sequence[str]) -> tuple[dict, dict]:
     return arms, user_fixed
 
 
-def _preflight(ksm, arms: Mapping[str, dict], fixed: Mapping[str, object]) -> None:
-    """Refuse before anything changes: knobs unknown or invalid, or no right to write them."""
-    for name, knobs in arms.items():
-        ksm.validate({**fixed, **knobs})
+def _preflight(ksm, arms: Mapping[str, dict], fixed: Mapping[str, object]) -> tuple[dict, dict]:
+    """Refuse before anything changes: knobs unknown or invalid, or no right to write them.
+
+    Returns ``(arms, fixed)`` typed as the kernel takes them ("1", 1, "y" -> True for a boolean
+    knob), so that records compare equal. Each arm is validated together with the fixed knobs, as
+    a trial applies them: an arm's pages_to_scan is valid when the fixed advisor_mode is none."""
+    typed = {name: ksm.validate({**fixed, **knobs}) for name, knobs in arms.items()}
     knobs = set(fixed) | {k for v in arms.values() for k in v}
     for name in list(HARNESS_KNOBS) + sorted(knobs - set(HARNESS_KNOBS)):
         path = os.path.join(ksm.root, name)
         if not os.access(path, os.W_OK):
             raise KsmPermissionError(f"cannot write {path}: 'udedup ab' changes KSM knobs and needs "
                                      "root; run it as root or with sudo", knob=name, path=path)
+    first = next(iter(typed.values()))
+    return ({name: {k: typed[name][k] for k in arms[name]} for name in arms},
+            {k: first[k] for k in fixed})
 
 
 def run_ab(workload, arms: Mapping[str, Mapping[str, object]] | None = None,
@@ -514,10 +520,7 @@ def run_ab(workload, arms: Mapping[str, Mapping[str, object]] | None = None,
         raise UsageError("cow_sample must be >= 0 pages")
     ksm = ksm if ksm is not None else Ksm()
     arms, fixed = _check_arms(DEFAULT_ARMS if arms is None else arms, fixed, ksm.knob_names())
-    _preflight(ksm, arms, fixed)
-    # typed as the kernel takes them ("1", 1, "y" -> True for a boolean knob): records compare equal
-    arms = {name: ksm.validate(knobs) for name, knobs in arms.items()}
-    fixed = ksm.validate(fixed)
+    arms, fixed = _preflight(ksm, arms, fixed)
     if len({tuple(sorted(v.items())) for v in arms.values()}) < len(arms):
         raise UsageError("two arms have identical knobs once parsed (e.g. 1 and y are the same "
                          "boolean): they would measure the same thing")
