@@ -308,6 +308,10 @@ def _write_json_atomic(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _in_write_order(names) -> list:
+    return sorted(names, key=lambda n: WRITE_ORDER.index(n) if n in WRITE_ORDER else -1)
+
+
 def restore_knobs(ksm, original: dict, written: dict) -> tuple[dict, dict]:
     """Put back ``original`` values of the knobs in ``written`` that still hold what we wrote.
 
@@ -320,7 +324,7 @@ def restore_knobs(ksm, original: dict, written: dict) -> tuple[dict, dict]:
         log.error("cannot read the KSM knobs to restore them: %s", err)
         return restored, left
     first_error = None
-    for name in sorted(written, key=lambda n: (n == "run", WRITE_ORDER.index(n) if n in WRITE_ORDER else -1)):
+    for name in _in_write_order(written):
         if name not in original or name not in current:
             continue
         if current[name] != written[name]:
@@ -846,8 +850,7 @@ class Daemon:
             return
         if self.opts.dry_run:
             return
-        order = sorted(plan.knobs, key=lambda n: WRITE_ORDER.index(n) if n in WRITE_ORDER else -1)
-        for name in order:
+        for name in _in_write_order(plan.knobs):
             value = plan.knobs[name]
             self.ksm.set(name, value)
             self.policy.record_written({name: value})
