@@ -528,7 +528,10 @@ class Ksm:
 
         Returns the snapshot taken before writing (give it to :meth:`restore`).
         """
-        typed = self.validate(knobs)
+        return self._apply(self.validate(knobs), allow_unmerge)
+
+    def _apply(self, typed: Mapping[str, object], allow_unmerge: bool) -> KnobSnapshot:
+        """:meth:`apply` of values :meth:`validate` already returned."""
         before = self.snapshot()
         try:
             # a Ctrl-C held during the writes is delivered when they end, and lands in the
@@ -595,7 +598,7 @@ class Ksm:
                 f"settings({', '.join(busy)}=...) needs allow_unmerge=True: the kernel accepts a "
                 "change of them only with no KSM page on the machine, so applying and restoring them "
                 "unmerges everything", knob=busy[0])
-        before = self.apply(typed, allow_unmerge=allow_unmerge)
+        before = self._apply(typed, allow_unmerge)
         applied = None
         try:
             applied = self.snapshot()
