@@ -646,8 +646,7 @@ class SyntheticWorkload:
                                 f"{avail >> 20} MiB are free: choose a smaller --size")
 
     def start(self, seed: int = 0) -> Running:
-        spec = dataclasses.replace(self.spec)
-        argv = _child_argv("synthetic", "--spec", json.dumps(spec.as_dict()))
+        argv = _child_argv("synthetic", "--spec", json.dumps(self.spec.as_dict()))
         proc, err = _spawn(argv, stdin_pipe=True)
         run = Running(proc, self.name, stderr_file=err)
         try:
