@@ -172,7 +172,7 @@ def build_workload(args):
         if args.volatile_hz is not None:
             params["volatile_hz"] = args.volatile_hz
     spec = SyntheticSpec(size=parse_size(args.size), name=name, **params)
-    return SyntheticWorkload(spec.validate(), ready_timeout=args.ready_timeout)
+    return SyntheticWorkload(spec, ready_timeout=args.ready_timeout)   # it validates the spec
 
 
 def run(args) -> int:
