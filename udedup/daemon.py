@@ -29,7 +29,8 @@ from .config import Config
 from .ksm import RMAP_ITEM_BYTES
 from .errors import (DaemonError, KernelThreadError, KsmError, KsmPermissionError, ProcessAccessError,
                      ProcessNotFoundError, UdedupError)
-from .policy import EstimateResult, Memory, Observation, Plan, Policy, ProcessInfo, match_process
+from .policy import (EstimateResult, Memory, Observation, Plan, Policy, ProcessInfo, _mib,
+                     match_process)
 
 log = logging.getLogger(__name__)
 
@@ -294,10 +295,6 @@ def describe_daemon_state(state: dict | None) -> list[str]:
                      f"{_mib(pred) if pred is not None else '?':>11} realized "
                      f"{_mib(p.get('realized_saved_bytes') or 0):>11}  {p.get('decision') or ''}")
     return lines
-
-
-def _mib(n: float) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
 
 
 def _write_json_atomic(path: str, data: dict) -> None:
