@@ -394,8 +394,9 @@ class Ksm:
             return "1" if value else "0"
         return str(value)
 
-    def _parse_read(self, name: str, raw: str) -> object:
+    def _read_typed(self, name: str) -> object:
         spec = self.spec(name)
+        raw = self._read_raw(name)
         if spec.kind == "choice":
             return _choices(raw)[0]
         if spec.kind == "bool":
@@ -406,12 +407,11 @@ class Ksm:
         """Typed value of a knob (``advisor_mode`` -> ``"none"``), or of a counter (int)."""
         if name in self.counter_names():
             return int(self._read_raw(name))
-        spec = self.spec(name)
-        return self._parse_read(spec.name, self._read_raw(name))
+        return self._read_typed(name)
 
     def knobs(self) -> dict[str, object]:
         """Every writable knob, typed."""
-        return {name: self._parse_read(name, self._read_raw(name)) for name in self.knob_names()}
+        return {name: self._read_typed(name) for name in self.knob_names()}
 
     def set(self, name: str, value) -> None:
         """Validate, write (unless already the value), re-read to verify."""
@@ -420,13 +420,13 @@ class Ksm:
 
     def _write_typed(self, name: str, typed, force: bool = False) -> bool:
         spec = self.spec(name)
-        current = self._parse_read(name, self._read_raw(name))
+        current = self._read_typed(name)
         if current == typed and not force:
             return False
         text = self.format(spec, typed)
         log.debug("ksm: %s %r -> %s", name, current, text)
         self._write_raw(name, text, shown=text)
-        now = self._parse_read(name, self._read_raw(name))
+        now = self._read_typed(name)
         if now != typed:
             raise KsmError(f"wrote {name}={text} but it reads back {now!r} (another tool writing KSM "
                            "knobs at the same time?)", knob=name, value=typed)
@@ -492,7 +492,7 @@ class Ksm:
     def _needs_unmerge(self, typed: Mapping[str, object]) -> list[str]:
         need = []
         for name in UNMERGE_KNOBS:
-            if name in typed and self._parse_read(name, self._read_raw(name)) != typed[name]:
+            if name in typed and self._read_typed(name) != typed[name]:
                 need.append(name)
         return need
 
