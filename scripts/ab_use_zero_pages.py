@@ -29,9 +29,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from udedup.abreport import LABELS, _diff_cell, format_table, write_report  # noqa: E402
-from udedup.abtest import ABInterrupted, ABResult, DEFAULT_FIXED, _fmt_knob, run_ab  # noqa: E402
+from udedup.abtest import (ABInterrupted, ABResult, DEFAULT_ARMS, DEFAULT_FIXED, _fmt_knob,  # noqa: E402
+                           default_fixed, run_ab)
 from udedup.errors import UdedupError  # noqa: E402
-from udedup.ksm import experiment_lock  # noqa: E402
+from udedup.ksm import Ksm, experiment_lock  # noqa: E402
 from udedup.workloads import PRESETS, SyntheticWorkload, parse_size, preset  # noqa: E402
 
 log = logging.getLogger("ab_use_zero_pages")
@@ -71,13 +72,13 @@ def main(argv=None) -> int:
         print(f"error: unknown preset(s) {', '.join(bad) or '(none)'}; choose from {', '.join(PRESETS)}",
               file=sys.stderr)
         return 2
-    fixed = dict(DEFAULT_FIXED)
+    overrides = {}
     for item in args.fix:
         key, eq, value = item.partition("=")
         if not eq:
             print(f"error: --fix {item!r}: expected KNOB=VALUE", file=sys.stderr)
             return 2
-        fixed[key.strip()] = value.strip()
+        overrides[key.strip()] = value.strip()
     out = args.out or f"ab-use-zero-pages-{time.strftime('%Y%m%d-%H%M%S')}"
     lock = contextlib.ExitStack()
     if args.lock:
@@ -92,6 +93,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_term)    # between presets too: stop, and write what finished
     try:
         size = parse_size(args.size)
+        # as `udedup ab`: the default pins this kernel has, then the overrides
+        fixed = {**default_fixed(DEFAULT_ARMS["on"], Ksm().knob_names()), **overrides}
         for k, name in enumerate(names):
             workload = SyntheticWorkload(preset(name, size))
             log.info("[%d/%d] %s, %d trial(s) per arm ...", k + 1, len(names), workload.name, args.trials)
