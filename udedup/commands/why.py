@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..errors import KsmError
+from ..pages import PAGE_SIZE
 from ..procmem import ksm_stat, read_mappings
 from ._util import human_bytes, print_json
 from .scan import add_read_arguments, estimate_with_progress, parse_pids
@@ -105,7 +106,7 @@ def run(args) -> int:
     if not args.no_scan:
         est = estimate_with_progress(args, pid, all_eligible=True)
     uzp = bool(state.get("use_zero_pages"))
-    ps = est.page_size if est else _page_size()
+    ps = est.page_size if est else PAGE_SIZE
     reports = {(r.mapping.start, r.mapping.end): r for r in est.mappings} if est else {}
     rows = []
     for m in [r.mapping for r in est.mappings] if est else maps:
@@ -124,11 +125,6 @@ def run(args) -> int:
         return 0
     _print(pid, rows, process_notes, est, ps, args.all, uzp)
     return 0
-
-
-def _page_size() -> int:
-    from ..pages import PAGE_SIZE
-    return PAGE_SIZE
 
 
 def _process_notes(state: dict, stat: dict, maps) -> list:
