@@ -140,17 +140,8 @@ def build_workload(args):
         return CommandWorkload(args.cmd, ready_file=args.ready_file, ready_delay=delay,
                                ready_timeout=args.ready_timeout)
     if args.pid:
-        pids = []
-        for item in args.pid:
-            for p in item.split(","):
-                try:
-                    pid = int(p)
-                    if pid <= 0:
-                        raise ValueError
-                except ValueError:
-                    raise UsageError(f"--pid {p!r} is not a process id") from None
-                pids.append(pid)
-        return PidWorkload(pids)
+        from .scan import parse_pids
+        return PidWorkload(parse_pids(p for item in args.pid for p in item.split(",")))
     name = args.preset or "mixed"
     if name not in PRESETS:
         raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
