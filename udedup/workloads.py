@@ -37,7 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ProcessError, ProcessNotFoundError, UsageError, WorkloadError
+from .errors import ProcessError, UsageError, WorkloadError
 from .procksm import process_ksm
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -746,9 +746,7 @@ class PidWorkload:
 
     def preflight(self) -> None:
         for pid in self.pids:
-            base = os.path.join(self.procfs, str(pid))
-            if not os.path.isdir(base):
-                raise ProcessNotFoundError(f"no process {pid}", pid=pid)
+            # ProcessNotFoundError for a PID that does not exist
             if not process_ksm(pid, procfs=self.procfs).registered:
                 raise WorkloadError(f"process {pid} has no mergeable memory (no 'mg' VMA and no "
                                     "process-wide merging): start it with 'udedup run' or enable KSM "
