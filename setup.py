@@ -2,5 +2,5 @@ from setuptools import find_packages, setup
 
 setup(
     packages=find_packages(include=["udedup", "udedup.*"]),
-    cffi_modules=["udedup/_build.py:ffibuilder"],
+    cffi_modules=["udedup/native/build.py:ffibuilder"],
 )

@@ -28,12 +28,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from udedup.abreport import LABELS, _diff_cell, format_table, write_report  # noqa: E402
-from udedup.abtest import (ABInterrupted, ABResult, DEFAULT_ARMS, DEFAULT_FIXED, _fmt_knob,  # noqa: E402
+from udedup.ab.report import LABELS, _diff_cell, format_table, write_report  # noqa: E402
+from udedup.ab.engine import (ABInterrupted, ABResult, DEFAULT_ARMS, DEFAULT_FIXED, _fmt_knob,  # noqa: E402
                            default_fixed, run_ab)
 from udedup.errors import UdedupError  # noqa: E402
-from udedup.ksm import Ksm, experiment_lock  # noqa: E402
-from udedup.workloads import PRESETS, SyntheticWorkload, parse_size, preset  # noqa: E402
+from udedup.ksm.controller import Ksm, experiment_lock  # noqa: E402
+from udedup.ab.workloads import PRESETS, SyntheticWorkload, parse_size, preset  # noqa: E402
 
 log = logging.getLogger("ab_use_zero_pages")
 

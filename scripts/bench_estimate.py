@@ -39,10 +39,12 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from udedup import pages, procmem  # noqa: E402
-from udedup.config import parse_size  # noqa: E402
-from udedup.estimate import DEFAULT_CHUNK_BYTES  # noqa: E402
-from udedup.ksm import experiment_lock  # noqa: E402
+from udedup.native import pages
+
+from udedup.host import procmem  # noqa: E402
+from udedup.daemon.config import parse_size  # noqa: E402
+from udedup.estimate.core import DEFAULT_CHUNK_BYTES  # noqa: E402
+from udedup.ksm.controller import experiment_lock  # noqa: E402
 
 MIX = (("zero", 0.20), ("many", 0.30), ("pairs", 0.10), ("unique", 0.40))
 
@@ -86,7 +88,7 @@ def child(size: int) -> None:
 
 def estimate_child(pid: int, max_page_sharing: int | None, threads: int | None) -> None:
     """Run one estimate in this fresh process and report its memory high-water mark."""
-    from udedup.estimate import default_threads, estimate
+    from udedup.estimate.core import default_threads, estimate
     procmem.zero_page_pfns()          # one-time probes, not part of the scan's memory
     with open("/proc/self/status") as f:
         before = _status_kb(f.read(), "VmRSS")
@@ -223,7 +225,7 @@ def main(argv=None) -> int:
     stack = contextlib.ExitStack()
     try:
         if not args.no_ksm:
-            from udedup.ksm import Ksm
+            from udedup.ksm.controller import Ksm
             ksm = Ksm()
             stack.enter_context(experiment_lock(enabled=not args.no_lock))
             # ksmd stays off until we time it: it must not merge the child before the estimate

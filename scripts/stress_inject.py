@@ -42,7 +42,7 @@ if ROOT not in sys.path:
 
 import udedup  # noqa: E402
 from udedup.errors import InjectRefusedError, UdedupError  # noqa: E402
-from udedup.ksm import LOCK_PATH as KSM_LOCK, experiment_lock  # noqa: E402
+from udedup.ksm.controller import LOCK_PATH as KSM_LOCK, experiment_lock  # noqa: E402
 
 TARGET_DIR = os.path.join(ROOT, "tests", "targets")
 #: target types: (program, seconds between counter words written to its stdin or None, longest
@@ -189,7 +189,7 @@ def ksm_merge_check(pid: int, dup: tuple[int, int], timeout: float = 30.0,
     until the target's duplicate pages merge, then unmerge everything and restore every knob.
 
     ``lock``: take the machine-wide KSM test lock (main() and the tests already hold it)."""
-    from udedup.ksm import Ksm
+    from udedup.ksm.controller import Ksm
     page = udedup.PAGE_SIZE
     dup_pages = (dup[1] - dup[0]) // page
     ksm = Ksm()

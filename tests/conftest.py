@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from udedup.ksm import experiment_lock
+from udedup.ksm.controller import experiment_lock
 
 KSM_ROOT = "/sys/kernel/mm/ksm"
 _READ_ONLY = {"full_scans", "general_profit", "ksm_zero_pages", "pages_scanned", "pages_shared",

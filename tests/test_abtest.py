@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from fake_sysfs import MINIMAL_COUNTERS, MINIMAL_KNOBS, make_fake_ksm
 
-from udedup import abtest
-from udedup import ksm as ksm_mod
-from udedup.abreport import format_table, write_report
-from udedup.abtest import (ABInterrupted, ABResult, TrialRecord, bootstrap_diff, median_iqr,
+from udedup.ab import engine as abtest
+from udedup.ksm import controller as ksm_mod
+from udedup.ab.report import format_table, write_report
+from udedup.ab.engine import (ABInterrupted, ABResult, TrialRecord, bootstrap_diff, median_iqr,
                            run_ab, summarize, trial_order)
 from udedup.errors import KsmValueError, UsageError, WorkloadError
-from udedup.ksm import Ksm
-from udedup.workloads import (DUPLICATE, UNIQUE, VOLATILE, ZERO, SyntheticSpec, expected_counters,
+from udedup.ksm.controller import Ksm
+from udedup.ab.workloads import (DUPLICATE, UNIQUE, VOLATILE, ZERO, SyntheticSpec, expected_counters,
                               make_layout, parse_size, preset)
 
 
@@ -452,7 +452,7 @@ def test_report_files_round_trip(kernel, tmp_path):
 
 
 def test_figure_is_drawn_or_skipped_with_a_warning(kernel, tmp_path, caplog, monkeypatch):
-    from udedup.abreport import plot
+    from udedup.ab.report import plot
     result = _run(kernel, FakeWorkload(kernel), trials=1)
     with monkeypatch.context() as m:
         m.setitem(__import__("sys").modules, "matplotlib", None)    # as if not installed

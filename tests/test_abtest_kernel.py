@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from udedup.abtest import ABInterrupted, run_ab
-from udedup.ksm import Ksm
-from udedup.workloads import CommandWorkload, SyntheticSpec, SyntheticWorkload
+from udedup.ab.engine import ABInterrupted, run_ab
+from udedup.ksm.controller import Ksm
+from udedup.ab.workloads import CommandWorkload, SyntheticSpec, SyntheticWorkload
 
 pytestmark = pytest.mark.ksm
 
@@ -96,7 +96,7 @@ def _children():
     found = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if "udedup.workloads" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+            if "udedup.ab.workloads" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
                 found.append(p)
         except psutil.Error:
             pass

@@ -118,7 +118,7 @@ def test_parse_arm_forms():
 
 def _is_workload(p) -> bool:
     try:
-        return "udedup.workloads" in " ".join(p.cmdline())
+        return "udedup.ab.workloads" in " ".join(p.cmdline())
     except psutil.Error:       # gone, or a zombie between kill and reaping
         return False
 

@@ -131,7 +131,7 @@ def test_not_root_is_refused_with_exit_4(capsys):
     (errno.EINVAL, 3, r"no PR_SET_MEMORY_MERGE \(needs Linux 6\.4\+"),
 ])
 def test_run_prctl_refusals(capsys, monkeypatch, code, exit_code, pattern):
-    from udedup import memory
+    from udedup.ksm import memory
     from udedup.errors import NativeError
 
     def refuse(*args):
@@ -145,7 +145,7 @@ def test_run_prctl_refusals(capsys, monkeypatch, code, exit_code, pattern):
 
 
 def test_run_refuses_kernels_that_drop_the_flag_at_exec(capsys, monkeypatch):
-    from udedup import memory
+    from udedup.ksm import memory
     from udedup.commands import run as run_cmd
     calls = []
     monkeypatch.setattr(memory.pages, "prctl", lambda *a: calls.append(a) or 0)
@@ -158,7 +158,7 @@ def test_run_refuses_kernels_that_drop_the_flag_at_exec(capsys, monkeypatch):
 
 
 def tree_state_real():
-    from udedup.ksm import Ksm
+    from udedup.ksm.controller import Ksm
     return Ksm().knobs()
 
 
@@ -214,7 +214,7 @@ def test_status_without_ksmd_in_procfs_still_reports(tmp_path, capsys):
 
 
 def test_unmerge_on_fake_tree_writes_2_then_previous_run(tmp_path, capsys, monkeypatch):
-    from udedup import ksm as ksm_mod
+    from udedup.ksm import controller as ksm_mod
     sysfs = fake_sysfs(tmp_path / "ksm")
     (sysfs / "run").write_text("1\n")
     writes = []

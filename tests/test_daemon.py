@@ -21,7 +21,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from udedup.daemon import SdNotify, describe_daemon_state, read_daemon_state
+from udedup.daemon.loop import SdNotify, describe_daemon_state, read_daemon_state
 
 from fake_sysfs import MINIMAL_COUNTERS, MINIMAL_KNOBS, make_fake_ksm
 
@@ -30,7 +30,8 @@ BENCH = os.path.join(REPO, "scripts", "bench_daemon_peers.py")
 
 RUNNER = """
 import sys
-from udedup import cli, ksm
+from udedup import cli
+from udedup.ksm import controller as ksm
 
 def write(path, text):
     with open(path, "w") as f:
@@ -328,13 +329,13 @@ def _bench_module():
 
 
 def _mg_bytes(pid) -> int:
-    from udedup.procmem import read_mappings
+    from udedup.host.procmem import read_mappings
     return sum(m.anonymous for m in read_mappings(pid) if m.registered)
 
 
 def _injection_available() -> bool:
     try:
-        import udedup.inject  # noqa: F401
+        import udedup.inject.core  # noqa: F401
     except Exception:  # noqa: BLE001 - not built here: the variant is skipped, with the reason
         return False
     return True
@@ -346,7 +347,7 @@ def _injection_available() -> bool:
 def test_end_to_end_registers_the_duplicate_rich_workload_only(tmp_path, registered_by):
     if registered_by == "injection" and not _injection_available():
         pytest.skip("udedup.inject is not available in this build")
-    from udedup.ksm import Ksm
+    from udedup.ksm.controller import Ksm
     bench = _bench_module()
     mib = 1 << 20
     dup = bench.Child("udd-dup", 48 * mib, dup=0.9, templates=64,
@@ -417,7 +418,7 @@ def test_end_to_end_registers_the_duplicate_rich_workload_only(tmp_path, registe
 def test_bench_script_runs_at_a_tiny_size(tmp_path):
     """scripts/bench_daemon_peers.py end to end (reference and udedup only, 16 MiB processes): it
     reports, and leaves every knob as it found it."""
-    from udedup.ksm import Ksm
+    from udedup.ksm.controller import Ksm
     ksm = Ksm()
     before = ksm.knobs()
     out = tmp_path / "report.txt"
@@ -439,7 +440,7 @@ def test_bench_script_runs_at_a_tiny_size(tmp_path):
 @pytest.mark.slow
 def test_ksmd_rate_script_runs_at_a_tiny_size(tmp_path):
     """scripts/bench_ksmd_rate.py: each case reaches 95 % of the saving, knobs come back."""
-    from udedup.ksm import Ksm
+    from udedup.ksm.controller import Ksm
     ksm = Ksm()
     before = ksm.knobs()
     out = tmp_path / "rate.txt"
@@ -458,7 +459,7 @@ def test_ksmd_rate_script_runs_at_a_tiny_size(tmp_path):
 
 def test_metrics_address_in_use_is_a_config_error():
     from udedup.errors import ConfigError
-    from udedup.metrics import DaemonCollector, MetricsServer
+    from udedup.daemon.metrics import DaemonCollector, MetricsServer
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()

@@ -16,9 +16,11 @@ import time
 import numpy as np
 import pytest
 
-from udedup import pages, procmem
+from udedup.native import pages
+
+from udedup.host import procmem
 from udedup.errors import KernelThreadError, ProcessNotFoundError, UsageError
-from udedup.estimate import RMAP_ITEM_BYTES, estimate, ksm_pages
+from udedup.estimate.core import RMAP_ITEM_BYTES, estimate, ksm_pages
 
 PS = pages.PAGE_SIZE
 HERE = os.path.dirname(os.path.abspath(__file__))

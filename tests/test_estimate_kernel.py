@@ -15,8 +15,10 @@ import sys
 import numpy as np
 import pytest
 
-from udedup import pages, procmem
-from udedup.estimate import estimate
+from udedup.native import pages
+
+from udedup.host import procmem
+from udedup.estimate.core import estimate
 
 pytestmark = pytest.mark.ksm
 
@@ -32,7 +34,7 @@ def children(estimate_children):
 
 @pytest.fixture
 def ksm():
-    from udedup.ksm import Ksm
+    from udedup.ksm.controller import Ksm
     k = Ksm()
     yield k
     k.unmerge_all()    # leave no merged page behind, whatever happened
@@ -98,7 +100,7 @@ def test_several_processes(ksm, children):
 
 
 def test_mergeable_buffer_in_this_process(ksm):
-    from udedup.memory import MergeableBuffer
+    from udedup.ksm.memory import MergeableBuffer
     with MergeableBuffer(300 * PS) as buf:
         a = buf.array("u1").reshape(300, PS)
         a[:60] = 0

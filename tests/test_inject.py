@@ -24,7 +24,10 @@ import time
 import pytest
 
 import udedup
-from udedup import cli, inject, pages, procmem
+from udedup import cli
+from udedup.inject import core as inject
+from udedup.native import pages
+from udedup.host import procmem
 from udedup.errors import (InjectError, InjectRefusedError, KernelThreadError,
                            ProcessNotFoundError, UnsupportedArchError, UsageError)
 

@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 
 from udedup.errors import KsmBusyError, KsmNotRunningError, KsmValueError
-from udedup.ksm import Ksm, KsmStats
+from udedup.ksm.controller import Ksm, KsmStats
 from udedup.errors import BufferInUseError
-from udedup.memory import MergeableBuffer, kernel_version
-from udedup.procksm import process_ksm, top_processes
+from udedup.ksm.memory import MergeableBuffer, kernel_version
+from udedup.ksm.process import process_ksm, top_processes
 
 pytestmark = pytest.mark.ksm
 

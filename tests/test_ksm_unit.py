@@ -8,10 +8,10 @@ import signal
 
 import pytest
 
-from udedup import ksm as ksm_mod
+from udedup.ksm import controller as ksm_mod
 from udedup.errors import (KsmBusyError, KsmError, KsmNotRunningError, KsmPermissionError,
                            KsmTimeout, KsmUnavailableError, KsmValueError)
-from udedup.ksm import Ksm, KsmStats
+from udedup.ksm.controller import Ksm, KsmStats
 
 from fake_sysfs import COUNTERS_618, KNOBS_618, make_fake_ksm, read_tree
 

@@ -15,10 +15,14 @@ import sys
 import numpy as np
 import pytest
 
-from udedup import memory, pages, procmem
+from udedup.ksm import memory
+
+from udedup.native import pages
+
+from udedup.host import procmem
 from udedup.errors import (BufferInUseError, KsmPermissionError, KsmUnavailableError, NativeError,
                            PageBufferError)
-from udedup.memory import MergeableBuffer, kernel_version, mergeable_array
+from udedup.ksm.memory import MergeableBuffer, kernel_version, mergeable_array
 
 PAGE = pages.PAGE_SIZE
 
@@ -173,7 +177,7 @@ def test_process_merge_switch_in_a_child():
     # the child also drops every capability first: on this kernel no privilege is needed
     code = r"""
 import mmap, os
-from udedup import memory
+from udedup.ksm import memory
 root = os.geteuid() == 0
 if root:
     os.seteuid(65534)

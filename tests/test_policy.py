@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from udedup import daemon as daemon_mod
-from udedup.config import Config
+from udedup.daemon import loop as daemon_mod
+from udedup.daemon.config import Config
 
 from fake_sysfs import MINIMAL_COUNTERS, MINIMAL_KNOBS, make_fake_ksm
-from udedup.policy import (PRIOR_SECONDS_PER_PAGE, EstimateResult, Memory, Observation, Policy,
+from udedup.daemon.policy import (PRIOR_SECONDS_PER_PAGE, EstimateResult, Memory, Observation, Policy,
                            ProcessInfo, Register, knobs_for_rate, match_process, pressure_state,
                            sleep_for_batch)
 
@@ -476,7 +476,7 @@ def fake_sysfs(root, **knobs):
 
 def truncating_sysfs(monkeypatch) -> list:
     """Real sysfs parses each write on its own; a regular file needs truncating to behave alike."""
-    from udedup import ksm as ksm_mod
+    from udedup.ksm import controller as ksm_mod
     writes = []
 
     def write(path, text):
@@ -572,7 +572,7 @@ def test_per_process_prediction_pays_rmap_items_for_what_ksmd_scans():
 
 
 def test_burst_watch_calls_a_round_once_the_saving_is_realized(tmp_path):
-    from udedup.ksm import Ksm
+    from udedup.ksm.controller import Ksm
     sysfs = fake_sysfs(tmp_path / "ksm")
     d = daemon_mod.Daemon(cfg(daemon={"ksm_root": str(sysfs)}))
     d.ksm = Ksm(str(sysfs), procfs=str(tmp_path))
@@ -619,7 +619,7 @@ def test_daemon_rounds_on_fake_trees_write_the_fake_knobs(tmp_path, monkeypatch)
     monkeypatch.setattr(daemon_mod, "estimate_processes", fake_estimate)
     kernel_writes = truncating_sysfs(monkeypatch)
     clock = [100.0]
-    from udedup.ksm import Ksm
+    from udedup.ksm.controller import Ksm
     d = daemon_mod.Daemon(c, clock=lambda: clock[0])
     d.ksm = Ksm(str(sysfs), procfs=str(procfs))
     d.original = d.ksm.knobs()

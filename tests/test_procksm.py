@@ -6,8 +6,8 @@ import os
 import pytest
 
 from udedup.errors import KernelThreadError, ProcessNotFoundError, UsageError
-from udedup.memory import MergeableBuffer
-from udedup.procksm import (parse_ksm_stat, parse_smaps, process_ksm, profit_overcount_bytes,
+from udedup.ksm.memory import MergeableBuffer
+from udedup.ksm.process import (parse_ksm_stat, parse_smaps, process_ksm, profit_overcount_bytes,
                             top_processes)
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

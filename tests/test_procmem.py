@@ -12,7 +12,9 @@ import threading
 import numpy as np
 import pytest
 
-from udedup import pages, procmem
+from udedup.native import pages
+
+from udedup.host import procmem
 from udedup.errors import (KernelThreadError, ProcessAccessError, ProcessError,
                            ProcessNotFoundError)
 

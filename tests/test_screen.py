@@ -6,11 +6,13 @@ import os
 
 import pytest
 
-from udedup import procmem, screen
-from udedup.config import Config
-from udedup.daemon import screen_processes
+from udedup.host import procmem
+
+from udedup.estimate import screen
+from udedup.daemon.config import Config
+from udedup.daemon.loop import screen_processes
 from udedup.errors import UsageError
-from udedup.policy import ProcessInfo
+from udedup.daemon.policy import ProcessInfo
 
 PS = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20

@@ -14,20 +14,21 @@ __version__ = "0.1.0"
 
 #: public name -> module that defines it
 _LAZY = {
-    "PAGE_SIZE": "pages",
+    "PAGE_SIZE": "native.pages",
     "Ksm": "ksm", "KsmStats": "ksm",
-    "MergeableBuffer": "memory", "mergeable_array": "memory", "enable_process_merge": "memory",
-    "disable_process_merge": "memory", "process_merge_enabled": "memory",
-    "process_ksm": "procksm", "top_processes": "procksm",
+    "MergeableBuffer": "ksm.memory", "mergeable_array": "ksm.memory",
+    "enable_process_merge": "ksm.memory", "disable_process_merge": "ksm.memory",
+    "process_merge_enabled": "ksm.memory",
+    "process_ksm": "ksm.process", "top_processes": "ksm.process",
     "enable": "inject", "disable": "inject",
     "Estimate": "estimate", "Prediction": "estimate",
-    "Mapping": "procmem", "RemoteReader": "procmem", "present_pages": "procmem",
-    "read_mappings": "procmem",
-    "Config": "config", "load_config": "config",
-    "read_daemon_state": "daemon",
-    "run_ab": "abtest", "ABResult": "abtest", "ABInterrupted": "abtest",
-    "SyntheticSpec": "workloads", "SyntheticWorkload": "workloads", "CommandWorkload": "workloads",
-    "PidWorkload": "workloads",
+    "Mapping": "host.procmem", "RemoteReader": "host.procmem", "present_pages": "host.procmem",
+    "read_mappings": "host.procmem",
+    "Config": "daemon.config", "load_config": "daemon.config",
+    "read_daemon_state": "daemon.loop",
+    "run_ab": "ab.engine", "ABResult": "ab.engine", "ABInterrupted": "ab.engine",
+    "SyntheticSpec": "ab.workloads", "SyntheticWorkload": "ab.workloads",
+    "CommandWorkload": "ab.workloads", "PidWorkload": "ab.workloads",
 }
 
 __all__ = ["__version__", "estimate", *_LAZY,

@@ -22,11 +22,11 @@ import zlib
 
 import numpy as np
 
-from . import pages
+from .native import pages
 from .commands._util import Progress
-from .config import parse_size
+from .daemon.config import parse_size
 from .errors import UsageError
-from .memory import MergeableBuffer
+from .ksm.memory import MergeableBuffer
 
 DEFAULT_SIZE = 1 << 30
 QUICK_SIZE = 64 << 20

@@ -125,7 +125,7 @@ def build_arms(specs) -> dict[str, dict[str, str]] | None:
 
 
 def build_workload(args):
-    from ..workloads import (PRESETS, CommandWorkload, PidWorkload, SyntheticSpec, SyntheticWorkload,
+    from ..ab.workloads import (PRESETS, CommandWorkload, PidWorkload, SyntheticSpec, SyntheticWorkload,
                              parse_size)
 
     custom = [args.zero, args.dup, args.unique, args.volatile, args.groups, args.volatile_hz]
@@ -167,9 +167,9 @@ def build_workload(args):
 
 
 def run(args) -> int:
-    from ..abreport import describe_run, format_table, write_report, write_json, write_trials_csv
-    from ..abtest import ABInterrupted, default_fixed, run_ab
-    from ..ksm import Ksm
+    from ..ab.report import describe_run, format_table, write_report, write_json, write_trials_csv
+    from ..ab.engine import ABInterrupted, default_fixed, run_ab
+    from ..ksm.controller import Ksm
 
     if args.trials < 1:
         raise UsageError(f"--trials {args.trials}: need at least 1 trial per arm")
@@ -184,7 +184,7 @@ def run(args) -> int:
     if args.no_default_fix:
         fixed = fixed_extra
     else:
-        from ..abtest import DEFAULT_ARMS
+        from ..ab.engine import DEFAULT_ARMS
         varied = set(next(iter((arms or DEFAULT_ARMS).values())))
         fixed = {**default_fixed(varied, ksm.knob_names()), **fixed_extra}
 

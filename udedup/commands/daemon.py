@@ -75,8 +75,8 @@ def _overrides(args) -> dict:
 
 
 def run(args) -> int:
-    from ..config import load_config
-    from ..daemon import Daemon, Options
+    from ..daemon.config import load_config
+    from ..daemon.loop import Daemon, Options
 
     overrides = _overrides(args)
 

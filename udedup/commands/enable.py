@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .. import inject
+from ..inject import core as inject
 from ..errors import UdedupError, UsageError
 from ._util import human_bytes, print_json
 

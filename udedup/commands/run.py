@@ -9,7 +9,7 @@ import signal
 import sys
 
 from ..errors import KsmUnavailableError, UdedupError, UsageError
-from ..memory import enable_process_merge, kernel_version
+from ..ksm.memory import enable_process_merge, kernel_version
 
 NAME = "run"
 HELP = "run a command with KSM enabled for all its memory (prctl PR_SET_MEMORY_MERGE + exec)"

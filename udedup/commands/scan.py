@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import UsageError
-from ..estimate import estimate
+from ..estimate.core import estimate
 from ._util import Progress, human_bytes, print_json
 
 NAME = "scan"

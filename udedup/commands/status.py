@@ -4,10 +4,10 @@ from __future__ import annotations
 import os
 import time
 
-from ..daemon import DEFAULT_STATE_FILE, describe_daemon_state, read_daemon_state
+from ..daemon.loop import DEFAULT_STATE_FILE, describe_daemon_state, read_daemon_state
 from ..errors import KsmError, ProcessError, UsageError
-from ..ksm import DEFAULT_PROCFS, DEFAULT_ROOT, Ksm
-from ..procksm import process_ksm, profit_overcount_bytes, top_processes
+from ..ksm.controller import DEFAULT_PROCFS, DEFAULT_ROOT, Ksm
+from ..ksm.process import process_ksm, profit_overcount_bytes, top_processes
 from ._util import human_bytes, print_json
 
 NAME = "status"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from ..ksm import DEFAULT_ROOT, Ksm
+from ..ksm.controller import DEFAULT_ROOT, Ksm
 from ._util import human_bytes, print_json
 
 NAME = "unmerge"

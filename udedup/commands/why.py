@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from ..errors import KsmError
-from ..pages import PAGE_SIZE
-from ..procmem import ksm_stat, read_mappings
+from ..native.pages import PAGE_SIZE
+from ..host.procmem import ksm_stat, read_mappings
 from ._util import human_bytes, print_json
 from .scan import add_read_arguments, estimate_with_progress, parse_pids
 
@@ -39,7 +39,7 @@ def add_arguments(parser) -> None:
 
 def _ksm_state() -> dict:
     try:
-        from ..ksm import Ksm
+        from ..ksm.controller import Ksm
         ksm = Ksm()
         return {"run": ksm.get("run"), "use_zero_pages": bool(ksm.get("use_zero_pages")),
                 "max_page_sharing": ksm.get("max_page_sharing")}

@@ -12,7 +12,7 @@ import errno as _errno
 import os
 from dataclasses import dataclass, field
 
-from .errors import KernelThreadError, ProcessAccessError, ProcessNotFoundError, UsageError
+from ..errors import KernelThreadError, ProcessAccessError, ProcessNotFoundError, UsageError
 
 DEFAULT_PROCFS = "/proc"
 
@@ -134,7 +134,7 @@ def parse_smaps(text: str) -> tuple[int, tuple[MergeableMapping, ...]]:
     """smaps -> (sum of ``KSM:`` bytes, mappings whose VmFlags include ``mg``)."""
     # imported here: procmem loads numpy and the native module, which the ksm_stat-only callers
     # (status, top_processes, the daemon's walk) do not need
-    from . import procmem
+    from ..host import procmem
     mappings = procmem.parse_smaps(text)
     return sum(m.ksm for m in mappings), tuple(
         MergeableMapping(m.start, m.end, m.perms, m.path, m.ksm) for m in mappings if m.registered)

@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, replace
 
 from .config import Config
-from .ksm import RMAP_ITEM_BYTES
-from .errors import (DaemonError, KernelThreadError, KsmError, KsmPermissionError, ProcessAccessError,
+from ..ksm.controller import RMAP_ITEM_BYTES
+from ..errors import (DaemonError, KernelThreadError, KsmError, KsmPermissionError, ProcessAccessError,
                      ProcessNotFoundError, UdedupError)
 from .policy import (EstimateResult, Memory, Observation, Plan, Policy, ProcessInfo, _mib,
                      match_process)
@@ -166,8 +166,8 @@ def discover_processes(procfs: str = "/proc", exclude_pid: int | None = None,
     Processes with less than ``min_anon_rss`` anonymous resident bytes, never candidates, are
     left out before their cmdline, exe, cgroup and ksm_stat are read: on most hosts that is most
     processes, and this walk runs every round."""
-    from .procksm import parse_ksm_stat
-    from .procmem import PF_KTHREAD
+    from ..ksm.process import parse_ksm_stat
+    from ..host.procmem import PF_KTHREAD
 
     out = []
     try:
@@ -217,7 +217,7 @@ def discover_processes(procfs: str = "/proc", exclude_pid: int | None = None,
 def with_mappings(info: ProcessInfo, procfs: str = "/proc") -> tuple[ProcessInfo | None, list]:
     """(``info`` plus registered and eligible resident bytes from smaps, the mappings); (None, [])
     if it exited; ProcessAccessError if we may not read it."""
-    from .procmem import read_mappings
+    from ..host.procmem import read_mappings
 
     try:
         maps = read_mappings(info.pid, procfs)
@@ -344,7 +344,7 @@ def restore_knobs(ksm, original: dict, written: dict) -> tuple[dict, dict]:
 # --- estimation and registration adapters ---------------------------------------------------------
 def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float) -> dict:
     """One joint estimate (duplicates across processes count) -> {key: EstimateResult | str error}."""
-    from . import estimate as estimate_mod
+    from ..estimate import core as estimate_mod
 
     e, r = cfg.estimate, cfg.registration
     pids = [i.pid for i in infos]
@@ -379,7 +379,7 @@ def screen_processes(infos, cfg: Config, now: float, seed: int = 0, mappings=Non
     """{key: EstimateResult} for the processes a sample rules out (see udedup.screen); the others
     are left for the full estimate. Nothing is ruled out when screening is off, when the threshold
     is so low that the sample would be most of the memory, or when the sample fails."""
-    from . import screen as screen_mod
+    from ..estimate import screen as screen_mod
 
     r = cfg.registration
     if not cfg.estimate.screen or r.min_saving <= 0 or not infos:
@@ -439,7 +439,7 @@ def _per_process(est, pids, use_zero_pages: bool, by_ranges: bool = False) -> di
 
 
 def register_process(info: ProcessInfo, mode: str, ranges=None) -> tuple[bool, str]:
-    from . import inject
+    from ..inject import core as inject
 
     try:
         result = inject.enable(info.pid, mode=mode, ranges=list(ranges) if ranges else None)
@@ -491,7 +491,7 @@ class Daemon:
 
     # --- lifecycle
     def run(self) -> int:
-        from .ksm import Ksm
+        from ..ksm.controller import Ksm
 
         self.signals.install()
         try:

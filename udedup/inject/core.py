@@ -33,11 +33,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import pages, procmem
-from .errors import (InjectError, InjectRefusedError, KernelThreadError, KsmUnavailableError,
+from ..native import pages
+from ..host import procmem
+from ..errors import (InjectError, InjectRefusedError, KernelThreadError, KsmUnavailableError,
                      NativeError, ProcessNotFoundError, UdedupError, UnsupportedArchError,
                      UsageError)
-from .memory import MADV_MERGEABLE, MADV_UNMERGEABLE, PR_GET_MEMORY_MERGE, PR_SET_MEMORY_MERGE
+from ..ksm.memory import MADV_MERGEABLE, MADV_UNMERGEABLE, PR_GET_MEMORY_MERGE, PR_SET_MEMORY_MERGE
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import KsmError, KsmPermissionError, KsmTimeout, UdedupError, UsageError, WorkloadError
+from ..errors import KsmError, KsmPermissionError, KsmTimeout, UdedupError, UsageError, WorkloadError
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class ABResult:
         return self.summary
 
     def to_dict(self, series: bool = True) -> dict:
-        from . import __version__
+        from .. import __version__
         return {"kind": "udedup-ab", "udedup_version": __version__, "config": self.config,
                 "arms": self.summary.get("arms", {}), "differences": self.summary.get("differences", []),
                 "verdict": self.verdict, "interrupted": self.interrupted,
@@ -407,7 +407,7 @@ def t99(series: Mapping[str, list], final_saved_pages: int) -> tuple[float | Non
 def other_mergeable_processes(exclude=(), procfs: str = "/proc") -> list[dict]:
     """Processes with memory registered for KSM, other than ours: ksmd scans them in every trial,
     so their pages show in the global counters and their cost in ksmd's CPU time."""
-    from .procksm import process_ksm
+    from ..ksm.process import process_ksm
     skip = {os.getpid(), *exclude}
     found = []
     for entry in os.listdir(procfs):
@@ -423,7 +423,7 @@ def other_mergeable_processes(exclude=(), procfs: str = "/proc") -> list[dict]:
 
 
 def _process_totals(pids: Sequence[int], procfs: str = "/proc") -> dict | None:
-    from .procksm import process_ksm
+    from ..ksm.process import process_ksm
     totals = {"pids": [], "rmap_items": 0, "zero_pages": 0, "merging_pages": 0, "process_profit": 0}
     for pid in pids:
         try:
@@ -510,7 +510,7 @@ def run_ab(workload, arms: Mapping[str, Mapping[str, object]] | None = None,
     Raises :class:`ABInterrupted` (a KeyboardInterrupt) with the finished trials on Ctrl-C/SIGTERM,
     after cleaning up; other errors propagate after the same cleanup.
     """
-    from .ksm import Ksm
+    from ..ksm.controller import Ksm
 
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise UsageError(f"trials must be a positive integer (per arm), got {trials!r}")

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import pages, procmem
-from .errors import ProcessNotFoundError, UdedupError, UsageError
+from ..native import pages
+from ..host import procmem
+from ..errors import ProcessNotFoundError, UdedupError, UsageError
 
 #: Sampled twins expected from a process whose saving equals the threshold.
 EXPECTED_TWINS = 16

@@ -12,7 +12,7 @@ import math
 import os
 import textwrap
 
-from .abtest import METRICS, SERIES_COLUMNS, ABResult, _fmt_knob, arm_label
+from .engine import METRICS, SERIES_COLUMNS, ABResult, _fmt_knob, arm_label
 
 log = logging.getLogger(__name__)
 

@@ -177,7 +177,7 @@ class MetricsServer:
             self._server = wsgiref.simple_server.make_server(
                 host, port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler)
         except OSError as err:
-            from .errors import ConfigError
+            from ..errors import ConfigError
             raise ConfigError(f"metrics.address {address}: cannot listen: {err.strerror}; pick another "
                               "port or set metrics.address = \"\" to disable metrics",
                               path="metrics", key="metrics.address") from err

@@ -42,9 +42,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import pages, procmem
-from .errors import KsmError, ProcessNotFoundError, UsageError
-from .ksm import RMAP_ITEM_BYTES, Ksm
+from ..native import pages
+from ..host import procmem
+from ..errors import KsmError, ProcessNotFoundError, UsageError
+from ..ksm.controller import RMAP_ITEM_BYTES, Ksm
 
 log = logging.getLogger(__name__)
 
@@ -1308,14 +1309,3 @@ def _summarize(sc: _Scanner, passes, interval, all_eligible, mps, uzp, unconfirm
 
 __all__ = ["estimate", "Estimate", "Prediction", "MappingReport", "TargetReport", "ksm_pages",
            "RMAP_ITEM_BYTES"]
-
-
-class _CallableModule(types.ModuleType):
-    """``udedup.estimate(pid)`` calls :func:`estimate`, while ``from udedup import estimate``
-    still gives this module (its classes and helpers): the package exports both under one name."""
-
-    def __call__(self, *args, **kwargs):
-        return estimate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -18,8 +18,8 @@ import weakref
 
 import numpy as np
 
-from . import pages
-from .errors import (BufferInUseError, KsmPermissionError, KsmUnavailableError, NativeError,
+from ..native import pages
+from ..errors import (BufferInUseError, KsmPermissionError, KsmUnavailableError, NativeError,
                      PageBufferError, UdedupError)
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from . import pages
-from .errors import KernelThreadError, ProcessAccessError, ProcessError, ProcessNotFoundError
+from ..native import pages
+from ..errors import KernelThreadError, ProcessAccessError, ProcessError, ProcessNotFoundError
 
 PF_KTHREAD = 0x00200000
 

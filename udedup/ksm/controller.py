@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
-from .errors import (KsmBusyError, KsmError, KsmNotRunningError, KsmPermissionError, KsmTimeout,
+from ..errors import (KsmBusyError, KsmError, KsmNotRunningError, KsmPermissionError, KsmTimeout,
                      KsmUnavailableError, KsmValueError)
 
 log = logging.getLogger(__name__)
