@@ -1,0 +1,164 @@
+"""/proc/PID/pagemap read in large blocks: which pages of a range are in RAM (pages not present or
+swapped out are skipped and never faulted in), and the PFNs of the kernel's zero pages."""
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from functools import lru_cache
+
+import numpy as np
+
+from ..errors import ProcessNotFoundError
+from ..native import pages
+from .fs import ProcFs, as_procfs, process_error
+
+# pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
+PM_PFN_MASK = (1 << 55) - 1
+PM_FILE = 1 << 61        # page cache or shared anonymous: never a KSM candidate
+PM_SWAPPED = 1 << 62
+PM_PRESENT = 1 << 63
+#: pagemap entries per read(): 64 Ki entries = 512 KiB, covering 256 MiB of address space.
+PAGEMAP_BLOCK = 64 << 10
+
+
+def open_pagemap(pid: int, procfs: ProcFs | str = "/proc") -> int:
+    """An fd on /proc/PID/pagemap (close it with os.close)."""
+    return as_procfs(procfs).open(pid, "pagemap")
+
+
+def read_pagemap(fd: int, start: int, end: int, out: np.ndarray | None = None,
+                 page_size: int | None = None, pid: int | None = None) -> np.ndarray:
+    """Raw pagemap entries (uint64) of the pages in [start, end), one pread per call."""
+    ps = page_size or pages.PAGE_SIZE
+    n = (end - start) // ps
+    if out is None:
+        out = np.empty(n, dtype=np.uint64)
+    view = memoryview(out[:n]).cast("B")
+    got = 0
+    offset = start // ps * 8
+    while got < n * 8:
+        try:
+            k = os.preadv(fd, [view[got:]], offset + got)
+        except OSError as err:
+            raise process_error(err, pid if pid is not None else -1, "pagemap") from err
+        if k <= 0:  # the process exited: its pagemap reads as empty
+            raise ProcessNotFoundError(f"PID {pid} exited while its page map was being read",
+                                       pid=pid)
+        got += k
+    return out[:n]
+
+
+@lru_cache(maxsize=1)
+def zero_page_pfns() -> tuple:
+    """PFN ranges [(first, last+1)] of the kernel's shared zero page and huge zero page, found by
+    mapping them in this process. Empty when PFNs are hidden (pagemap shows 0 without
+    CAP_SYS_ADMIN): then pages that map the zero page cannot be told apart and are scanned."""
+    ps = pages.PAGE_SIZE
+    ranges = []
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # a read fault on untouched private anonymous memory maps the shared zero page
+        probe = mmap.mmap(-1, ps, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        with contextlib.closing(probe):
+            probe[0]
+            addr = _buffer_address(probe)
+            pfn = int(read_pagemap(fd, addr, addr + ps)[0]) & PM_PFN_MASK
+            if pfn:
+                ranges.append((pfn, pfn + 1))
+        huge = _huge_zero_pfns(fd)
+        if huge:
+            ranges.append(huge)
+    finally:
+        os.close(fd)
+    return tuple(ranges)
+
+
+def _huge_zero_pfns(fd: int):
+    # With THP on, a read fault in a MADV_HUGEPAGE region maps the huge zero page (one PMD).
+    pmd = 512 * pages.PAGE_SIZE
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    region = mmap.mmap(-1, 2 * pmd, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.closing(region):
+        base = _buffer_address(region)
+        aligned = (base + pmd - 1) // pmd * pmd
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE, aligned - base, pmd)
+        except OSError:
+            return None
+        region[aligned - base]
+        entries = read_pagemap(fd, aligned, aligned + pmd)
+        first = int(entries[0]) & PM_PFN_MASK
+        last = int(entries[-1]) & PM_PFN_MASK
+        if first and last == first + 511:
+            return (first, first + 512)
+    return None
+
+
+def _buffer_address(buf) -> int:
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
+
+
+def present_offsets(entries: np.ndarray, anon_only: bool = True, zero_pfns: tuple = (),
+                    counts: dict | None = None) -> np.ndarray:
+    """Indexes of the entries that are present pages (not swapped), optionally only anonymous
+    ones (what ksmd can merge) and not mapping the kernel's zero page (ksmd skips those).
+
+    ``counts`` (a dict) gets ``swapped``, ``file`` (page cache / shared anonymous) and
+    ``zero_page`` (mapping the shared zero page) added to it."""
+    e = entries
+    present = (e & np.uint64(PM_PRESENT)) != 0
+    keep = present.copy()
+    if counts is not None:
+        counts["swapped"] = counts.get("swapped", 0) + int(
+            np.count_nonzero((e & np.uint64(PM_SWAPPED)) != 0))
+    if anon_only:
+        anon = (e & np.uint64(PM_FILE)) == 0
+        if counts is not None:
+            counts["file"] = counts.get("file", 0) + int(np.count_nonzero(keep & ~anon))
+        keep &= anon
+    if zero_pfns:
+        pfn = e & np.uint64(PM_PFN_MASK)
+        on_zero = np.zeros(e.shape, dtype=bool)
+        for first, stop in zero_pfns:
+            on_zero |= (pfn >= np.uint64(first)) & (pfn < np.uint64(stop))
+        on_zero &= keep
+        if counts is not None:
+            counts["zero_page"] = counts.get("zero_page", 0) + int(np.count_nonzero(on_zero))
+        keep &= ~on_zero
+    return np.flatnonzero(keep)
+
+
+def present_blocks(fd: int, pid: int, start: int, end: int, anon_only: bool = True,
+                   zero_pfns: tuple = (), counts: dict | None = None, block: int = PAGEMAP_BLOCK):
+    """``(block start, present_offsets of the block)`` per ``block`` pagemap entries of the
+    page-aligned range [start, end), read from ``fd`` (see :func:`open_pagemap`)."""
+    ps = pages.PAGE_SIZE
+    out = np.empty(min(block, max(1, (end - start) // ps)), dtype=np.uint64)
+    for lo in range(start, end, block * ps):
+        entries = read_pagemap(fd, lo, min(end, lo + block * ps), out=out, pid=pid)
+        yield lo, present_offsets(entries, anon_only, zero_pfns, counts)
+
+
+def present_pages(pid: int, start: int, end: int, procfs: ProcFs | str = "/proc", anon_only: bool = False,
+                  skip_zero_page: bool = False, fd: int | None = None) -> np.ndarray:
+    """Page-aligned addresses (uint64) of the pages of [start, end) that are in RAM.
+
+    Pages not present or swapped out are left out, so reading the result never faults anything in.
+    ``anon_only`` keeps only anonymous pages; ``skip_zero_page`` also drops pages that map the
+    kernel's shared zero page (a read-faulted page, or one KSM already replaced). ``fd``: the
+    process's pagemap already open (it stays open), for callers that look at many ranges."""
+    ps = pages.PAGE_SIZE
+    start, end = start // ps * ps, -(-end // ps) * ps
+    zero = zero_page_pfns() if skip_zero_page else ()
+    own = fd is None
+    if own:
+        fd = open_pagemap(pid, procfs)
+    try:
+        parts = [np.uint64(lo) + idx.astype(np.uint64) * np.uint64(ps)
+                 for lo, idx in present_blocks(fd, pid, start, end, anon_only, zero)]
+    finally:
+        if own:
+            os.close(fd)
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
