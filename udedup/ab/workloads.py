@@ -38,6 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ProcessError, UsageError, WorkloadError
+from ..ksm.accounting import ksm_pages
 from ..ksm.process import process_ksm
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -187,12 +188,6 @@ def make_layout(spec: SyntheticSpec, page_size: int = PAGE_SIZE) -> Layout:
                   group_sizes=np.asarray(sizes, dtype=np.int64))
 
 
-def _ksm_pages(group_size: np.ndarray, max_page_sharing: int) -> np.ndarray:
-    # one KSM page holds at most max_page_sharing mappings; beyond that KSM starts another
-    # ("dup" in a stable node chain): 1 GiB of one content gave pages_shared=1024 at 256.
-    return np.where(group_size >= 2, -(-group_size // max_page_sharing), 0)
-
-
 def expected_counters(layout: Layout, use_zero_pages: bool, max_page_sharing: int = 256,
                       page_size: int = PAGE_SIZE) -> dict[str, int]:
     """What KSM reports once this layout has fully merged (the workload alone, volatile never)."""
@@ -200,9 +195,7 @@ def expected_counters(layout: Layout, use_zero_pages: bool, max_page_sharing: in
     n_zero = layout.count(ZERO)
     if not use_zero_pages and n_zero >= 2:
         sizes = np.append(sizes, n_zero)
-    shared_per = _ksm_pages(sizes, max_page_sharing)
-    pages_shared = int(shared_per.sum())
-    pages_sharing = int(np.where(sizes >= 2, sizes, 0).sum()) - pages_shared
+    pages_shared, pages_sharing, _ = ksm_pages(sizes, max_page_sharing)
     zero = n_zero if use_zero_pages else 0
     return {"pages_shared": pages_shared, "pages_sharing": pages_sharing, "ksm_zero_pages": zero,
             "saved_pages": pages_sharing + zero,

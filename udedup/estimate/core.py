@@ -45,7 +45,8 @@ import numpy as np
 from ..native import pages
 from ..host import procmem
 from ..errors import KsmError, ProcessNotFoundError, UsageError
-from ..ksm.controller import RMAP_ITEM_BYTES, Ksm
+from ..ksm.accounting import RMAP_ITEM_BYTES, ksm_pages, sharing_fraction
+from ..ksm.controller import Ksm
 
 log = logging.getLogger(__name__)
 
@@ -293,30 +294,6 @@ class Estimate:
         }
 
     _asdict = as_dict
-
-
-def ksm_pages(group_sizes, max_page_sharing: int) -> tuple[int, int, int]:
-    """(pages_shared, pages_sharing, pages_unshared) KSM settles at for groups of equal pages.
-
-    A KSM page holds at most max_page_sharing mappings; ksmd fills one before starting the next,
-    and a new one starts only when two leftover pages meet in the unstable tree, so a leftover of a
-    single page stays unshared."""
-    sizes = np.asarray(group_sizes, dtype=np.int64)
-    sizes = sizes[sizes > 0]
-    full, rest = np.divmod(sizes, max_page_sharing)
-    extra = rest >= 2
-    shared = int(full.sum() + extra.sum())
-    sharing = int((full * (max_page_sharing - 1)).sum() + (rest - 1)[extra].sum())
-    unshared = int((rest == 1).sum())
-    return shared, sharing, unshared
-
-
-def _sharing_fraction(sizes: np.ndarray, mps: int) -> np.ndarray:
-    """Per page of a group of each size, the share of the group's pages_sharing (for attribution)."""
-    sizes = sizes.astype(np.int64)
-    full, rest = np.divmod(sizes, mps)
-    sharing = full * (mps - 1) + np.where(rest >= 2, rest - 1, 0)
-    return np.divide(sharing, sizes, out=np.zeros(sizes.shape), where=sizes > 0)
 
 
 # --- targets and scope ---------------------------------------------------------------------------
@@ -1258,14 +1235,14 @@ def _summarize(sc: _Scanner, passes, interval, all_eligible, mps, uzp, unconfirm
             rr.volatile_pages += int(vol.sum())
             rr.zero_pages += int(zr.sum())
             rr.duplicate_pages += int(dup.sum())
-            saved = float(_sharing_fraction(gs[dup], mps).sum())
+            saved = float(sharing_fraction(gs[dup], mps).sum())
             rr.saved_pages[0] += saved
             rr.saved_pages[1] += saved
         rr = seg.report
         rr.unique_pages = rr.scanned_pages - rr.unreadable_pages - rr.volatile_pages - \
             rr.zero_pages - rr.duplicate_pages
         zero_total += rr.zero_pages
-    zero_fraction = float(_sharing_fraction(np.array([zero_total]), mps)[0]) if zero_total else 0.0
+    zero_fraction = float(sharing_fraction(np.array([zero_total]), mps)[0]) if zero_total else 0.0
     for rr in sc.reports:
         rr.saved_pages[0] += rr.zero_pages * zero_fraction
         rr.saved_pages[1] += rr.zero_pages
