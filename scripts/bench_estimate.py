@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from udedup.native import pages
 
 from udedup.host import procmem  # noqa: E402
-from udedup.daemon.config import parse_size  # noqa: E402
+from udedup.units import parse_size  # noqa: E402
 from udedup.estimate.core import DEFAULT_CHUNK_BYTES  # noqa: E402
 from udedup.ksm.controller import experiment_lock  # noqa: E402
 

@@ -11,7 +11,8 @@ import pytest
 from udedup import cli
 
 from udedup.daemon import config
-from udedup.daemon.config import Config, ConfigError, load_config, parse_size
+from udedup.daemon.config import Config, ConfigError, load_config
+from udedup.units import parse_size
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "udedup.toml.example")

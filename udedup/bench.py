@@ -24,7 +24,7 @@ import numpy as np
 
 from .native import pages
 from .commands._util import Progress
-from .daemon.config import parse_size
+from .units import parse_size
 from .errors import UsageError
 from .ksm.memory import MergeableBuffer
 

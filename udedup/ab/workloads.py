@@ -135,7 +135,7 @@ def preset(name: str, size: int, seed: int = 0) -> SyntheticSpec:
 
 def parse_size(text: str, page_size: int = PAGE_SIZE) -> int:
     """``"256M"``, ``"1G"``, ``"64MiB"``, ``"4096"`` -> bytes, rounded down to whole pages."""
-    from ..daemon.config import parse_size as parse_bytes
+    from ..units import parse_size as parse_bytes
     raw = str(text).strip()
     try:
         nbytes = parse_bytes(raw) // page_size * page_size

@@ -5,7 +5,8 @@ import sys
 
 from ..inject import core as inject
 from ..errors import UdedupError, UsageError
-from ._util import human_bytes, print_json
+from ..units import human_bytes
+from ._util import print_json
 
 NAME = "enable"
 HELP = "enable KSM inside running processes (ptrace injection of prctl/madvise)"

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from ..estimate.core import estimate
-from ._util import Progress, human_bytes, print_json
+from ..units import human_bytes
+from ._util import Progress, print_json
 
 NAME = "scan"
 HELP = "predict what KSM would save on processes (reads their memory, changes nothing)"

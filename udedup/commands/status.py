@@ -8,7 +8,8 @@ from ..daemon.loop import DEFAULT_STATE_FILE, describe_daemon_state, read_daemon
 from ..errors import KsmError, ProcessError, UsageError
 from ..ksm.controller import DEFAULT_PROCFS, DEFAULT_ROOT, Ksm
 from ..ksm.process import process_ksm, profit_overcount_bytes, top_processes
-from ._util import human_bytes, print_json
+from ..units import human_bytes
+from ._util import print_json
 
 NAME = "status"
 HELP = "show KSM knobs, counters, savings, ksmd CPU use and the top merging processes"

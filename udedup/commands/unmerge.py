@@ -4,7 +4,8 @@ from __future__ import annotations
 import time
 
 from ..ksm.controller import DEFAULT_ROOT, Ksm
-from ._util import human_bytes, print_json
+from ..units import human_bytes
+from ._util import print_json
 
 NAME = "unmerge"
 HELP = "unmerge every KSM page on the machine (run=2), then restore run"

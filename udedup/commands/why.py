@@ -4,7 +4,8 @@ from __future__ import annotations
 from ..errors import KsmError
 from ..native.pages import PAGE_SIZE
 from ..host.procmem import ksm_stat, read_mappings
-from ._util import human_bytes, print_json
+from ..units import human_bytes
+from ._util import print_json
 from .scan import add_read_arguments, estimate_with_progress, parse_pids
 
 NAME = "why"

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError
+from ..units import parse_size
 
 try:  # Python 3.11+
     import tomllib as _toml
@@ -32,8 +33,6 @@ _DOCUMENTED_PATH = DEFAULT_PATH   # what the example file says, whatever DEFAULT
 ENV_PATH = "UDEDUP_CONFIG"
 ENV_PREFIX = "UDEDUP_"
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
 
 def _f(default, kind: str, help: str, *, lo=None, hi=None, choices=None):
@@ -207,22 +206,6 @@ def _field(section: str, key: str) -> dataclasses.Field | None:
 
 
 # --- value parsing --------------------------------------------------------------------------------
-def parse_size(value) -> int:
-    """``64 MiB``, ``64M``, ``1.5G``, ``4096`` → bytes (binary units)."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size such as 64 MiB, got a boolean")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"a size cannot be negative ({value})")
-        return value
-    if isinstance(value, float) and value.is_integer() and value >= 0:
-        return int(value)
-    m = _SIZE_RE.match(str(value))
-    if not m:
-        raise ValueError(f"expected a size such as 4096, 64 MiB or 1G, got {value!r}")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-
-
 def _as_bool(value, from_text: bool) -> bool:
     if isinstance(value, bool):
         return value
