@@ -294,3 +294,53 @@ def test_comm_of_this_process_and_of_none():
         assert procmem.comm(os.getpid()) == f.read().strip()
     assert procmem.comm(999_999_999) is None
     assert procmem.comm(999_999_999, default="?") == "?"
+
+
+# --- /proc/kpageflags and /proc/kpagecount --------------------------------------------------------
+def _fake_pfn_table(tmp_path, name, values: dict[int, int], frames: int = 64):
+    table = np.zeros(frames, dtype=np.uint64)
+    for pfn, v in values.items():
+        table[pfn] = v
+    (tmp_path / name).write_bytes(table.tobytes())
+
+
+def test_kpageflags_and_kpagecount_on_a_fake_tree(tmp_path):
+    from udedup.host.pagemap import (KPF_KSM, KPF_THP, KPF_ZERO_PAGE, read_kpagecount,
+                                     read_kpageflags)
+    assert (KPF_KSM, KPF_THP, KPF_ZERO_PAGE) == (21, 22, 24)
+    _fake_pfn_table(tmp_path, "kpageflags", {3: 1 << KPF_KSM, 4: 1 << KPF_THP, 5: 1 << KPF_THP,
+                                             9: 1 << KPF_ZERO_PAGE})
+    _fake_pfn_table(tmp_path, "kpagecount", {3: 7, 9: 1})
+    # any order, repeats, runs of consecutive frames; a frame past the end reads as 0
+    pfns = np.array([9, 3, 4, 5, 3, 1000, 0], dtype=np.uint64)
+    flags = read_kpageflags(pfns, str(tmp_path))
+    assert flags.dtype == np.uint64
+    assert flags.tolist() == [1 << KPF_ZERO_PAGE, 1 << KPF_KSM, 1 << KPF_THP, 1 << KPF_THP,
+                              1 << KPF_KSM, 0, 0]
+    assert read_kpagecount(pfns, str(tmp_path)).tolist() == [1, 7, 0, 0, 7, 0, 0]
+    assert read_kpageflags([], str(tmp_path)).size == 0
+
+
+def test_kpageflags_errors_are_udedup_errors(tmp_path):
+    from udedup.host.pagemap import read_kpageflags
+    with pytest.raises(ProcessError, match="does not exist") as info:
+        read_kpageflags([1], str(tmp_path))
+    assert info.value.errno == errno.ENOENT and not isinstance(info.value, ProcessNotFoundError)
+    if not ROOT:
+        _fake_pfn_table(tmp_path, "kpageflags", {})
+        os.chmod(tmp_path / "kpageflags", 0)
+        with pytest.raises(ProcessAccessError, match="root"):
+            read_kpageflags([1], str(tmp_path))
+
+
+@pytest.mark.skipif(not ROOT, reason="PFNs and /proc/kpageflags need CAP_SYS_ADMIN")
+def test_real_zero_page_pfn_has_kpf_zero_page():
+    from udedup.host.pagemap import KPF_ZERO_PAGE, read_kpagecount, read_kpageflags, zero_page_pfns
+    if not os.path.exists("/proc/kpageflags"):
+        pytest.skip("this kernel has no /proc/kpageflags")
+    ranges = zero_page_pfns()
+    assert ranges, "as root the zero page's PFN is visible"
+    first, _ = ranges[0]
+    flags = read_kpageflags([first])
+    assert (int(flags[0]) >> KPF_ZERO_PAGE) & 1 == 1
+    assert read_kpagecount([first]).shape == (1,)

@@ -23,7 +23,10 @@ DEFAULT_SYSFS = "/sys"
 # --- the errno tables -----------------------------------------------------------------------------
 def process_error(err: OSError, pid, what: str) -> ProcessError:
     """The matching :class:`ProcessError` for an OSError reading ``what`` of ``pid`` (the caller
-    does ``raise ... from err``)."""
+    does ``raise ... from err``). ``pid=None``: ``what`` is a machine-wide file such as
+    ``kpageflags`` (no process to be missing: a missing file is a kernel without it)."""
+    if pid is None:
+        return _machine_file_error(err, what)
     if isinstance(err, (FileNotFoundError, ProcessLookupError)) or err.errno == _errno.ESRCH:
         return ProcessNotFoundError(f"no process with PID {pid} (it does not exist or has exited)",
                                     pid=pid)
@@ -33,6 +36,17 @@ def process_error(err: OSError, pid, what: str) -> ProcessError:
             "(ptrace access check; see kernel.yama.ptrace_scope)", pid=pid)
     return ProcessError(f"cannot read {what} of PID {pid}: {os.strerror(err.errno or 0)}",
                         pid=pid, errno=err.errno)
+
+
+def _machine_file_error(err: OSError, what: str) -> ProcessError:
+    if isinstance(err, PermissionError):
+        return ProcessAccessError(f"not allowed to read /proc/{what}: it needs root "
+                                  "(CAP_SYS_ADMIN)", pid=None, errno=err.errno)
+    if isinstance(err, FileNotFoundError):
+        return ProcessError(f"/proc/{what} does not exist: this kernel was built without it "
+                            "(CONFIG_PROC_PAGE_MONITOR)", pid=None, errno=err.errno)
+    return ProcessError(f"cannot read /proc/{what}: {os.strerror(err.errno or 0)}",
+                        pid=None, errno=err.errno)
 
 
 def knob_error(err: OSError, *, knob: str, path: str, value=None, action: str = "write") -> KsmError:
@@ -129,6 +143,14 @@ class ProcFs:
             return os.open(self.path(pid, name), flags | os.O_CLOEXEC)
         except OSError as err:
             raise process_error(err, pid, name) from err
+
+    def open_global(self, *names: str) -> int:
+        """A file descriptor (close-on-exec) on a file that is not under a PID: the machine-wide
+        ``kpageflags``/``kpagecount``, or ``self``/``pagemap`` for this process's own probes."""
+        try:
+            return os.open(os.path.join(self.root, *names), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise process_error(err, None, "/".join(names)) from err
 
     def readlink(self, pid, name: str) -> str | None:
         try:

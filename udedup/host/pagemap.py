@@ -1,5 +1,6 @@
 """/proc/PID/pagemap read in large blocks: which pages of a range are in RAM (pages not present or
-swapped out are skipped and never faulted in), and the PFNs of the kernel's zero pages."""
+swapped out are skipped and never faulted in), the PFNs of the kernel's zero pages, and what
+/proc/kpageflags and /proc/kpagecount say about page frames (KSM, zero page, THP; how many map it)."""
 from __future__ import annotations
 
 import contextlib
@@ -20,6 +21,11 @@ PM_SWAPPED = 1 << 62
 PM_PRESENT = 1 << 63
 #: pagemap entries per read(): 64 Ki entries = 512 KiB, covering 256 MiB of address space.
 PAGEMAP_BLOCK = 64 << 10
+
+# /proc/kpageflags bits (include/uapi/linux/kernel-page-flags.h)
+KPF_KSM = 21
+KPF_THP = 22
+KPF_ZERO_PAGE = 24
 
 
 def open_pagemap(pid: int, procfs: ProcFs | str = "/proc") -> int:
@@ -49,14 +55,67 @@ def read_pagemap(fd: int, start: int, end: int, out: np.ndarray | None = None,
     return out[:n]
 
 
-@lru_cache(maxsize=1)
-def zero_page_pfns() -> tuple:
+def read_kpageflags(pfns, procfs: ProcFs | str = "/proc") -> np.ndarray:
+    """/proc/kpageflags entries (uint64, one per PFN of ``pfns``, in that order): test a bit with
+    ``(flags >> KPF_KSM) & 1``. Needs CAP_SYS_ADMIN (ProcessAccessError without it); ProcessError
+    on a kernel without the file. A PFN past the last frame reads as 0 (no flags)."""
+    return _read_pfn_table("kpageflags", pfns, procfs)
+
+
+def read_kpagecount(pfns, procfs: ProcFs | str = "/proc") -> np.ndarray:
+    """/proc/kpagecount entries (uint64): how many times each frame of ``pfns`` is mapped (a KSM
+    page: by how many pages; the zero page reads 0 or the kernel's own count). Errors as
+    :func:`read_kpageflags`."""
+    return _read_pfn_table("kpagecount", pfns, procfs)
+
+
+def _read_pfn_table(name: str, pfns, procfs) -> np.ndarray:
+    # Both files are arrays of u64 indexed by PFN. Reading each run of consecutive PFNs in one
+    # pread keeps a THP (512 frames in a row) or a long physically contiguous buffer to few calls.
+    pfns = np.asarray(pfns, dtype=np.uint64).ravel()
+    out = np.zeros(pfns.size, dtype=np.uint64)
+    if pfns.size == 0:
+        return out
+    uniq, inverse = np.unique(pfns, return_inverse=True)
+    values = np.zeros(uniq.size, dtype=np.uint64)
+    breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+    firsts = np.concatenate(([0], breaks))
+    stops = np.concatenate((breaks, [uniq.size]))
+    fd = as_procfs(procfs).open_global(name)
+    try:
+        for lo, hi in zip(firsts.tolist(), stops.tolist()):
+            for a in range(lo, hi, PAGEMAP_BLOCK):
+                b = min(hi, a + PAGEMAP_BLOCK)
+                view = memoryview(values[a:b]).cast("B")
+                offset = int(uniq[a]) * 8
+                got = 0
+                while got < len(view):
+                    try:
+                        k = os.preadv(fd, [view[got:]], offset + got)
+                    except OSError as err:
+                        raise process_error(err, None, name) from err
+                    if k <= 0:   # past the last frame: the rest stays 0
+                        break
+                    got += k
+    finally:
+        os.close(fd)
+    out[:] = values[inverse.ravel()]
+    return out
+
+
+def zero_page_pfns(procfs: ProcFs | str = "/proc") -> tuple:
     """PFN ranges [(first, last+1)] of the kernel's shared zero page and huge zero page, found by
-    mapping them in this process. Empty when PFNs are hidden (pagemap shows 0 without
-    CAP_SYS_ADMIN): then pages that map the zero page cannot be told apart and are scanned."""
+    mapping them in this process and reading ``procfs``/self/pagemap (once per root: the zero
+    pages do not move). Empty when PFNs are hidden (pagemap shows 0 without CAP_SYS_ADMIN): then
+    pages that map the zero page cannot be told apart and are scanned."""
+    return _zero_page_pfns(as_procfs(procfs).root)
+
+
+@lru_cache(maxsize=4)
+def _zero_page_pfns(root: str) -> tuple:
     ps = pages.PAGE_SIZE
     ranges = []
-    fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    fd = ProcFs(root).open_global("self", "pagemap")
     try:
         # a read fault on untouched private anonymous memory maps the shared zero page
         probe = mmap.mmap(-1, ps, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -151,7 +210,7 @@ def present_pages(pid: int, start: int, end: int, procfs: ProcFs | str = "/proc"
     process's pagemap already open (it stays open), for callers that look at many ranges."""
     ps = pages.PAGE_SIZE
     start, end = start // ps * ps, -(-end // ps) * ps
-    zero = zero_page_pfns() if skip_zero_page else ()
+    zero = zero_page_pfns(procfs) if skip_zero_page else ()
     own = fd is None
     if own:
         fd = open_pagemap(pid, procfs)
