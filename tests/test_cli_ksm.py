@@ -158,7 +158,7 @@ def test_run_refuses_kernels_that_drop_the_flag_at_exec(capsys, monkeypatch):
 
 
 def tree_state_real():
-    from udedup.ksm.controller import Ksm
+    from udedup.ksm import Ksm
     return Ksm().knobs()
 
 
@@ -214,12 +214,14 @@ def test_status_without_ksmd_in_procfs_still_reports(tmp_path, capsys):
 
 
 def test_unmerge_on_fake_tree_writes_2_then_previous_run(tmp_path, capsys, monkeypatch):
-    from udedup.ksm import controller as ksm_mod
+    from udedup.host.fs import SysFs
     sysfs = fake_sysfs(tmp_path / "ksm")
     (sysfs / "run").write_text("1\n")
     writes = []
-    real = ksm_mod._sysfs_write
-    monkeypatch.setattr(ksm_mod, "_sysfs_write", lambda p, t: (writes.append(t), real(p, t)))
+    real = SysFs.write
+    # the command builds its own Ksm: record at the one writer every knob write goes through
+    monkeypatch.setattr(SysFs, "write", lambda self, path, text, *a, **kw: (
+        writes.append(text), real(self, path, text, *a, **kw)))
     code, out, err = cli_run(["unmerge", "--json", "--sysfs", sysfs], capsys)
     assert code == 0, err
     assert writes == ["2", "1"]

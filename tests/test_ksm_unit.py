@@ -8,10 +8,13 @@ import signal
 
 import pytest
 
-from udedup.ksm import controller as ksm_mod
+import time
+
 from udedup.errors import (KsmBusyError, KsmError, KsmNotRunningError, KsmPermissionError,
                            KsmTimeout, KsmUnavailableError, KsmValueError)
-from udedup.ksm.controller import Ksm, KsmStats
+from udedup.host.fs import SysFs, knob_error
+from udedup.ksm import Ksm, KsmStats
+from udedup.ksm.knobs import write_order
 
 from fake_sysfs import COUNTERS_618, KNOBS_618, make_fake_ksm, read_tree
 
@@ -20,10 +23,12 @@ OLD_KNOBS = ("advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan",
              "advisor_max_pages_to_scan", "advisor_target_scan_time", "smart_scan")
 
 
-class FakeKernel:
-    """Stands in for mm/ksm.c's store functions, enough to check order and errno handling."""
+class FakeKernel(SysFs):
+    """Stands in for mm/ksm.c's store functions, enough to check order and errno handling: the
+    :class:`SysFs` a :class:`Ksm` writes through (``Ksm(tree, sysfs=kernel)``)."""
 
     def __init__(self, root):
+        super().__init__(str(root.parent))
         self.root = root
         self.writes: list[tuple[str, str]] = []
         self.fail: dict[str, int] = {}      # knob -> errno to raise on write
@@ -36,7 +41,14 @@ class FakeKernel:
     def _put(self, name, value):
         (self.root / name).write_text(value + "\n")
 
-    def __call__(self, path, text):
+    def write(self, path, text, knob, shown=None):
+        # the errno a store function returns reaches the caller as the real SysFs translates it
+        try:
+            self._store(path, text)
+        except OSError as err:
+            raise knob_error(err, knob=knob, path=path, value=shown or text) from err
+
+    def _store(self, path, text):
         name = os.path.basename(path)
         self.writes.append((name, text))
         if self.on_write:
@@ -69,10 +81,8 @@ def tree(tmp_path):
 
 
 @pytest.fixture
-def kernel(tree, monkeypatch):
-    fake = FakeKernel(tree)
-    monkeypatch.setattr(ksm_mod, "_sysfs_write", fake)
-    return fake
+def kernel(tree):
+    return FakeKernel(tree)
 
 
 # --- discovery and parsing ----------------------------------------------------------------------
@@ -154,7 +164,7 @@ def test_unknown_future_knob_is_parsed_from_its_content(tmp_path):
 
 # --- writes -------------------------------------------------------------------------------------
 def test_set_writes_formatted_value_and_skips_no_op(tree, kernel):
-    ksm = Ksm(tree)
+    ksm = Ksm(tree, sysfs=kernel)
     ksm.set("use_zero_pages", "on")
     ksm.set("pages_to_scan", "5000")
     ksm.set("pages_to_scan", 5000)          # already 5000: no write
@@ -166,7 +176,7 @@ def test_set_writes_formatted_value_and_skips_no_op(tree, kernel):
 def test_write_that_does_not_stick_is_reported(tree, kernel):
     kernel.ignore.add("sleep_millisecs")
     with pytest.raises(KsmError, match="reads back 20"):
-        Ksm(tree).set("sleep_millisecs", 5)
+        Ksm(tree, sysfs=kernel).set("sleep_millisecs", 5)
 
 
 @pytest.mark.parametrize("code,cls,pattern", [
@@ -182,7 +192,7 @@ def test_write_that_does_not_stick_is_reported(tree, kernel):
 def test_errno_mapping(tree, kernel, code, cls, pattern):
     kernel.fail["sleep_millisecs"] = code
     with pytest.raises(cls, match=pattern) as info:
-        Ksm(tree).set("sleep_millisecs", 5)
+        Ksm(tree, sysfs=kernel).set("sleep_millisecs", 5)
     assert info.value.knob == "sleep_millisecs"
     assert info.value.errno == code
     assert isinstance(info.value.__cause__, OSError)
@@ -194,12 +204,12 @@ def test_real_open_failure_is_translated(tree):
     (tree / "run").mkdir()  # open(O_WRONLY) on a directory: EISDIR -> generic KsmError
     ksm = Ksm(tree)
     with pytest.raises(KsmError, match="run"):
-        ksm._write_raw("run", "1")
+        ksm.write_raw("run", "1")
 
 
 # --- snapshot / restore / settings --------------------------------------------------------------
 def test_restore_puts_advisor_mode_before_pages_to_scan_and_run_last(tree, kernel):
-    ksm = Ksm(tree)
+    ksm = Ksm(tree, sysfs=kernel)
     snap = ksm.snapshot()
     ksm.set("advisor_mode", "scan-time")
     ksm.set("run", 1)
@@ -213,7 +223,7 @@ def test_restore_puts_advisor_mode_before_pages_to_scan_and_run_last(tree, kerne
 
 
 def test_restore_to_scan_time_never_writes_pages_to_scan(tree, kernel):
-    ksm = Ksm(tree)
+    ksm = Ksm(tree, sysfs=kernel)
     ksm.set("advisor_mode", "scan-time")
     snap = ksm.snapshot()
     ksm.set("advisor_mode", "none")
@@ -225,7 +235,7 @@ def test_restore_to_scan_time_never_writes_pages_to_scan(tree, kernel):
 
 
 def test_restore_of_max_page_sharing_needs_allow_unmerge(tree, kernel):
-    ksm = Ksm(tree)
+    ksm = Ksm(tree, sysfs=kernel)
     snap = ksm.snapshot()
     (tree / "max_page_sharing").write_text("64\n")
     (tree / "sleep_millisecs").write_text("0\n")
@@ -242,7 +252,7 @@ def test_restore_of_max_page_sharing_needs_allow_unmerge(tree, kernel):
 
 
 def test_restore_is_best_effort_and_raises_first_error(tree, kernel):
-    ksm = Ksm(tree)
+    ksm = Ksm(tree, sysfs=kernel)
     snap = ksm.snapshot()
     (tree / "sleep_millisecs").write_text("0\n")
     (tree / "use_zero_pages").write_text("1\n")
@@ -253,7 +263,7 @@ def test_restore_is_best_effort_and_raises_first_error(tree, kernel):
 
 
 def test_settings_applies_and_restores(tree, kernel):
-    ksm = Ksm(tree)
+    ksm = Ksm(tree, sysfs=kernel)
     before = read_tree(tree)
     with ksm.settings(run=1, pages_to_scan=5000, sleep_millisecs=0, smart_scan=0) as inner:
         assert inner is ksm
@@ -265,7 +275,7 @@ def test_settings_applies_and_restores(tree, kernel):
 
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_settings_restores_on_exception_and_ctrl_c(tree, kernel, exc):
-    ksm = Ksm(tree)
+    ksm = Ksm(tree, sysfs=kernel)
     before = read_tree(tree)
     with pytest.raises(exc):
         with ksm.settings(run=1, use_zero_pages=1):
@@ -274,7 +284,7 @@ def test_settings_restores_on_exception_and_ctrl_c(tree, kernel, exc):
 
 
 def test_settings_validates_everything_before_writing(tree, kernel):
-    ksm = Ksm(tree)
+    ksm = Ksm(tree, sysfs=kernel)
     with pytest.raises(KsmValueError, match="use_zero_pages"):
         with ksm.settings(run=1, pages_to_scan=5000, use_zero_pages="maybe"):
             pytest.fail("entered the block")
@@ -285,14 +295,14 @@ def test_settings_validates_everything_before_writing(tree, kernel):
 
 
 def test_settings_rejects_pages_to_scan_under_scan_time_advisor(tree, kernel):
-    ksm = Ksm(tree)
+    ksm = Ksm(tree, sysfs=kernel)
     with pytest.raises(KsmValueError, match="advisor_mode is scan-time"):
         ksm.apply({"advisor_mode": "scan-time", "pages_to_scan": 5000})
     assert kernel.writes == []
 
 
 def test_half_applied_settings_are_rolled_back(tree, kernel):
-    ksm = Ksm(tree)
+    ksm = Ksm(tree, sysfs=kernel)
     before = read_tree(tree)
     kernel.fail["use_zero_pages"] = errno.EINVAL   # written after pages_to_scan/sleep_millisecs
     with pytest.raises(KsmValueError, match="use_zero_pages=1"):
@@ -305,7 +315,7 @@ def test_half_applied_settings_are_rolled_back(tree, kernel):
 
 
 def test_ctrl_c_during_apply_is_held_then_rolled_back(tree, kernel):
-    ksm = Ksm(tree)
+    ksm = Ksm(tree, sysfs=kernel)
     before = read_tree(tree)
     handler = signal.getsignal(signal.SIGINT)
 
@@ -324,7 +334,7 @@ def test_ctrl_c_during_apply_is_held_then_rolled_back(tree, kernel):
 
 
 def test_settings_with_unmerge_knob_needs_allow_unmerge(tree, kernel):
-    ksm = Ksm(tree)
+    ksm = Ksm(tree, sysfs=kernel)
     with pytest.raises(KsmBusyError, match="allow_unmerge=True"):
         with ksm.settings(max_page_sharing=16):
             pytest.fail("entered the block")
@@ -341,7 +351,7 @@ def test_settings_with_unmerge_knob_needs_allow_unmerge(tree, kernel):
 
 
 def test_changed_since_reports_outside_changes(tree, kernel):
-    ksm = Ksm(tree)
+    ksm = Ksm(tree, sysfs=kernel)
     snap = ksm.snapshot()
     assert ksm.changed_since(snap) == {}
     (tree / "sleep_millisecs").write_text("7\n")
@@ -354,7 +364,7 @@ def test_changed_since_reports_outside_changes(tree, kernel):
 def test_unmerge_all_writes_2_then_previous_run(tree, kernel):
     (tree / "run").write_text("1\n")
     (tree / "pages_shared").write_text("9\n")
-    ksm = Ksm(tree)
+    ksm = Ksm(tree, sysfs=kernel)
     ksm.unmerge_all()
     assert kernel.writes == [("run", "2"), ("run", "1")]
     assert ksm.stats().pages_shared == 0
@@ -364,7 +374,7 @@ def test_unmerge_all_failure_still_puts_run_back(tree, kernel):
     (tree / "run").write_text("1\n")
     kernel.fail["run"] = errno.ENOMEM
     with pytest.raises(KsmError, match="out of memory"):
-        Ksm(tree).unmerge_all()
+        Ksm(tree, sysfs=kernel).unmerge_all()
     assert [w for w in kernel.writes] == [("run", "2"), ("run", "1")]
 
 
@@ -409,7 +419,7 @@ def _script(monkeypatch, ksm, rows, run=1):
 
     monkeypatch.setattr(ksm, "stats", stats)
     monkeypatch.setattr(ksm, "get", lambda name: run if name == "run" else 0)
-    monkeypatch.setattr(ksm_mod.time, "sleep", lambda s: None)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
     return state
 
 
@@ -479,7 +489,7 @@ def test_no_ksmd_thread_is_unavailable(tree, tmp_path):
 
 
 def test_write_order_unmerge_knobs_first_run_last():
-    assert Ksm._order(["run", "pages_to_scan", "use_zero_pages", "advisor_mode",
-                       "merge_across_nodes", "max_page_sharing"]) == [
+    assert write_order(["run", "pages_to_scan", "use_zero_pages", "advisor_mode",
+                        "merge_across_nodes", "max_page_sharing"]) == [
         "max_page_sharing", "merge_across_nodes", "advisor_mode", "pages_to_scan",
         "use_zero_pages", "run"]

@@ -1,8 +1,20 @@
-"""KSM itself: the knob table and the one write order, the sysfs controller (:class:`Ksm`), counters
-and the one accounting model, settle detection, ksmd's CPU, the experiment lock, mergeable memory
-for the caller, and the per-process KSM view."""
-from .controller import (DEFAULT_PROCFS, DEFAULT_ROOT, LOCK_PATH, RMAP_ITEM_BYTES, KnobSnapshot,
-                         KnobSpec, Ksm, KsmStats, experiment_lock)
+"""KSM itself: the knob table and the one write order (:mod:`.knobs`), the sysfs controller
+(:class:`Ksm`), counters (:mod:`.stats`) and the one accounting model (:mod:`.accounting`), settle
+detection (:mod:`.settle`), ksmd's CPU (:mod:`.ksmd`), the experiment lock (:mod:`.lock`), mergeable
+memory for the caller (:mod:`.memory`), and the per-process KSM view (:mod:`.process`)."""
+from ..host.fs import DEFAULT_PROCFS
+from .controller import DEFAULT_ROOT, Ksm
+from .knobs import KnobSnapshot, KnobSpec
+from .lock import LOCK_PATH, experiment_lock
+from .stats import KsmStats
 
 __all__ = ["DEFAULT_PROCFS", "DEFAULT_ROOT", "LOCK_PATH", "RMAP_ITEM_BYTES", "KnobSnapshot",
            "KnobSpec", "Ksm", "KsmStats", "experiment_lock"]
+
+
+def __getattr__(name: str):
+    # RMAP_ITEM_BYTES lives in accounting, which loads numpy: only a caller that asks pays for it
+    if name == "RMAP_ITEM_BYTES":
+        from .accounting import RMAP_ITEM_BYTES
+        return RMAP_ITEM_BYTES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,12 +1,14 @@
 """The KSM knob table: what each knob accepts, how its value is parsed and written, the one order
-the kernel accepts writes in, and the one place the scan-time advisor's exception is decided.
+the kernel accepts writes in, the one place the scan-time advisor's exception is decided, and the
+typed snapshot of every knob.
 
 Pure: no I/O. :class:`udedup.ksm.Ksm` reads and writes the files; the daemon and the A/B engine
 import :func:`write_order` and :func:`pages_to_scan_ignored` from here so every writer agrees.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from ..errors import KsmValueError
@@ -52,6 +54,35 @@ KNOWN: dict[str, KnobSpec] = {spec.name: spec for spec in (
     KnobSpec("advisor_max_pages_to_scan", "int", 0, ULONG, since="6.9"),
     KnobSpec("advisor_target_scan_time", "int", 1, ULONG, since="6.9"),
 )}
+
+@dataclass(frozen=True)
+class KnobSnapshot:
+    """Every writable knob at one moment, typed. ``snap["run"]``, ``dict(snap)``."""
+
+    values: Mapping[str, object]
+    timestamp: float = field(default_factory=time.monotonic)
+
+    def __getitem__(self, name: str):
+        return self.values[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self.values
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def keys(self):
+        return self.values.keys()
+
+    def items(self):
+        return self.values.items()
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.values)
+
 
 _TRUE = {"1", "y", "yes", "on", "true"}
 _FALSE = {"0", "n", "no", "off", "false"}
