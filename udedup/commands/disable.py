@@ -1,7 +1,7 @@
 """``udedup disable PID...``: undo ``udedup enable`` inside running processes."""
 from __future__ import annotations
 
-from ..inject import core as inject
+from .. import inject
 from .enable import add_arguments as _enable_arguments
 from .enable import run_action
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import sys
 
-from ..inject import core as inject
-from ..errors import UdedupError, UsageError
+from .. import inject
+from ..errors import InjectError, UdedupError, UsageError
+from ..host.fs import DEFAULT_PROCFS
+from ..ksm import DEFAULT_ROOT
 from ..units import human_bytes
 from ._util import print_json
 
@@ -41,6 +43,10 @@ def add_arguments(parser) -> None:
                              "repeatable")
     parser.add_argument("--force", action="store_true",
                         help="inject even into a process under a seccomp filter")
+    parser.add_argument("--procfs", default=DEFAULT_PROCFS, metavar="PATH",
+                        help=f"procfs mount (default {DEFAULT_PROCFS})")
+    parser.add_argument("--sysfs", default=DEFAULT_ROOT, metavar="PATH",
+                        help=f"KSM sysfs directory (default {DEFAULT_ROOT})")
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -66,7 +72,8 @@ def run_action(args, action, verb: str) -> int:
     rows = []
     for pid in args.pids:
         try:
-            res = action(pid, mode=args.mode, ranges=ranges, force=args.force)
+            res = action(pid, mode=args.mode, ranges=ranges, force=args.force,
+                         procfs=args.procfs, ksm_root=args.sysfs)
         except UdedupError as err:
             exit_code = exit_code or err.exit_code
             rows.append({"pid": int(pid) if str(pid).isdigit() else pid, "ok": False, "error": {
@@ -76,7 +83,7 @@ def run_action(args, action, verb: str) -> int:
                 print(f"udedup: error: {err}", file=sys.stderr)
             continue
         if not res.ok:
-            exit_code = exit_code or inject.InjectError.exit_code
+            exit_code = exit_code or InjectError.exit_code
         rows.append(res.as_dict())
         if not args.json and not args.quiet:
             _print_result(res, verb, args.verbose)
