@@ -42,7 +42,8 @@ if ROOT not in sys.path:
 
 import udedup  # noqa: E402
 from udedup.errors import InjectRefusedError, UdedupError  # noqa: E402
-from udedup.ksm.controller import LOCK_PATH as KSM_LOCK, experiment_lock  # noqa: E402
+from udedup.host.fs import ProcFs  # noqa: E402
+from udedup.ksm import LOCK_PATH as KSM_LOCK, Ksm, experiment_lock  # noqa: E402
 
 TARGET_DIR = os.path.join(ROOT, "tests", "targets")
 #: target types: (program, seconds between counter words written to its stdin or None, longest
@@ -156,9 +157,11 @@ class SkipTarget(Exception):
     pass
 
 
+PROC = ProcFs()
+
+
 def proc_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
+    return PROC.stat(pid).state
 
 
 def wait_state(pid: int, states: str, timeout: float = 2.0) -> bool:
@@ -189,7 +192,6 @@ def ksm_merge_check(pid: int, dup: tuple[int, int], timeout: float = 30.0,
     until the target's duplicate pages merge, then unmerge everything and restore every knob.
 
     ``lock``: take the machine-wide KSM test lock (main() and the tests already hold it)."""
-    from udedup.ksm.controller import Ksm
     page = udedup.PAGE_SIZE
     dup_pages = (dup[1] - dup[0]) // page
     ksm = Ksm()
@@ -226,8 +228,7 @@ def ksm_merge_check(pid: int, dup: tuple[int, int], timeout: float = 30.0,
 
 
 def _merging_pages(pid: int) -> int:
-    with open(f"/proc/{pid}/ksm_merging_pages") as f:
-        return int(f.read())
+    return int(PROC.read_text(pid, "ksm_merging_pages"))
 
 
 def stress_type(kind: str, path: str, count: int, mib: int, do_ksm: bool, seed: int = 1,

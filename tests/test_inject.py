@@ -25,11 +25,15 @@ import pytest
 
 import udedup
 from udedup import cli
-from udedup.inject import core as inject
+from udedup import inject
 from udedup.native import pages
-from udedup.host import procmem
+from udedup.host.fs import ProcFs
+from udedup.host.maps import read_mappings
+from udedup.host.parse import PF_KTHREAD
+from udedup.ksm.memory import PR_SET_MEMORY_MERGE
 from udedup.errors import (InjectError, InjectRefusedError, KernelThreadError,
-                           ProcessNotFoundError, UnsupportedArchError, UsageError)
+                           KsmUnavailableError, ProcessNotFoundError, UnsupportedArchError,
+                           UsageError)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "stress_inject.py")
@@ -51,11 +55,7 @@ def _cannot_inject() -> str | None:
         return "the injector supports x86_64 only"
     if shutil.which("gcc") is None:
         return "gcc is needed to build the target programs"
-    try:
-        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
-            scope = int(f.read())
-    except OSError:
-        scope = 0
+    scope = int(ProcFs().global_text("sys", "kernel", "yama", "ptrace_scope") or 0)
     if scope >= 3 or (scope == 2 and os.geteuid() != 0):
         return f"kernel.yama.ptrace_scope={scope} forbids ptrace here"
     return None
@@ -171,7 +171,7 @@ class TestRefusals:
 
     def test_kernel_thread(self, tmp_path):
         with pytest.raises(KernelThreadError, match="kernel thread") as e:
-            _check(tmp_path, flags=procmem.PF_KTHREAD)
+            _check(tmp_path, flags=PF_KTHREAD)
         assert e.value.exit_code == 8
 
     def test_zombie(self, tmp_path):
@@ -241,6 +241,39 @@ class TestRefusals:
         assert e.value.reason == "self"
 
 
+@pytest.mark.skipif(not pages.INJECT_SUPPORTED, reason="x86_64 only")
+class TestRoots:
+    """enable/disable read /proc and the KSM directory under the roots they are given, down to
+    the last reader (the D-state wait included): these run on fake trees, touching nothing."""
+
+    def test_procfs_reaches_the_target_checks(self, tmp_path):
+        FakeProc(tmp_path, tracer=77)
+        for action in (udedup.enable, udedup.disable):
+            with pytest.raises(InjectRefusedError, match="already traced by PID 77") as e:
+                action(4242, procfs=str(tmp_path), ksm_root=str(tmp_path))
+            assert e.value.reason == "traced"
+
+    def test_procfs_reaches_the_d_state_wait(self, tmp_path):
+        FakeProc(tmp_path, state="D")
+        with pytest.raises(InjectRefusedError, match="uninterruptible sleep") as e:
+            udedup.enable(4242, mode="madvise", procfs=ProcFs(str(tmp_path)),
+                          ksm_root=str(tmp_path))
+        assert (e.value.reason, e.value.exit_code) == ("busy", 9)
+
+    def test_missing_ksm_root_is_reported_first(self, tmp_path):
+        with pytest.raises(KsmUnavailableError, match="no KSM") as e:
+            udedup.enable(4242, procfs=str(tmp_path), ksm_root=str(tmp_path / "no-ksm"))
+        assert e.value.exit_code == KsmUnavailableError.exit_code
+
+    @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a mode 000 file anyway")
+    def test_unreadable_proc_file_is_a_ptrace_refusal(self, tmp_path):
+        FakeProc(tmp_path)
+        (tmp_path / "4242" / "status").chmod(0)
+        with pytest.raises(InjectRefusedError, match="cannot read .*status.*run as root") as e:
+            inject.check_target(4242, procfs=str(tmp_path))
+        assert (e.value.reason, e.value.exit_code) == ("ptrace", 9)
+
+
 def test_bad_mode_and_ranges_are_usage_errors():
     with pytest.raises(UsageError, match="unknown mode"):
         udedup.enable(os.getpid(), mode="bogus")
@@ -297,7 +330,7 @@ def test_seccomp_target_is_refused_and_force_reaches_the_filter(targets, spawn):
     assert res.ok and res.calls[0].result == 0
     # the filter answers EPERM to PR_SET_MEMORY_MERGE: the injected call really went through it
     ip = inject.find_syscall_address(t.pid)
-    out = pages.inject_syscalls(t.pid, ip, [(inject.NR_PRCTL, (inject.PR_SET_MEMORY_MERGE, 1))],
+    out = pages.inject_syscalls(t.pid, ip, [(inject.NR_PRCTL, (PR_SET_MEMORY_MERGE, 1))],
                                 own_child=True)
     assert out.results == [-errno.EPERM]
     result = t.finish()
@@ -308,9 +341,8 @@ def _wait_blocked_in(pid: int, nr: int, timeout: float = 5.0) -> None:
     # /proc/PID/syscall: the number of the call the thread is blocked in, first
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/syscall") as f:
-            if f.read().split()[0] == str(nr):
-                return
+        if ProcFs().read_text(pid, "syscall").split()[0] == str(nr):
+            return
         time.sleep(0.001)
     pytest.fail(f"PID {pid} never blocked in syscall {nr}")
 
@@ -328,7 +360,7 @@ def test_results_and_registration(spawn):
     assert out.info["saved_rax"] == -512    # -ERESTARTSYS: restarted after we left
 
     def registered():
-        maps = procmem.read_mappings(t.pid)
+        maps = read_mappings(t.pid)
         return [m for m in maps if m.start <= t.dup[0] < m.end][0].registered
 
     res = udedup.enable(t.pid, mode="madvise", ranges=[t.dup])
@@ -341,7 +373,7 @@ def test_results_and_registration(spawn):
     if res.mode == "madvise":
         assert res.ranges and res.bytes >= t.dup[1] - t.dup[0]
     res = udedup.disable(t.pid)
-    assert res.ok and not any(m.registered for m in procmem.read_mappings(t.pid)
+    assert res.ok and not any(m.registered for m in read_mappings(t.pid)
                               if m.kind == "anon")
     assert t.finish()["ok"] == "1"
 
@@ -358,12 +390,10 @@ def test_prctl_mode(spawn):
         assert res.mode == "madvise" and "prctl" in res.fallback
     else:
         assert res.ok and res.mode == "prctl"
-        with open(f"/proc/{t.pid}/ksm_stat") as f:
-            assert "ksm_merge_any: yes" in f.read()
+        assert "ksm_merge_any: yes" in ProcFs().read_text(t.pid, "ksm_stat")
         res = udedup.disable(t.pid, mode="prctl")
         assert res.ok
-        with open(f"/proc/{t.pid}/ksm_stat") as f:
-            assert "ksm_merge_any: no" in f.read()
+        assert "ksm_merge_any: no" in ProcFs().read_text(t.pid, "ksm_stat")
         res = udedup.enable(t.pid)  # auto takes prctl where the kernel allows it
         assert res.ok and res.mode == "prctl"
         udedup.disable(t.pid)
@@ -509,8 +539,7 @@ def test_cli_enable_disable_json(spawn, capsys):
     assert rows[0]["ok"] and rows[0]["mode"] == "madvise" and rows[0]["pid"] == t.pid
     assert cli.main(["disable", str(t.pid), "-v"]) == 0
     out = capsys.readouterr().out
-    with open(f"/proc/{t.pid}/comm") as f:
-        comm = f.read().strip()  # truncated to 15 characters by the kernel
+    comm = ProcFs().comm(t.pid)  # truncated to 15 characters by the kernel
     assert f"PID {t.pid} ({comm}): disabled via madvise" in out
     # one bad PID among good ones: the good one is done, the exit code is the failure's
     assert cli.main(["enable", "999999999", str(t.pid), "-q"]) == 8
