@@ -7,7 +7,8 @@ KSM state is global to the machine, so tests marked ``ksm``:
   pytest processes too;
 - are watched by a session guard that records every writable knob at the start and fails the run
   (and puts the knobs back) if any differs at the end.
-The guard reads sysfs directly, not through udedup.ksm, so a bug there cannot hide a leak.
+The guard reads and writes sysfs directly, not through udedup.ksm.Ksm, so a bug there cannot hide
+a leak; it takes only the pure write order (udedup.ksm.knobs.write_order) and the choice parser.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import sys
 
 import pytest
 
-from udedup.ksm.controller import experiment_lock
+from udedup.host.parse import parse_choices
+from udedup.ksm import experiment_lock
+from udedup.ksm.knobs import write_order
 
 KSM_ROOT = "/sys/kernel/mm/ksm"
 _READ_ONLY = {"full_scans", "general_profit", "ksm_zero_pages", "pages_scanned", "pages_shared",
@@ -51,12 +54,10 @@ def _writable_knobs() -> dict[str, str]:
 
 
 def _raw_restore(saved: dict[str, str]) -> None:
-    # advisor_mode first (it resets pages_to_scan); run last
-    order = sorted(saved, key=lambda k: (k != "advisor_mode", k == "run"))
-    for name in order:
+    for name in write_order(saved):
         value = saved[name]
-        if name == "advisor_mode" and "[" in value:
-            value = value.split("[", 1)[1].split("]", 1)[0]
+        if "[" in value:       # a choice knob reads "[none] scan-time": write the selected one
+            value = parse_choices(value)[0]
         try:
             with open(os.path.join(KSM_ROOT, name), "w") as f:
                 f.write(value)

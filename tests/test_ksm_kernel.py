@@ -1,4 +1,4 @@
-"""udedup.ksm / memory / procksm against the real kernel (root, /sys/kernel/mm/ksm writable).
+"""udedup.ksm / memory / process against the real kernel (root, /sys/kernel/mm/ksm writable).
 
 Every test runs inside ``Ksm.settings()`` with a fast scan (pages_to_scan=5000, sleep_millisecs=0,
 smart_scan=0) and ends with run=2 (everything unmerged, ksmd stopped) before the knobs go back.
@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 
 from udedup.errors import KsmBusyError, KsmNotRunningError, KsmValueError
-from udedup.ksm.controller import Ksm, KsmStats
+from udedup.ksm import Ksm, KsmStats
+from udedup.ksm.accounting import ksm_pages
 from udedup.errors import BufferInUseError
 from udedup.ksm.memory import MergeableBuffer, kernel_version
 from udedup.ksm.process import process_ksm, top_processes
@@ -39,11 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def expected_counters(n: int, m: int) -> dict[str, int]:
-    full, rem = divmod(n, m)
-    shared = full + (1 if rem >= 2 else 0)
-    unshared = 1 if rem == 1 else 0
-    return {"pages_shared": shared, "pages_sharing": n - shared - unshared,
-            "pages_unshared": unshared,
+    shared, sharing, unshared = ksm_pages([n], m)
+    return {"pages_shared": shared, "pages_sharing": sharing, "pages_unshared": unshared,
             # a chain of "dups" exists only once one content needs more than one KSM page
             "stable_node_dups": shared if shared > 1 else 0,
             "stable_node_chains": 1 if shared > 1 else 0}
@@ -189,7 +187,7 @@ def test_identical_pages_merge_to_exact_counters_and_content_survives(fast_ksm, 
         assert_global(st, exp)
         assert st.saved_pages == exp["pages_sharing"]
         assert st.saved_bytes == exp["pages_sharing"] * ksm.page_size - n * 64
-        # the per-process figure over-counts by one page per KSM page (module doc of procksm)
+        # the per-process figure over-counts by one page per KSM page (module doc of ksm.process)
         assert me.process_profit - st.general_profit == exp["pages_shared"] * ksm.page_size
     assert (buf.array("u1").reshape(n, -1) == page).all()
     time.sleep(0.1)  # ksmd spins at sleep_millisecs=0: its CPU time must move
@@ -342,10 +340,10 @@ def test_kernel_errno_is_mapped(fast_ksm, buffers):
         ksm.apply({"max_page_sharing": current + 1})
     # ... and the kernel's EBUSY maps to the same class
     with pytest.raises(KsmBusyError, match="max_page_sharing"):
-        ksm._write_raw("max_page_sharing", str(current + 1))
+        ksm.write_raw("max_page_sharing", str(current + 1))
     for name, text in (("run", "3"), ("sleep_millisecs", "-1"), ("pages_to_scan", "x")):
         with pytest.raises(KsmValueError, match=f"rejected {name}"):
-            ksm._write_raw(name, text)
+            ksm.write_raw(name, text)
     assert ksm.knobs() == before
 
 

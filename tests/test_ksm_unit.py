@@ -3,8 +3,11 @@ mapping, rollback, wait_settled logic, ksmd CPU from a fake procfs. No root, no 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -14,7 +17,8 @@ from udedup.errors import (KsmBusyError, KsmError, KsmNotRunningError, KsmPermis
                            KsmTimeout, KsmUnavailableError, KsmValueError)
 from udedup.host.fs import SysFs, knob_error
 from udedup.ksm import Ksm, KsmStats
-from udedup.ksm.knobs import write_order
+from udedup.ksm.knobs import pages_to_scan_ignored, write_order
+from udedup.ksm.settle import SettleTracker, settle_index
 
 from fake_sysfs import COUNTERS_618, KNOBS_618, make_fake_ksm, read_tree
 
@@ -493,3 +497,69 @@ def test_write_order_unmerge_knobs_first_run_last():
                         "merge_across_nodes", "max_page_sharing"]) == [
         "max_page_sharing", "merge_across_nodes", "advisor_mode", "pages_to_scan",
         "use_zero_pages", "run"]
+
+
+def test_pages_to_scan_is_ignored_only_under_the_scan_time_advisor():
+    assert pages_to_scan_ignored({"advisor_mode": "scan-time", "pages_to_scan": 500})
+    assert not pages_to_scan_ignored({"advisor_mode": "none"})
+    assert not pages_to_scan_ignored({"pages_to_scan": 100})     # a kernel without the advisor
+
+
+# --- settle, pure: a function of the counters read one after another -----------------------------
+def _reads(rows):
+    return [_stats(full_scans=f, pages_sharing=sharing, pages_shared=shared)
+            for f, sharing, shared in rows]
+
+
+def test_settle_index_over_a_sequence():
+    rows = [(10, 0, 0), (11, 0, 0), (12, 50, 1), (13, 99, 1), (14, 99, 1), (15, 99, 1),
+            (16, 99, 1), (17, 99, 1)]
+    # the change seen at 13 may belong to scan 14: clean scans 15 and 16
+    assert settle_index(_reads(rows)) == 6
+    assert settle_index(_reads(rows), stable_scans=1) == 5
+    assert settle_index(_reads(rows[:6])) is None
+    # quiet from the start still needs min_scans full scans
+    assert settle_index(_reads([(5, 7, 1), (6, 7, 1), (7, 7, 1), (8, 7, 1)])) == 3
+
+
+def test_settle_counts_a_run_2_reset_as_a_restart():
+    tracker = SettleTracker(_stats(full_scans=40, pages_sharing=5, pages_shared=1))
+    assert not tracker.observe(_stats(full_scans=0))
+    assert tracker.scans_done == 0          # 40 + 0 scans: the reset is not going backwards
+    for scans in (1, 2):
+        assert not tracker.observe(_stats(full_scans=scans))
+    assert tracker.observe(_stats(full_scans=3))
+    assert "advanced by 3 (need 3)" in tracker.progress()
+
+
+def test_settle_refuses_nonsense_scan_counts():
+    with pytest.raises(KsmValueError, match=">= 1"):
+        SettleTracker(_stats(), stable_scans=0)
+
+
+# --- the experiment lock ------------------------------------------------------------------------
+LOCK_HOLDER = r"""
+import os, subprocess, sys
+from udedup.ksm import experiment_lock
+with experiment_lock(sys.argv[1]):
+    # close_fds=False: only close-on-exec on the lock's descriptor keeps it out of the child
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             stdout=subprocess.DEVNULL, close_fds=False)
+    print(child.pid, flush=True)
+    os._exit(0)   # die holding the lock, as a killed test run or script does
+"""
+
+
+def test_a_child_started_under_the_lock_does_not_hold_it(tmp_path):
+    path = str(tmp_path / "ksm.lock")
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, path], stdout=subprocess.PIPE,
+                              text=True)
+    child = int(holder.stdout.readline())
+    try:
+        assert holder.wait(timeout=30) == 0
+        os.kill(child, 0)                   # the child outlives the holder ...
+        with open(path) as f:               # ... and must not keep the lock alive
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        holder.stdout.close()

@@ -1,4 +1,4 @@
-"""udedup.procksm on a fake procfs (parsing, errors, ordering, over-count) and on our own process."""
+"""udedup.ksm.process on a fake procfs (parsing, errors, ordering, over-count) and on our own process."""
 from __future__ import annotations
 
 import os
@@ -6,9 +6,11 @@ import os
 import pytest
 
 from udedup.errors import KernelThreadError, ProcessNotFoundError, UsageError
+from udedup.host.maps import parse_smaps
+from udedup.host.parse import parse_ksm_stat
+from udedup.ksm.accounting import profit_overcount_bytes
 from udedup.ksm.memory import MergeableBuffer
-from udedup.ksm.process import (parse_ksm_stat, parse_smaps, process_ksm, profit_overcount_bytes,
-                            top_processes)
+from udedup.ksm.process import mergeable_mappings, process_ksm, top_processes
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -54,7 +56,7 @@ def test_parse_ksm_stat():
 
 
 def test_parse_smaps_sums_ksm_and_lists_mg_mappings():
-    total, mappings = parse_smaps(SMAPS)
+    total, mappings = mergeable_mappings(parse_smaps(SMAPS))
     assert total == 404 * 1024
     assert len(mappings) == 1
     m = mappings[0]
@@ -84,7 +86,7 @@ def test_bad_pid_is_a_usage_error(pid):
 
 
 def test_missing_process_and_kernel_thread(tmp_path):
-    with pytest.raises(ProcessNotFoundError, match="no process 77"):
+    with pytest.raises(ProcessNotFoundError, match="no process with PID 77"):
         process_ksm(77, procfs=str(tmp_path))
     fake_process(tmp_path, 2, "kthreadd", kthread=True)
     with pytest.raises(KernelThreadError, match="kernel thread"):
@@ -125,3 +127,11 @@ def test_own_process_shows_the_buffer_as_mg_mapping():
         buf.close()
     assert (buf.address, buf.address + buf.nbytes) not in [
         (m.start, m.end) for m in process_ksm(os.getpid()).mappings]
+
+
+def test_live_process_without_ksm_stat_names_the_kernel(tmp_path):
+    fake_process(tmp_path, 42, "db")
+    (tmp_path / "42" / "ksm_stat").unlink()       # a kernel before 6.1, or without CONFIG_KSM
+    with pytest.raises(ProcessNotFoundError,
+                       match=r"kernel without KSM per-process stats \(needs 6\.1\+ and CONFIG_KSM\)"):
+        process_ksm(42, procfs=str(tmp_path))

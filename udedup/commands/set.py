@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import UsageError
-from ..ksm.controller import DEFAULT_ROOT, Ksm
+from ..ksm import DEFAULT_ROOT, Ksm
 from ._util import print_json
 
 NAME = "set"

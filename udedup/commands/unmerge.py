@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from ..ksm.controller import DEFAULT_ROOT, Ksm
+from ..ksm import DEFAULT_ROOT, Ksm
 from ..units import human_bytes
 from ._util import print_json
 

@@ -3,18 +3,32 @@
 A caution the numbers need: ``ksm_merging_pages`` counts *every* mapping of a KSM page, including
 the one that "owns" it. Process profits (``ksm_process_profit``) are therefore each a little too
 high, and their sum over all processes exceeds the machine's real saving (``general_profit``) by
-``pages_shared * page_size``. :func:`profit_overcount_bytes` gives that figure so reports can show it
-instead of hiding it.
+``pages_shared * page_size``. :func:`udedup.ksm.accounting.profit_overcount_bytes` gives that
+figure so reports can show it instead of hiding it.
+
+Every file is read through :class:`udedup.host.fs.ProcFs` and parsed by :mod:`udedup.host.parse` /
+:mod:`udedup.host.maps`.
 """
 from __future__ import annotations
 
-import errno as _errno
 import os
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from ..errors import KernelThreadError, ProcessAccessError, ProcessNotFoundError, UsageError
+from ..host.fs import DEFAULT_PROCFS, ProcFs, as_procfs, check_pid
+from ..host.maps import Mapping, parse_smaps
+from ..host.parse import parse_ksm_stat
 
-DEFAULT_PROCFS = "/proc"
+
+def __getattr__(name: str):
+    # transitional, for commands/status.py (imports it from here; its home is ksm.accounting, which
+    # loads numpy: the ksm_stat-only callers stay free of it). daemon/loop.py imports
+    # parse_ksm_stat from here too: its home is host.parse.
+    if name == "profit_overcount_bytes":
+        from .accounting import profit_overcount_bytes
+        return profit_overcount_bytes
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -75,85 +89,47 @@ class ProcessKsm:
     _asdict = as_dict
 
 
-def _check_pid(pid) -> int:
-    if isinstance(pid, bool):
-        raise UsageError(f"bad pid {pid!r}: expected a positive integer")
+def _pid_argument(pid) -> int:
+    # a bad PID given to this API is the caller's mistake (UsageError, exit 2), not a missing process
     try:
-        value = int(str(pid).strip()) if not isinstance(pid, int) else pid
-    except ValueError:
+        return check_pid(pid)
+    except ProcessNotFoundError:
         raise UsageError(f"bad pid {pid!r}: expected a positive integer") from None
-    if value <= 0:
-        raise UsageError(f"bad pid {pid!r}: expected a positive integer")
-    return value
 
 
-def _read(procfs: str, pid: int, name: str) -> str:
-    path = os.path.join(procfs, str(pid), name)
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError as err:
-        if err.errno in (_errno.ENOENT, _errno.ESRCH):
-            if not os.path.isdir(os.path.join(procfs, str(pid))):
-                raise ProcessNotFoundError(f"no process {pid} (it does not exist or exited)",
-                                           pid=pid) from err
-            raise ProcessNotFoundError(f"{path} does not exist: kernel without KSM per-process "
-                                       "stats (needs 6.1+ and CONFIG_KSM)", pid=pid) from err
-        if err.errno in (_errno.EACCES, _errno.EPERM):
-            raise ProcessAccessError(f"not allowed to read {path}: run as root or as the process's "
-                                     "owner", pid=pid) from err
-        raise ProcessAccessError(f"cannot read {path}: {err.strerror}", pid=pid) from err
-
-
-def _yes(text: str) -> bool | None:
-    text = text.strip().lower()
-    return {"yes": True, "no": False}.get(text)
-
-
-def parse_ksm_stat(text: str) -> dict[str, object]:
-    """``/proc/PID/ksm_stat`` -> ``{name: int | bool}`` ("ksm_merge_any: yes" style lines too)."""
-    values: dict[str, object] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        if ":" in line:
-            name, _, rest = line.partition(":")
-        else:
-            name, _, rest = line.partition(" ")
-        rest = rest.strip()
-        if rest.lstrip("-").isdigit():
-            values[name.strip()] = int(rest)
-        else:
-            flag = _yes(rest)
-            values[name.strip()] = flag if flag is not None else rest
-    return values
-
-
-def parse_smaps(text: str) -> tuple[int, tuple[MergeableMapping, ...]]:
-    """smaps -> (sum of ``KSM:`` bytes, mappings whose VmFlags include ``mg``)."""
-    # imported here: procmem loads numpy and the native module, which the ksm_stat-only callers
-    # (status, top_processes, the daemon's walk) do not need
-    from ..host import procmem
-    mappings = procmem.parse_smaps(text)
+def mergeable_mappings(mappings: Iterable[Mapping]) -> tuple[int, tuple[MergeableMapping, ...]]:
+    """Parsed smaps -> (sum of ``KSM:`` bytes, mappings whose VmFlags include ``mg``)."""
+    mappings = list(mappings)
     return sum(m.ksm for m in mappings), tuple(
         MergeableMapping(m.start, m.end, m.perms, m.path, m.ksm) for m in mappings if m.registered)
 
 
-def process_ksm(pid, procfs: str = DEFAULT_PROCFS, smaps: bool = True) -> ProcessKsm:
+def _ksm_stat(fs: ProcFs, pid: int) -> dict[str, object]:
+    try:
+        text = fs.read_text(pid, "ksm_stat")
+    except ProcessNotFoundError as err:
+        if not fs.exists(pid):
+            raise
+        raise ProcessNotFoundError(f"{fs.path(pid, 'ksm_stat')} does not exist: kernel without KSM "
+                                   "per-process stats (needs 6.1+ and CONFIG_KSM)", pid=pid) from err
+    return parse_ksm_stat(text)
+
+
+def process_ksm(pid, procfs: str | ProcFs = DEFAULT_PROCFS, smaps: bool = True) -> ProcessKsm:
     """KSM figures of process ``pid``; ``smaps=False`` skips the (slower) per-mapping part."""
-    pid = _check_pid(pid)
-    stat = parse_ksm_stat(_read(procfs, pid, "ksm_stat"))
+    pid = _pid_argument(pid)
+    fs = as_procfs(procfs)
+    stat = _ksm_stat(fs, pid)
     if not stat:
         raise KernelThreadError(f"process {pid} is a kernel thread: it has no user memory for KSM",
                                 pid=pid)
-    comm = _read(procfs, pid, "comm").strip()
+    comm = fs.read_text(pid, "comm").strip()
     merging = stat.pop("ksm_merging_pages", None)
     if merging is None:
-        merging = int(_read(procfs, pid, "ksm_merging_pages").strip() or 0)
+        merging = int(fs.read_text(pid, "ksm_merging_pages").strip() or 0)
     smaps_total = mappings = None
     if smaps:
-        smaps_total, mappings = parse_smaps(_read(procfs, pid, "smaps"))
+        smaps_total, mappings = mergeable_mappings(parse_smaps(fs.read_text(pid, "smaps")))
 
     def flag(name):
         value = stat.pop(name, None)
@@ -167,23 +143,20 @@ def process_ksm(pid, procfs: str = DEFAULT_PROCFS, smaps: bool = True) -> Proces
         smaps_ksm_bytes=smaps_total, mappings=mappings, extra=stat)
 
 
-def top_processes(n: int = 10, procfs: str = DEFAULT_PROCFS, smaps: bool = False) -> list[ProcessKsm]:
+def top_processes(n: int = 10, procfs: str | ProcFs = DEFAULT_PROCFS,
+                  smaps: bool = False) -> list[ProcessKsm]:
     """The ``n`` processes with the largest ``ksm_process_profit`` among those KSM tracks.
 
     Processes that exit or are not readable during the walk are skipped. The profits over-count;
-    see :func:`profit_overcount_bytes`.
+    see :func:`udedup.ksm.accounting.profit_overcount_bytes`.
     """
+    fs = as_procfs(procfs)
+    skipped = (ProcessNotFoundError, ProcessAccessError, KernelThreadError)
     found = []
-    try:
-        entries = os.listdir(procfs)
-    except OSError as err:
-        raise ProcessAccessError(f"cannot list {procfs}: {err.strerror}") from err
-    for entry in entries:
-        if not entry.isdigit():
-            continue
+    for pid in fs.pids():
         try:
-            info = process_ksm(int(entry), procfs, smaps=False)
-        except (ProcessNotFoundError, ProcessAccessError, KernelThreadError):
+            info = process_ksm(pid, fs, smaps=False)
+        except skipped:
             continue
         if info.registered or info.merging_pages or info.zero_pages:
             found.append(info)
@@ -193,14 +166,8 @@ def top_processes(n: int = 10, procfs: str = DEFAULT_PROCFS, smaps: bool = False
         detailed = []
         for info in top:
             try:
-                detailed.append(process_ksm(info.pid, procfs, smaps=True))
-            except (ProcessNotFoundError, ProcessAccessError, KernelThreadError):
+                detailed.append(process_ksm(info.pid, fs, smaps=True))
+            except skipped:
                 continue
         top = detailed
     return top
-
-
-def profit_overcount_bytes(pages_shared: int, page_size: int | None = None) -> int:
-    """How much the sum of all process profits exceeds the real saving: every KSM page's own
-    mapping is counted in ``ksm_merging_pages`` although it saves nothing."""
-    return int(pages_shared) * (page_size or os.sysconf("SC_PAGE_SIZE"))
