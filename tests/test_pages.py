@@ -379,26 +379,3 @@ def test_prctl_errors_carry_errno():
     with pytest.raises(NativeError) as info:
         pages.prctl(-1)
     assert info.value.errno == 22 and isinstance(info.value, OSError)
-
-
-def test_benchmark_runs_at_tiny_size():
-    out = subprocess.run([sys.executable, "-m", "udedup.bench", "--size", "1M", "--runs", "1",
-                          "--json"], capture_output=True, text=True, check=True)
-    import json
-    results = json.loads(out.stdout)
-    names = {r["name"] for r in results}
-    assert {"fused_scan", "memory_read", "crc32c_package_per_page", "zero_check", "hash64",
-            "crc32c_sw", "zlib_crc32_per_page", "blake2b_per_page"} <= names
-    assert {r["content"] for r in results} == {"random", "zero"}
-    for r in results:
-        assert r["gbps"] > 0 and r["ns_per_page"] > 0 and r["ratio_to_memory_read"] > 0
-    text = subprocess.run([sys.executable, "-m", "udedup.bench", "--size", "1M", "--runs", "1"],
-                          capture_output=True, text=True, check=True).stdout
-    assert "x memory_read" in text and "fused_scan vs memory_read" in text
-
-
-def test_benchmark_bad_size_is_one_line():
-    out = subprocess.run([sys.executable, "-m", "udedup.bench", "--size", "lots"],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "size 'lots' is not a number" in out.stderr
