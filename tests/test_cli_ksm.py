@@ -77,7 +77,7 @@ BAD_INPUTS = [
     (["status", "--sysfs", "{missing}"], 3, r"does not exist.*no KSM", {}),
     (["unmerge", "--sysfs", "{missing}"], 3, r"does not exist.*no KSM", {}),
     (["status", "--sysfs", "{sysfs}", "--interval", "0", "--pid", "999999999"], 8,
-     r"no process 999999999", {}),
+     r"no process with PID 999999999", {}),
     (["status", "--sysfs", "{sysfs}", "--interval", "0", "--pid", "abc"], 2, r"bad pid 'abc'", {}),
     (["status", "--sysfs", "{sysfs}", "--interval", "0", "--pid", "-4"], 2, r"bad pid '-4'", {}),
     (["status", "--sysfs", "{sysfs}", "--interval", "0", "--pid", "2"], 8, r"kernel thread", {}),
