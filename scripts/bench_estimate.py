@@ -41,10 +41,12 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from udedup.native import pages
 
-from udedup.host import procmem  # noqa: E402
+from udedup.host.fs import ProcFs  # noqa: E402
+from udedup.host.pagemap import present_pages, zero_page_pfns  # noqa: E402
+from udedup.host.remote import RemoteReader, page_runs, read_ahead  # noqa: E402
 from udedup.units import parse_size  # noqa: E402
-from udedup.estimate.core import DEFAULT_CHUNK_BYTES  # noqa: E402
-from udedup.ksm.controller import experiment_lock  # noqa: E402
+from udedup.estimate import DEFAULT_CHUNK_BYTES  # noqa: E402
+from udedup.ksm import experiment_lock  # noqa: E402
 
 MIX = (("zero", 0.20), ("many", 0.30), ("pairs", 0.10), ("unique", 0.40))
 
@@ -88,8 +90,8 @@ def child(size: int) -> None:
 
 def estimate_child(pid: int, max_page_sharing: int | None, threads: int | None) -> None:
     """Run one estimate in this fresh process and report its memory high-water mark."""
-    from udedup.estimate.core import default_threads, estimate
-    procmem.zero_page_pfns()          # one-time probes, not part of the scan's memory
+    from udedup.estimate import default_threads, estimate
+    zero_page_pfns()          # one-time probes, not part of the scan's memory
     with open("/proc/self/status") as f:
         before = _status_kb(f.read(), "VmRSS")
     est = estimate(pid, max_page_sharing=max_page_sharing, threads=threads)
@@ -113,13 +115,13 @@ def read_loop(pid: int, addrs: np.ndarray, chunk_bytes: int, scan: bool,
     optionally read the next chunk in a thread meanwhile (the estimator's read-ahead)."""
     ps = pages.PAGE_SIZE
     cap = max(1, chunk_bytes // ps)
-    readers = [procmem.RemoteReader(pid, buffer_bytes=cap * ps) for _ in range(2 if ahead else 1)]
-    chunks = [(pid, procmem._runs(addrs[lo:lo + cap], ps), lo) for lo in range(0, addrs.size, cap)]
+    readers = [RemoteReader(pid, buffer_bytes=cap * ps) for _ in range(2 if ahead else 1)]
+    chunks = [(pid, page_runs(addrs[lo:lo + cap], ps), lo) for lo in range(0, addrs.size, cap)]
     crc = np.empty(cap, np.uint32)
     hsh = np.empty(cap, np.uint64)
     zero = np.empty(cap, np.bool_)
     t, c = time.perf_counter(), time.process_time()
-    for _, reader, ok in procmem.read_ahead(iter(chunks), readers):
+    for _, reader, ok in read_ahead(iter(chunks), readers):
         if scan:
             k = ok.size
             pages.scan_pages(reader.buffer[: k * ps], ps, crc_out=crc[:k], hash_out=hsh[:k],
@@ -161,7 +163,7 @@ def ksm_fast(ksm, pid: int, timeout: float, use_zero_pages: int | None = None) -
             time.sleep(0.01)
         first = history[changed_at + 1]
         end = history[-1][6]
-        per_proc = procmem.ksm_stat(pid)
+        per_proc = ProcFs().ksm_stat(pid)
     ksm.unmerge_all()
     return {"wall": first[0], "ksmd_cpu": first[3], "pages_scanned": first[5],
             "full_scans_at_final": first[4], "counters": end.counters, "ksm_stat": per_proc}
@@ -225,7 +227,7 @@ def main(argv=None) -> int:
     stack = contextlib.ExitStack()
     try:
         if not args.no_ksm:
-            from udedup.ksm.controller import Ksm
+            from udedup.ksm import Ksm
             ksm = Ksm()
             stack.enter_context(experiment_lock(enabled=not args.no_lock))
             # ksmd stays off until we time it: it must not merge the child before the estimate
@@ -235,8 +237,7 @@ def main(argv=None) -> int:
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         info = json.loads(proc.stdout.readline())
         pid = info["pid"]
-        addrs = procmem.present_pages(pid, info["start"], info["start"] + info["pages"] *
-                                      pages.PAGE_SIZE)
+        addrs = present_pages(pid, info["start"], info["start"] + info["pages"] * pages.PAGE_SIZE)
         results["pages"] = int(addrs.size)
         mps = ksm.get("max_page_sharing") if ksm else None
 

@@ -18,9 +18,10 @@ import pytest
 
 from udedup.native import pages
 
-from udedup.host import procmem
+from udedup.host.maps import read_mappings
+from udedup.host.pagemap import present_pages, zero_page_pfns
 from udedup.errors import KernelThreadError, ProcessNotFoundError, UsageError
-from udedup.estimate.core import RMAP_ITEM_BYTES, estimate, ksm_pages
+from udedup.estimate import RMAP_ITEM_BYTES, estimate, ksm_pages
 
 PS = pages.PAGE_SIZE
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -99,8 +100,8 @@ def test_exact_classification_and_predictions(buffers):
     before = buf.pages.copy()
     est = estimate(buf, interval=0, max_page_sharing=16, all_eligible=True)
     assert np.array_equal(before, buf.pages)          # nothing written
-    assert est.pages_scanned == 100 + sum(groups) + 50 + (0 if procmem.zero_page_pfns() else 10)
-    assert est.zero_pages == 100 + (0 if procmem.zero_page_pfns() else 10)
+    assert est.pages_scanned == 100 + sum(groups) + 50 + (0 if zero_page_pfns() else 10)
+    assert est.zero_pages == 100 + (0 if zero_page_pfns() else 10)
     assert est.duplicate_pages == sum(groups) and est.duplicate_groups == len(groups)
     assert est.largest_group == 40 and sorted(est.group_sizes.tolist()) == groups
     assert est.unique_pages == 50 and est.volatile_pages == 0 and not est.partial
@@ -125,7 +126,7 @@ def test_absent_pages_are_not_faulted_in(buffers):
     buf = buffers(64)
     buf.pages[:8] = 3
     estimate(buf, interval=0)
-    present = procmem.present_pages(os.getpid(), buf.address, buf.address + buf.nbytes)
+    present = present_pages(os.getpid(), buf.address, buf.address + buf.nbytes)
     assert present.size == 8
 
 
@@ -495,7 +496,7 @@ def test_saving_ranges_never_cross_a_mapping(buffers):
     buf = buffers(16, register=False)
     buf.pages[:] = 6                             # one group over two mappings
     buf.mm.madvise(mmap.MADV_DONTDUMP, 6 * PS, 10 * PS)    # splits the VMA at page 6
-    maps = [m for m in procmem.read_mappings(os.getpid())
+    maps = [m for m in read_mappings(os.getpid())
             if m.start < buf.address + buf.nbytes and m.end > buf.address]
     assert len(maps) == 2
     est = estimate(buf, interval=0, all_eligible=True, range_gap=1 << 30)

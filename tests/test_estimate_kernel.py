@@ -17,8 +17,9 @@ import pytest
 
 from udedup.native import pages
 
-from udedup.host import procmem
-from udedup.estimate.core import estimate
+from udedup.host.fs import ProcFs
+from udedup.host.maps import read_mappings
+from udedup.estimate import estimate
 
 pytestmark = pytest.mark.ksm
 
@@ -34,7 +35,7 @@ def children(estimate_children):
 
 @pytest.fixture
 def ksm():
-    from udedup.ksm.controller import Ksm
+    from udedup.ksm import Ksm
     k = Ksm()
     yield k
     k.unmerge_all()    # leave no merged page behind, whatever happened
@@ -47,7 +48,7 @@ def _close(pred, got, what):
 def _check_settled(ksm, est, pids, use_zero_pages, own_rmap=None):
     st = ksm.wait_settled(timeout=40)
     pred = est.predicted(use_zero_pages)
-    stats = [procmem.ksm_stat(pid) for pid in pids]
+    stats = [ProcFs().ksm_stat(pid) for pid in pids]
     merging = sum(s["ksm_merging_pages"] for s in stats)
     zero = sum(s["ksm_zero_pages"] for s in stats)
     rmap = sum(s["ksm_rmap_items"] for s in stats) if own_rmap is None else own_rmap
@@ -100,7 +101,7 @@ def test_several_processes(ksm, children):
 
 
 def test_mergeable_buffer_in_this_process(ksm):
-    from udedup.ksm.memory import MergeableBuffer
+    from udedup import MergeableBuffer
     with MergeableBuffer(300 * PS) as buf:
         a = buf.array("u1").reshape(300, PS)
         a[:60] = 0
@@ -115,10 +116,10 @@ def test_mergeable_buffer_in_this_process(ksm):
             # compare what the buffer's smaps KSM line and ksm_zero_pages say
             st = ksm.wait_settled(timeout=40)
             pred = est.predicted(True)
-            m = next(m for m in procmem.read_mappings(os.getpid()) if m.start == buf.address)
+            m = next(m for m in read_mappings(os.getpid()) if m.start == buf.address)
             assert m.ksm // PS == pred.pages_shared + pred.pages_sharing
-            assert procmem.ksm_stat(os.getpid())["ksm_zero_pages"] == pred.ksm_zero_pages
-            if st.rmap_items == procmem.ksm_stat(os.getpid())["ksm_rmap_items"]:
+            assert ProcFs().ksm_stat(os.getpid())["ksm_zero_pages"] == pred.ksm_zero_pages
+            if st.rmap_items == ProcFs().ksm_stat(os.getpid())["ksm_rmap_items"]:
                 assert (st.pages_shared, st.pages_sharing) == (pred.pages_shared,
                                                                pred.pages_sharing)
         del a
@@ -156,7 +157,7 @@ def test_registering_only_the_saving_ranges_saves_what_was_predicted(ksm):
     a[140:200] = np.arange(60, dtype=np.uint8)[:, None] % 3 + 1     # 3 contents, 20 pages each
     a[400:430] = np.arange(30, dtype=np.uint8)[:, None] % 3 + 1     # 10 more each
     base = int(a.ctypes.data)
-    others = [m for m in procmem.read_mappings(os.getpid()) if m.registered]
+    others = [m for m in read_mappings(os.getpid()) if m.registered]
     try:
         est = estimate(mm, interval=0, all_eligible=True, max_page_sharing=MPS,
                        range_gap=64 * PS)
@@ -172,10 +173,10 @@ def test_registering_only_the_saving_ranges_saves_what_was_predicted(ksm):
                 with ksm.settings(use_zero_pages=uzp, run=1):
                     ksm.wait_settled(timeout=40)
                     pred = est.predicted(uzp)
-                    mine = [m for m in procmem.read_mappings(os.getpid())
+                    mine = [m for m in read_mappings(os.getpid())
                             if base <= m.start < base + n * PS]
                     assert sum(m.ksm for m in mine) // PS == pred.pages_shared + pred.pages_sharing
-                    stat = procmem.ksm_stat(os.getpid())
+                    stat = ProcFs().ksm_stat(os.getpid())
                     assert stat["ksm_zero_pages"] == pred.ksm_zero_pages
                     if not others:      # nothing else of this process is registered
                         assert stat["ksm_rmap_items"] == t.range_pages - \

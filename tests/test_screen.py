@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from udedup.host import procmem
+from udedup.host.maps import read_mappings
+from udedup.host.pagemap import present_pages
 
 from udedup.estimate import screen
 from udedup.daemon.config import Config
@@ -67,10 +68,10 @@ def test_full_rate_counts_exactly_and_touches_no_absent_page(estimate_children):
     assert rb.present_pages < ra.present_pages + noise
     assert rss_anon(b["pid"]) - before < MiB
     # mappings read beforehand (the daemon passes its own) give the same sample
-    assert screen.screen(pids, 1.0, mappings={p: procmem.read_mappings(p) for p in pids}) == got
+    assert screen.screen(pids, 1.0, mappings={p: read_mappings(p) for p in pids}) == got
     _, first, n = next(r for r in b["regions"] if r[0] == "absent")
     lo = b["start"] + first * PS
-    assert procmem.present_pages(b["pid"], lo, lo + n * PS).size == 0
+    assert present_pages(b["pid"], lo, lo + n * PS).size == 0
 
 
 def unique_and_twins(spawn, seed: int):

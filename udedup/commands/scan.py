@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import UsageError
-from ..estimate.core import estimate
+from ..estimate import estimate
 from ..units import human_bytes
 from ._util import Progress, print_json
 

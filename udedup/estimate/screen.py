@@ -29,9 +29,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..native import pages
-from ..host import procmem
 from ..errors import ProcessNotFoundError, UdedupError, UsageError
+from ..host.fs import ProcFs, as_procfs
+from ..host.maps import read_mappings
+from ..host.pagemap import open_pagemap, present_pages
+from ..host.remote import RemoteReader
+from ..native import pages
 
 #: Sampled twins expected from a process whose saving equals the threshold.
 EXPECTED_TWINS = 16
@@ -75,27 +78,30 @@ def rate_for(threshold_bytes: int, page_size: int | None = None,
     return min(1.0, math.sqrt(expected / (2.0 * t_pages)))
 
 
-def _present_addresses(pid: int, procfs: str, maps=None) -> np.ndarray:
+def _present_addresses(pid: int, procfs: ProcFs, maps=None) -> np.ndarray:
     if maps is None:
-        maps = procmem.read_mappings(pid, procfs)
-    fd = procmem.open_pagemap(pid, procfs)    # once per process, not once per mapping
+        maps = read_mappings(pid, procfs)
+    fd = open_pagemap(pid, procfs)    # once per process, not once per mapping
     try:
-        parts = [procmem.present_pages(pid, m.start, m.end, procfs, anon_only=True,
-                                       skip_zero_page=True, fd=fd)
+        parts = [present_pages(pid, m.start, m.end, procfs, anon_only=True, skip_zero_page=True,
+                               fd=fd)
                  for m in maps if m.eligible and m.anonymous]
     finally:
         os.close(fd)
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
 
 
-def screen(pids, rate: float, seed: int = 0, procfs: str = "/proc", mappings=None) -> dict:
+def screen(pids, rate: float, seed: int = 0, procfs: str | ProcFs = "/proc",
+           mappings=None) -> dict:
     """Sample ``pids`` jointly at ``rate`` -> {pid: ScreenResult, or a one-line error string}.
 
     Jointly: twins are looked for across all the processes, as KSM merges across processes.
-    ``mappings``: {pid: [procmem.Mapping]} already read (smaps walks every page table entry);
-    the others are read here. Presence always comes from a fresh pagemap read."""
+    ``mappings``: {pid: [host.maps.Mapping]} already read (smaps walks every page table
+    entry); the others are read here, from ``procfs`` (a path or a ProcFs). Presence always comes
+    from a fresh pagemap read."""
     if not 0.0 < rate <= 1.0:
         raise UsageError(f"screen rate must be in (0, 1], got {rate}")
+    procfs = as_procfs(procfs)
     ps = pages.PAGE_SIZE
     rng = np.random.default_rng(seed)
     out: dict = {}
@@ -113,7 +119,7 @@ def screen(pids, rate: float, seed: int = 0, procfs: str = "/proc", mappings=Non
         sampled[pid] = (addrs.size, pick)
 
     hashes, zero_count, owners = [], {}, []
-    with procmem.RemoteReader(buffer_bytes=BATCH_PAGES * ps) as reader:
+    with RemoteReader(buffer_bytes=BATCH_PAGES * ps) as reader:
         for i, (pid, (_present, pick)) in enumerate(sampled.items()):
             zero_count[pid] = 0
             read_total = 0

@@ -1,0 +1,232 @@
+"""What an estimate found and predicts: the result classes (:class:`Estimate`, its
+:class:`Prediction` per use_zero_pages, a :class:`TargetReport` per target and a
+:class:`MappingReport` per mapping). Pure data; the counters come from :mod:`udedup.ksm.accounting`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..host.maps import Mapping
+from ..ksm.accounting import RMAP_ITEM_BYTES, ksm_pages
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """KSM counters predicted for the scanned memory alone, once ksmd has settled."""
+
+    use_zero_pages: bool
+    max_page_sharing: int
+    pages_shared: int
+    pages_sharing: int
+    pages_unshared: int
+    ksm_zero_pages: int
+    rmap_items: int
+    page_size: int
+    scanned_bytes: int
+
+    @property
+    def saved_pages(self) -> int:
+        """Pages freed: pages_sharing + ksm_zero_pages (pages_shared are the KSM pages kept)."""
+        return self.pages_sharing + self.ksm_zero_pages
+
+    @property
+    def general_profit(self) -> int:
+        """The kernel's formula: saved pages minus 64 bytes of rmap item per scanned page."""
+        return self.saved_pages * self.page_size - self.rmap_items * RMAP_ITEM_BYTES
+
+    @property
+    def saved_bytes(self) -> int:
+        """Net bytes saved, as ``KsmStats.saved_bytes``: general_profit."""
+        return self.general_profit
+
+    @property
+    def saved_percent(self) -> float:
+        return 100.0 * self.general_profit / self.scanned_bytes if self.scanned_bytes else 0.0
+
+    def as_dict(self) -> dict:
+        return {"use_zero_pages": int(self.use_zero_pages), "max_page_sharing": self.max_page_sharing,
+                "pages_shared": self.pages_shared, "pages_sharing": self.pages_sharing,
+                "pages_unshared": self.pages_unshared, "ksm_zero_pages": self.ksm_zero_pages,
+                "rmap_items": self.rmap_items, "saved_pages": self.saved_pages,
+                "general_profit": self.general_profit, "saved_bytes": self.saved_bytes,
+                "saved_percent": round(self.saved_percent, 3)}
+
+    _asdict = as_dict
+
+
+COUNT_FIELDS = ("scanned_pages", "zero_pages", "duplicate_pages", "unique_pages", "volatile_pages",
+                 "unreadable_pages")
+
+
+@dataclass(kw_only=True)
+class _PageCounts:
+    """What the scanned pages of a mapping, or of a whole target, turned out to be."""
+
+    scanned_pages: int = 0
+    zero_pages: int = 0
+    duplicate_pages: int = 0
+    unique_pages: int = 0
+    volatile_pages: int = 0
+    unreadable_pages: int = 0
+    saved_pages: dict = field(default_factory=lambda: {0: 0.0, 1: 0.0})
+
+    def _counts_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in COUNT_FIELDS}
+        d["saved_pages"] = {str(k): round(v, 1) for k, v in self.saved_pages.items()}
+        return d
+
+
+@dataclass
+class MappingReport(_PageCounts):
+    """One mapping of a target: its classification and, when scanned, what its pages are."""
+
+    pid: int
+    mapping: Mapping
+    in_scope: bool
+    present_pages: int = 0        # present anonymous pages, zero-page mappings included
+    zero_mapped_pages: int = 0    # already map the kernel's zero page: free, ksmd skips them
+    swapped_pages: int = 0
+
+    def as_dict(self) -> dict:
+        m = self.mapping
+        return {"pid": self.pid, "start": hex(m.start), "end": hex(m.end), "path": m.path,
+                "kind": m.kind, "registered": m.registered, "eligible": m.eligible,
+                "reason": m.reason, "in_scope": self.in_scope, "anon_huge_bytes": m.anon_huge,
+                "present_pages": self.present_pages, "zero_mapped_pages": self.zero_mapped_pages,
+                "swapped_pages": self.swapped_pages, **self._counts_dict()}
+
+
+@dataclass
+class TargetReport(_PageCounts):
+    """One target: a process, or a buffer of this process."""
+
+    pid: int
+    name: str
+    kind: str                     # "process" or "buffer"
+    exited: bool = False
+    existing_ksm_zero_pages: int = 0
+    # Page-aligned [start, end) addresses, each inside one mapping, in address order, covering
+    # every page predicted to save memory (non-volatile zero pages, members of confirmed duplicate
+    # groups): what to register so ksmd scans little else.
+    saving_ranges: list = field(default_factory=list)
+    range_pages: int = 0          # scanned, readable pages inside saving_ranges (rmap items)
+    # saving pages outside saving_ranges: 0 unless more mappings hold savings than max_ranges
+    # (then the ranges of the mappings saving least are left out)
+    uncovered_pages: int = 0
+
+    def as_dict(self) -> dict:
+        d = {"pid": self.pid, "name": self.name, "kind": self.kind, "exited": self.exited}
+        d.update(self._counts_dict())
+        d["existing_ksm_zero_pages"] = self.existing_ksm_zero_pages
+        d["saving_ranges"] = [[hex(a), hex(b)] for a, b in self.saving_ranges]
+        d["range_pages"] = self.range_pages
+        d["uncovered_pages"] = self.uncovered_pages
+        return d
+
+
+@dataclass
+class Estimate:
+    """What KSM would do with the scanned memory. Counts are pages of ``page_size`` bytes."""
+
+    page_size: int
+    passes: int
+    interval: float
+    all_eligible: bool
+    max_page_sharing: int
+    current_use_zero_pages: bool | None
+    targets: list
+    mappings: list
+    pages_scanned: int = 0        # read in pass 1
+    zero_pages: int = 0
+    duplicate_pages: int = 0      # non-zero pages with at least one byte-identical twin
+    duplicate_groups: int = 0
+    largest_group: int = 0
+    unique_pages: int = 0
+    volatile_pages: int = 0
+    unreadable_pages: int = 0     # vanished mid-scan (unmapped, process exited)
+    zero_mapped_pages: int = 0
+    unconfirmed_pages: int = 0    # hash matched but bytes differed on every retry: counted unique
+    existing_ksm_zero_pages: int = 0
+    group_sizes: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    partial: bool = False
+    notes: list = field(default_factory=list)
+    elapsed_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    bytes_read: int = 0
+    index_bytes: int = 0          # peak bytes of per-page bookkeeping
+    buffer_bytes: int = 0         # the fixed read buffer
+    timings: dict = field(default_factory=dict)   # seconds per phase
+    # what later passes re-read: "all", or "candidates" (then volatile_pages counts only the
+    # re-checked zero pages and duplicate candidates that changed)
+    recheck: str = "all"
+
+    @property
+    def readable_pages(self) -> int:
+        return self.pages_scanned - self.unreadable_pages
+
+    def predicted(self, use_zero_pages: bool) -> Prediction:
+        """Counters KSM reaches on this memory alone, settled, with ``use_zero_pages``."""
+        mps = self.max_page_sharing
+        shared, sharing, unshared = ksm_pages(self.group_sizes, mps)
+        unshared += self.unique_pages
+        rmap = self.readable_pages
+        zero = self.existing_ksm_zero_pages
+        if use_zero_pages:
+            zero += self.zero_pages
+            rmap -= self.zero_pages
+        else:
+            zs, zg, zu = ksm_pages(np.array([self.zero_pages]), mps)
+            shared, sharing, unshared = shared + zs, sharing + zg, unshared + zu
+        return Prediction(bool(use_zero_pages), mps, shared, sharing, unshared, zero, rmap,
+                          self.page_size, self.readable_pages * self.page_size)
+
+    @property
+    def predictions(self) -> list:
+        return [self.predicted(False), self.predicted(True)]
+
+    def _uzp(self, use_zero_pages):
+        if use_zero_pages is None:
+            use_zero_pages = bool(self.current_use_zero_pages)
+        return int(bool(use_zero_pages))
+
+    def top_mappings(self, n: int = 10, use_zero_pages: bool | None = None) -> list:
+        """Scanned mappings by predicted pages saved (under the current use_zero_pages)."""
+        k = self._uzp(use_zero_pages)
+        scanned = [m for m in self.mappings if m.scanned_pages]
+        return sorted(scanned, key=lambda m: -m.saved_pages[k])[:n]
+
+    def top_processes(self, n: int = 10, use_zero_pages: bool | None = None) -> list:
+        k = self._uzp(use_zero_pages)
+        return sorted(self.targets, key=lambda t: -t.saved_pages[k])[:n]
+
+    @property
+    def bytes_per_page(self) -> float:
+        return self.index_bytes / self.pages_scanned if self.pages_scanned else 0.0
+
+    def as_dict(self, top: int = 10) -> dict:
+        return {
+            "page_size": self.page_size, "passes": self.passes, "interval": self.interval,
+            "recheck": self.recheck,
+            "all_eligible": self.all_eligible, "max_page_sharing": self.max_page_sharing,
+            "current_use_zero_pages": self.current_use_zero_pages,
+            "partial": self.partial, "notes": list(self.notes),
+            "pages_scanned": self.pages_scanned, "zero_pages": self.zero_pages,
+            "duplicate_pages": self.duplicate_pages, "duplicate_groups": self.duplicate_groups,
+            "largest_group": self.largest_group, "unique_pages": self.unique_pages,
+            "volatile_pages": self.volatile_pages, "unreadable_pages": self.unreadable_pages,
+            "zero_mapped_pages": self.zero_mapped_pages,
+            "unconfirmed_pages": self.unconfirmed_pages,
+            "existing_ksm_zero_pages": self.existing_ksm_zero_pages,
+            "predictions": [p.as_dict() for p in self.predictions],
+            "targets": [t.as_dict() for t in self.targets],
+            "top_mappings": [m.as_dict() for m in self.top_mappings(top)],
+            "elapsed_seconds": round(self.elapsed_seconds, 4),
+            "cpu_seconds": round(self.cpu_seconds, 4), "bytes_read": self.bytes_read,
+            "index_bytes": self.index_bytes, "bytes_per_page": round(self.bytes_per_page, 2),
+            "buffer_bytes": self.buffer_bytes,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+
+    _asdict = as_dict

@@ -1,0 +1,113 @@
+"""The summary: from the per-page state the passes left (flags, confirmed group heads) to the
+:class:`~.model.Estimate` — counts per mapping, per target and in total, each group's saving
+shared among the pages holding it, the saving ranges, and the notes saying what was left out.
+Pure: no I/O.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..ksm.accounting import sharing_fraction
+from .group import head_sizes
+from .model import COUNT_FIELDS, Estimate
+from .ranges import SavingRanges
+from .scope import NONE, STEP, UNREADABLE, VOLATILE, ZERO, Scope
+
+
+def summarize(scope: Scope, *, passes: int, interval: float, all_eligible: bool,
+              max_page_sharing: int, use_zero_pages: bool | None, unconfirmed: int,
+              range_gap: int, max_ranges: int, exited_in: dict) -> Estimate:
+    """The Estimate of a scanned scope. ``exited_in``: {pid: pass in which it exited}; the pages
+    of those processes are left out (KSM will never see them)."""
+    mps = max_page_sharing
+    est = Estimate(page_size=scope.page_size, passes=passes, interval=interval,
+                   all_eligible=all_eligible, max_page_sharing=mps,
+                   current_use_zero_pages=use_zero_pages, targets=scope.target_reports,
+                   mappings=scope.reports, notes=list(scope.notes),
+                   index_bytes=scope.index_bytes)
+    flags, rep = scope.flags, scope.rep
+    for seg in scope.segments:
+        if seg.pid in exited_in:   # gone: KSM will never see these pages
+            flags[seg.base: seg.base + seg.size] |= UNREADABLE
+            rep[seg.base: seg.base + seg.size] = NONE
+    sizes_by_head = head_sizes(rep)
+    group_sizes = sizes_by_head[sizes_by_head >= 2]
+    est.group_sizes = group_sizes
+    est.duplicate_groups = int(group_sizes.size)
+    est.largest_group = int(group_sizes.max()) if group_sizes.size else 0
+    est.unconfirmed_pages = int(unconfirmed)
+    est.existing_ksm_zero_pages = sum(t.existing_ksm_zero_pages for t in scope.target_reports)
+
+    # per mapping: classify pages chunk by chunk (bounded temporaries)
+    zero_total = 0
+    ranges = [SavingRanges(est.page_size, range_gap, max_ranges) for _ in scope.target_reports]
+    for seg in scope.segments:
+        a, b = seg.base, seg.base + seg.size
+        builder = ranges[seg.target]
+        builder.start_segment(seg)
+        rr = seg.report
+        for lo in range(a, b, STEP):
+            hi = min(b, lo + STEP)
+            f, r = flags[lo:hi], rep[lo:hi]
+            unread = (f & UNREADABLE) != 0
+            vol = ((f & VOLATILE) != 0) & ~unread
+            zr = ((f & ZERO) != 0) & ~vol & ~unread
+            g = r != NONE
+            gs = sizes_by_head[r[g]]
+            dup = gs >= 2
+            saving = zr.copy()
+            saving[np.flatnonzero(g)[dup]] = True
+            builder.add(lo - a, saving, ~unread)
+            rr.unreadable_pages += int(unread.sum())
+            rr.volatile_pages += int(vol.sum())
+            rr.zero_pages += int(zr.sum())
+            rr.duplicate_pages += int(dup.sum())
+            saved = float(sharing_fraction(gs[dup], mps).sum())
+            rr.saved_pages[0] += saved
+            rr.saved_pages[1] += saved
+        rr.unique_pages = rr.scanned_pages - rr.unreadable_pages - rr.volatile_pages - \
+            rr.zero_pages - rr.duplicate_pages
+        zero_total += rr.zero_pages
+    zero_fraction = float(sharing_fraction(np.array([zero_total]), mps)[0]) if zero_total else 0.0
+    for rr in scope.reports:
+        rr.saved_pages[0] += rr.zero_pages * zero_fraction
+        rr.saved_pages[1] += rr.zero_pages
+    for ti, tr in enumerate(scope.target_reports):
+        tr.saving_ranges, tr.range_pages, tr.uncovered_pages = ranges[ti].result()
+        if tr.uncovered_pages:
+            est.notes.append(f"{tr.name} (PID {tr.pid}): more mappings save memory than "
+                             f"max_ranges={max_ranges}; the saving ranges leave out "
+                             f"{tr.uncovered_pages} saving pages of the mappings saving least")
+        mine = [s.report for s in scope.segments if s.target == ti]
+        for key in COUNT_FIELDS:
+            setattr(tr, key, sum(getattr(m, key) for m in mine))
+        tr.saved_pages = {k: sum(m.saved_pages[k] for m in mine) for k in (0, 1)}
+        tr.saved_pages[1] += tr.existing_ksm_zero_pages
+        tr.saved_pages[0] += tr.existing_ksm_zero_pages
+    for key in ("zero_pages", "duplicate_pages", "unique_pages", "volatile_pages",
+                "unreadable_pages"):
+        setattr(est, key, sum(getattr(t, key) for t in scope.target_reports))
+    est.pages_scanned = scope.total
+    est.zero_mapped_pages = sum(r.zero_mapped_pages for r in scope.reports)
+    _notes(est, scope, passes, all_eligible, exited_in)
+    return est
+
+
+def _notes(est: Estimate, scope: Scope, passes: int, all_eligible: bool, exited_in: dict):
+    """What was left out of the prediction, and why nothing was scanned."""
+    for pid, pass_no in sorted(exited_in.items()):
+        tr = next((t for t in scope.target_reports if t.pid == pid), None)
+        if tr is not None:
+            tr.exited = True
+        est.partial = True
+        est.notes.append(f"partial: PID {pid} exited during pass {pass_no} of {passes}; its "
+                         f"{scope.pages_of(pid)} pages are left out of the prediction")
+    lost = est.unreadable_pages - sum(scope.pages_of(pid) for pid in exited_in)
+    if lost > 0:
+        est.partial = True
+        est.notes.append(f"partial: {lost} pages were unmapped during the scan and are left out")
+    if est.pages_scanned == 0:
+        est.notes.append("nothing to scan: no present anonymous pages in scope" +
+                         ("" if all_eligible else
+                          " (only registered memory is scanned by default; --all-eligible "
+                          "predicts for memory not registered yet)"))
