@@ -1,4 +1,5 @@
-"""procmem: smaps classification, pagemap presence, remote reads (EFAULT, ESRCH), errors."""
+"""host.maps, host.pagemap, host.remote: smaps classification, pagemap presence, kpageflags and
+kpagecount, remote reads (EFAULT, ESRCH), errors."""
 from __future__ import annotations
 
 import ctypes
@@ -14,7 +15,9 @@ import pytest
 
 from udedup.native import pages
 
-from udedup.host import procmem
+from udedup.host import fs, pagemap, remote
+from udedup.host import maps as hostmaps
+from udedup.host.parse import PF_KTHREAD
 from udedup.errors import (KernelThreadError, ProcessAccessError, ProcessError,
                            ProcessNotFoundError)
 
@@ -50,7 +53,7 @@ VmFlags: ex
 
 
 def test_parse_smaps_classifies_like_vma_ksm_compatible():
-    maps = procmem.parse_smaps(SMAPS)
+    maps = hostmaps.parse_smaps(SMAPS)
     got = [(m.kind, m.eligible, m.registered) for m in maps]
     assert got == [("file", True, False), ("anon", True, True), ("shared", False, False),
                    ("hugetlb", False, False), ("pfnmap", False, False), ("special", False, False),
@@ -71,7 +74,7 @@ def test_read_mappings_of_this_process():
     registered.madvise(mmap.MADV_MERGEABLE)
     shared = mmap.mmap(-1, 4 * PS)   # Python's default: MAP_SHARED, KSM ignores it
     try:
-        maps = procmem.read_mappings(os.getpid())
+        maps = hostmaps.read_mappings(os.getpid())
         by_start = {m.start: m for m in maps}
         reg = by_start[_addr(registered)]
         assert reg.registered and reg.eligible and reg.kind == "anon" and reg.size == 4 * PS
@@ -89,7 +92,7 @@ def _addr(buf) -> int:
 @pytest.mark.parametrize("pid", [999_999_999, -3, 0, "abc"])
 def test_unknown_or_bad_pid(pid):
     with pytest.raises(ProcessNotFoundError):
-        procmem.read_mappings(pid)
+        hostmaps.read_mappings(pid)
 
 
 def test_kernel_thread():
@@ -97,7 +100,7 @@ def test_kernel_thread():
         if f.read().strip() != "kthreadd":
             pytest.skip("PID 2 is not kthreadd here")
     with pytest.raises(KernelThreadError, match="kernel thread"):
-        procmem.read_mappings(2)
+        hostmaps.read_mappings(2)
 
 
 def _fake_proc(tmp_path, pid, state, flags):
@@ -111,13 +114,13 @@ def _fake_proc(tmp_path, pid, state, flags):
 def test_zombie_and_exiting_process_on_a_fake_procfs(tmp_path):
     procfs = _fake_proc(tmp_path, 42, "Z", 0)
     with pytest.raises(ProcessNotFoundError, match="zombie"):
-        procmem.read_mappings(42, procfs)
+        hostmaps.read_mappings(42, procfs)
     procfs = _fake_proc(tmp_path, 43, "S", 0)
     with pytest.raises(ProcessNotFoundError, match="exiting"):
-        procmem.read_mappings(43, procfs)
-    procfs = _fake_proc(tmp_path, 44, "S", procmem.PF_KTHREAD)
+        hostmaps.read_mappings(43, procfs)
+    procfs = _fake_proc(tmp_path, 44, "S", PF_KTHREAD)
     with pytest.raises(KernelThreadError):
-        procmem.read_mappings(44, procfs)
+        hostmaps.read_mappings(44, procfs)
 
 
 @pytest.mark.skipif(not ROOT, reason="needs root to drop to another user")
@@ -130,7 +133,7 @@ def test_permission_denied_is_one_line_access_error():
         try:
             os.setgid(65534)
             os.setuid(65534)
-            procmem.read_mappings(1)
+            hostmaps.read_mappings(1)
         except ProcessAccessError as err:
             os.write(wfd, str(err).encode())
             code = 0
@@ -145,13 +148,22 @@ def test_permission_denied_is_one_line_access_error():
     assert message.startswith("not allowed to read smaps of PID 1") and "\n" not in message
 
 
-def test_translate_errors():
-    assert isinstance(procmem._translate(PermissionError(errno.EACCES, "x"), 5, "smaps"),
+def test_process_error_table():
+    assert isinstance(fs.process_error(PermissionError(errno.EACCES, "x"), 5, "smaps"),
                       ProcessAccessError)
-    assert isinstance(procmem._translate(FileNotFoundError(errno.ENOENT, "x"), 5, "smaps"),
+    assert isinstance(fs.process_error(FileNotFoundError(errno.ENOENT, "x"), 5, "smaps"),
                       ProcessNotFoundError)
-    other = procmem._translate(OSError(errno.EIO, "x"), 5, "smaps")
+    other = fs.process_error(OSError(errno.EIO, "x"), 5, "smaps")
     assert isinstance(other, ProcessError) and other.errno == errno.EIO
+
+
+def test_page_runs_coalesces_contiguous_pages():
+    addrs = np.array([0, PS, 2 * PS, 10 * PS, 12 * PS, 13 * PS], dtype=np.uint64)
+    starts, lens = remote.page_runs(addrs, PS)
+    assert starts.tolist() == [0, 10 * PS, 12 * PS]
+    assert lens.tolist() == [3 * PS, PS, 2 * PS]
+    one = remote.page_runs(np.array([7 * PS], dtype=np.uint64), PS)
+    assert one[0].tolist() == [7 * PS] and one[1].tolist() == [PS]
 
 
 def _private(npages):
@@ -167,14 +179,14 @@ def test_present_pages_skips_untouched_and_never_faults_in():
         a[0:10, 0] = 1            # written: present
         int(a[20:25, 0].sum())    # read faults: they map the shared zero page
         start = _addr(buf)
-        present = procmem.present_pages(os.getpid(), start, start + 64 * PS)
+        present = pagemap.present_pages(os.getpid(), start, start + 64 * PS)
         assert present.tolist() == [start + i * PS for i in list(range(10)) + list(range(20, 25))]
-        assert procmem.present_pages(os.getpid(), start, start + 64 * PS,
+        assert pagemap.present_pages(os.getpid(), start, start + 64 * PS,
                                      anon_only=True).size == 15
-        again = procmem.present_pages(os.getpid(), start, start + 64 * PS)
+        again = pagemap.present_pages(os.getpid(), start, start + 64 * PS)
         assert np.array_equal(present, again)     # looking did not fault anything in
-        if procmem.zero_page_pfns():
-            real = procmem.present_pages(os.getpid(), start, start + 64 * PS, anon_only=True,
+        if pagemap.zero_page_pfns():
+            real = pagemap.present_pages(os.getpid(), start, start + 64 * PS, anon_only=True,
                                          skip_zero_page=True)
             assert real.size == 10
         del a
@@ -183,11 +195,11 @@ def test_present_pages_skips_untouched_and_never_faults_in():
 
 
 def test_present_offsets_counts():
-    e = np.array([procmem.PM_PRESENT | 7, procmem.PM_SWAPPED | 3, 0,
-                  procmem.PM_PRESENT | procmem.PM_FILE | 9, procmem.PM_PRESENT | 100],
+    e = np.array([pagemap.PM_PRESENT | 7, pagemap.PM_SWAPPED | 3, 0,
+                  pagemap.PM_PRESENT | pagemap.PM_FILE | 9, pagemap.PM_PRESENT | 100],
                  dtype=np.uint64)
     counts = {}
-    idx = procmem.present_offsets(e, anon_only=True, zero_pfns=((100, 101),), counts=counts)
+    idx = pagemap.present_offsets(e, anon_only=True, zero_pfns=((100, 101),), counts=counts)
     assert idx.tolist() == [0]
     assert counts == {"swapped": 1, "file": 1, "zero_page": 1}
 
@@ -198,7 +210,7 @@ def test_remote_reader_reads_exact_bytes_and_survives_vanished_pages():
     a[:] = np.arange(40, dtype=np.uint8)[:, None]
     start = _addr(buf)
     addrs = np.arange(40, dtype=np.uint64) * np.uint64(PS) + np.uint64(start)
-    reader = procmem.RemoteReader(os.getpid(), buffer_bytes=64 * PS)
+    reader = remote.RemoteReader(os.getpid(), buffer_bytes=64 * PS)
     try:
         ok = reader.read(addrs[::-1][:20])          # not contiguous: one iovec per page
         assert ok.all()
@@ -224,10 +236,10 @@ def test_remote_reader_reads_exact_bytes_and_survives_vanished_pages():
 def test_remote_reader_process_exit_is_clean():
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                              stdin=subprocess.PIPE)
-    maps = procmem.read_mappings(child.pid)
+    maps = hostmaps.read_mappings(child.pid)
     stack = next(m for m in maps if m.path == "[stack]")
-    addrs = procmem.present_pages(child.pid, stack.start, stack.end)[:4]
-    reader = procmem.RemoteReader(child.pid, buffer_bytes=8 * PS)
+    addrs = pagemap.present_pages(child.pid, stack.start, stack.end)[:4]
+    reader = remote.RemoteReader(child.pid, buffer_bytes=8 * PS)
     try:
         assert reader.read(addrs).all()
         child.stdin.close()
@@ -241,7 +253,7 @@ def test_remote_reader_process_exit_is_clean():
             child.kill()
             child.wait()
     with pytest.raises(ProcessNotFoundError):
-        procmem.read_mappings(child.pid)
+        hostmaps.read_mappings(child.pid)
 
 
 def test_read_ahead_keeps_order_and_raises_reader_errors():
@@ -250,14 +262,14 @@ def test_read_ahead_keeps_order_and_raises_reader_errors():
     a[:] = np.arange(32, dtype=np.uint8)[:, None]
     start = _addr(buf)
     big = mmap.mmap(-1, 8 * PS, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    readers = [procmem.RemoteReader(os.getpid(), buffer=memoryview(big)[i * 4 * PS:
+    readers = [remote.RemoteReader(os.getpid(), buffer=memoryview(big)[i * 4 * PS:
                                                                         (i + 1) * 4 * PS])
                for i in range(2)]
     try:
         chunks = [(os.getpid(), np.arange(i, i + 4, dtype=np.uint64) * np.uint64(PS) +
                    np.uint64(start), i) for i in range(0, 32, 4)]
         seen = []
-        for tag, reader, ok in procmem.read_ahead(iter(chunks), readers):
+        for tag, reader, ok in remote.read_ahead(iter(chunks), readers):
             assert ok.all()
             seen.append((tag, int(reader.buffer[0]), int(reader.buffer[3 * PS])))
         assert seen == [(i, i, i + 3) for i in range(0, 32, 4)]
@@ -266,11 +278,11 @@ def test_read_ahead_keeps_order_and_raises_reader_errors():
             yield chunks[0]
             raise RuntimeError("boom")
         with pytest.raises(RuntimeError, match="boom"):
-            for _ in procmem.read_ahead(broken(), readers):
+            for _ in remote.read_ahead(broken(), readers):
                 pass
         # the consumer leaving early stops the thread
         before = threading.active_count()
-        for _ in procmem.read_ahead(iter(chunks), readers):
+        for _ in remote.read_ahead(iter(chunks), readers):
             break
         assert threading.active_count() == before
     finally:
@@ -279,21 +291,6 @@ def test_read_ahead_keeps_order_and_raises_reader_errors():
         big.close()
         del a
         buf.close()
-
-
-def test_ksm_stat_parses_this_process():
-    stat = procmem.ksm_stat(os.getpid())
-    if not stat:
-        pytest.skip("no /proc/PID/ksm_stat on this kernel")
-    assert isinstance(stat["ksm_rmap_items"], int)
-    assert stat["ksm_merge_any"] in ("yes", "no")
-
-
-def test_comm_of_this_process_and_of_none():
-    with open("/proc/self/comm") as f:
-        assert procmem.comm(os.getpid()) == f.read().strip()
-    assert procmem.comm(999_999_999) is None
-    assert procmem.comm(999_999_999, default="?") == "?"
 
 
 # --- /proc/kpageflags and /proc/kpagecount --------------------------------------------------------

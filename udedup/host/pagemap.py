@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import ProcessNotFoundError
 from ..native import pages
 from .fs import ProcFs, as_procfs, process_error
+from .remote import page_runs
 
 # pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
 PM_PFN_MASK = (1 << 55) - 1
@@ -33,6 +34,22 @@ def open_pagemap(pid: int, procfs: ProcFs | str = "/proc") -> int:
     return as_procfs(procfs).open(pid, "pagemap")
 
 
+def pread_full(fd: int, view: memoryview, offset: int, pid, what: str) -> int:
+    """pread into all of ``view`` from ``offset``, looping on short reads; the bytes read (fewer
+    only at end of file). Errors through :func:`fs.process_error` (``pid=None``: a machine-wide
+    file)."""
+    got = 0
+    while got < len(view):
+        try:
+            k = os.preadv(fd, [view[got:]], offset + got)
+        except OSError as err:
+            raise process_error(err, pid, what) from err
+        if k <= 0:
+            break
+        got += k
+    return got
+
+
 def read_pagemap(fd: int, start: int, end: int, out: np.ndarray | None = None,
                  page_size: int | None = None, pid: int | None = None) -> np.ndarray:
     """Raw pagemap entries (uint64) of the pages in [start, end), one pread per call."""
@@ -40,18 +57,10 @@ def read_pagemap(fd: int, start: int, end: int, out: np.ndarray | None = None,
     n = (end - start) // ps
     if out is None:
         out = np.empty(n, dtype=np.uint64)
-    view = memoryview(out[:n]).cast("B")
-    got = 0
-    offset = start // ps * 8
-    while got < n * 8:
-        try:
-            k = os.preadv(fd, [view[got:]], offset + got)
-        except OSError as err:
-            raise process_error(err, pid if pid is not None else -1, "pagemap") from err
-        if k <= 0:  # the process exited: its pagemap reads as empty
-            raise ProcessNotFoundError(f"PID {pid} exited while its page map was being read",
-                                       pid=pid)
-        got += k
+    got = pread_full(fd, memoryview(out[:n]).cast("B"), start // ps * 8, pid, "pagemap")
+    if got < n * 8:   # the process exited: its pagemap reads as empty
+        raise ProcessNotFoundError(f"PID {pid} exited while its page map was being read",
+                                   pid=pid)
     return out[:n]
 
 
@@ -73,34 +82,23 @@ def _read_pfn_table(name: str, pfns, procfs) -> np.ndarray:
     # Both files are arrays of u64 indexed by PFN. Reading each run of consecutive PFNs in one
     # pread keeps a THP (512 frames in a row) or a long physically contiguous buffer to few calls.
     pfns = np.asarray(pfns, dtype=np.uint64).ravel()
-    out = np.zeros(pfns.size, dtype=np.uint64)
     if pfns.size == 0:
-        return out
+        return np.zeros(0, dtype=np.uint64)
     uniq, inverse = np.unique(pfns, return_inverse=True)
     values = np.zeros(uniq.size, dtype=np.uint64)
-    breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
-    firsts = np.concatenate(([0], breaks))
-    stops = np.concatenate((breaks, [uniq.size]))
+    starts, counts = page_runs(uniq, 1)   # runs of frames, as runs of 1-byte "pages"
     fd = as_procfs(procfs).open_global(name)
     try:
-        for lo, hi in zip(firsts.tolist(), stops.tolist()):
-            for a in range(lo, hi, PAGEMAP_BLOCK):
-                b = min(hi, a + PAGEMAP_BLOCK)
-                view = memoryview(values[a:b]).cast("B")
-                offset = int(uniq[a]) * 8
-                got = 0
-                while got < len(view):
-                    try:
-                        k = os.preadv(fd, [view[got:]], offset + got)
-                    except OSError as err:
-                        raise process_error(err, None, name) from err
-                    if k <= 0:   # past the last frame: the rest stays 0
-                        break
-                    got += k
+        pos = 0   # index in uniq of the run's first frame
+        for first, count in zip(starts.tolist(), counts.tolist()):
+            for k in range(0, count, PAGEMAP_BLOCK):
+                chunk = values[pos + k:pos + min(count, k + PAGEMAP_BLOCK)]
+                # a short read is the end of the table (frames past the last): those stay 0
+                pread_full(fd, memoryview(chunk).cast("B"), (first + k) * 8, None, name)
+            pos += count
     finally:
         os.close(fd)
-    out[:] = values[inverse.ravel()]
-    return out
+    return values[inverse.ravel()]
 
 
 def zero_page_pfns(procfs: ProcFs | str = "/proc") -> tuple:
