@@ -19,7 +19,7 @@ from udedup.ksm import memory
 
 from udedup.native import pages
 
-from udedup.host import procmem
+from udedup.host.maps import Mapping, read_mappings
 from udedup.errors import (BufferInUseError, KsmPermissionError, KsmUnavailableError, NativeError,
                            PageBufferError)
 from udedup.ksm.memory import MergeableBuffer, kernel_version, mergeable_array
@@ -27,12 +27,11 @@ from udedup.ksm.memory import MergeableBuffer, kernel_version, mergeable_array
 PAGE = pages.PAGE_SIZE
 
 
-def smaps_entry(address: int) -> procmem.Mapping:
+def smaps_entry(address: int) -> Mapping:
     """The mapping containing ``address``, from our own smaps."""
-    with open("/proc/self/smaps") as f:
-        for mapping in procmem.parse_smaps(f.read()):
-            if mapping.start <= address < mapping.end:
-                return mapping
+    for mapping in read_mappings(os.getpid()):
+        if mapping.start <= address < mapping.end:
+            return mapping
     raise AssertionError(f"{address:#x} is not mapped")
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 import os
 
 from ..errors import KsmUnavailableError, ProcessError
-from ..host.fs import ProcFs, as_procfs
+from ..host.fs import DEFAULT_PROCFS, ProcFs, as_procfs
 from ..host.parse import ProcStat
 
 
 class Ksmd:
     """ksmd under ``procfs``; its PID is found once and kept while it still names ksmd."""
 
-    def __init__(self, procfs: str | ProcFs = "/proc"):
+    def __init__(self, procfs: str | ProcFs = DEFAULT_PROCFS):
         self.procfs = as_procfs(procfs)
         self._pid: int | None = None
 
