@@ -4,7 +4,8 @@ to end on the real kernel.
 
 The lifecycle tests run the real ``udedup daemon`` in a subprocess against a fake KSM sysfs tree
 (regular files), so they need neither root nor the KSM lock and touch no real knob. Regular files,
-unlike sysfs, keep stale bytes after a shorter write: the subprocess gets a truncating writer.
+unlike sysfs, keep stale bytes after a shorter write: SysFs truncates as it writes (a no-op on
+sysfs), so the fake tree reads back what was written.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from udedup.daemon.loop import SdNotify, describe_daemon_state, read_daemon_state
+from udedup.daemon.state import describe_daemon_state, read_daemon_state
+from udedup.daemon.systemd import SdNotify
 
 from fake_sysfs import MINIMAL_COUNTERS, MINIMAL_KNOBS, make_fake_ksm
 
@@ -31,13 +33,6 @@ BENCH = os.path.join(REPO, "scripts", "bench_daemon_peers.py")
 RUNNER = """
 import sys
 from udedup import cli
-from udedup.ksm import controller as ksm
-
-def write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-ksm._sysfs_write = write
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -329,7 +324,7 @@ def _bench_module():
 
 
 def _mg_bytes(pid) -> int:
-    from udedup.host.procmem import read_mappings
+    from udedup.host.maps import read_mappings
     return sum(m.anonymous for m in read_mappings(pid) if m.registered)
 
 
@@ -465,11 +460,11 @@ def test_metrics_address_in_use_is_a_config_error():
     taken.listen()
     try:
         with pytest.raises(ConfigError, match="cannot listen") as info:
-            MetricsServer(f"127.0.0.1:{taken.getsockname()[1]}", DaemonCollector())
+            MetricsServer(f"127.0.0.1:{taken.getsockname()[1]}", DaemonCollector(lambda: None))
         assert info.value.exit_code == 10
     finally:
         taken.close()
-    m = MetricsServer("127.0.0.1:0", DaemonCollector())
+    m = MetricsServer("127.0.0.1:0", DaemonCollector(lambda: None))
     try:
         families = scrape(m.url)
         assert families[("udedup_up", ())] == 0.0        # no round published yet

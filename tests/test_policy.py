@@ -7,13 +7,18 @@ import os
 
 import pytest
 
-from udedup.daemon import loop as daemon_mod
+from udedup.daemon.act import per_process, restore_knobs
+from udedup.daemon.candidates import match_process
 from udedup.daemon.config import Config
+from udedup.daemon.loop import Daemon, burst_due
+from udedup.daemon.model import (PRIOR_SECONDS_PER_PAGE, EstimateResult, Memory, Observation,
+                                 ProcessInfo, Register)
+from udedup.daemon.observe import discover_processes, process_start_time, read_memory, with_mappings
+from udedup.daemon.policy import Policy
+from udedup.daemon.rates import ewma_weight, knobs_for_rate, pressure_state, sleep_for_batch
+from udedup.host.fs import SysFs
 
 from fake_sysfs import MINIMAL_COUNTERS, MINIMAL_KNOBS, make_fake_ksm
-from udedup.daemon.policy import (PRIOR_SECONDS_PER_PAGE, EstimateResult, Memory, Observation, Policy,
-                           ProcessInfo, Register, knobs_for_rate, match_process, pressure_state,
-                           sleep_for_batch)
 
 PS = 4096
 MiB, GiB = 1 << 20, 1 << 30
@@ -224,7 +229,7 @@ def test_estimate_then_fast_then_slow_once_realized():
     assert plan.knobs == {"pages_to_scan": knobs_for_rate(rate, 200, policy.seconds_per_page, 100000),
                           "sleep_millisecs": 200}
     assert any("saving realized" in t for t in texts(plan))
-    assert policy.view()["mode"] == "slow"
+    assert policy.mode == "slow"
 
 
 def test_settled_short_of_prediction_goes_slow():
@@ -474,17 +479,16 @@ def fake_sysfs(root, **knobs):
     return make_fake_ksm(root, {**MINIMAL_KNOBS, "run": "0"}, MINIMAL_COUNTERS, **knobs)
 
 
-def truncating_sysfs(monkeypatch) -> list:
-    """Real sysfs parses each write on its own; a regular file needs truncating to behave alike."""
-    from udedup.ksm import controller as ksm_mod
-    writes = []
+class RecordingSysFs(SysFs):
+    """The fake kernel's side of the knob files: every write, in order, as (knob file, text)."""
 
-    def write(path, text):
-        writes.append((os.path.basename(path), text))
-        with open(path, "w") as f:
-            f.write(text)
-    monkeypatch.setattr(ksm_mod, "_sysfs_write", write)
-    return writes
+    def __init__(self, root):
+        super().__init__(root)
+        self.writes: list = []
+
+    def write(self, path, text, knob, shown=None):
+        self.writes.append((os.path.basename(path), text))
+        super().write(path, text, knob, shown)
 
 
 def test_discovery_and_memory_on_a_fake_proc(tmp_path):
@@ -498,19 +502,19 @@ def test_discovery_and_memory_on_a_fake_proc(tmp_path):
     (procfs / "pressure" / "memory").write_text(
         "some avg10=1.50 avg60=0.20 avg300=0.00 total=10\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
 
-    found = {p.pid: p for p in daemon_mod.discover_processes(str(procfs))}
+    found = {p.pid: p for p in discover_processes(str(procfs))}
     assert sorted(found) == [10, 11]                    # the kernel thread is skipped
     # below candidates.min_anon_rss: left out before its other files are read
-    assert [p.pid for p in daemon_mod.discover_processes(str(procfs), min_anon_rss=64 * MiB)] == [10]
+    assert [p.pid for p in discover_processes(str(procfs), min_anon_rss=64 * MiB)] == [10]
     q = found[10]
     assert (q.name, q.cmdline, q.uid, q.cgroup, q.anon_rss, q.merge_any, q.start_time) == (
         "qemu-system-x86", "qemu-system-x86_64 -m 1G", 0, "/machine.slice/vm.scope", GiB, True, 70)
-    q, maps = daemon_mod.with_mappings(q, str(procfs))
+    q, maps = with_mappings(q, str(procfs))
     assert len(maps) == 2 and maps[0].registered
     assert q.registered_bytes == GiB and q.eligible_bytes == GiB + 2 * MiB
-    mem = daemon_mod.read_memory(str(procfs))
+    mem = read_memory(str(procfs))
     assert mem == Memory(total=16384000 * 1024, available=8192000 * 1024, psi_some_avg10=1.5)
-    assert daemon_mod.process_start_time(10, str(procfs)) == 70
+    assert process_start_time(10, str(procfs)) == 70
 
 
 RANGES = ((0x7f0000000000, 0x7f0000000000 + 448 * MiB),)
@@ -563,9 +567,9 @@ def test_per_process_prediction_pays_rmap_items_for_what_ksmd_scans():
                                               "saving_ranges", "range_pages"])
     t = target(7, "process", False, 1000, 0, 100, (600, 700), [(0x1000, 0x1000 + 800 * PS)], 800)
     est = type("E", (), {"page_size": PS, "targets": [t]})()
-    whole = daemon_mod._per_process(est, [7], use_zero_pages=False)
-    ranges = daemon_mod._per_process(est, [7], use_zero_pages=False, by_ranges=True)
-    zero = daemon_mod._per_process(est, [7], use_zero_pages=True, by_ranges=True)
+    whole = per_process(est, [7], use_zero_pages=False)
+    ranges = per_process(est, [7], use_zero_pages=False, by_ranges=True)
+    zero = per_process(est, [7], use_zero_pages=True, by_ranges=True)
     assert whole[7] == (600 * PS - 1000 * 64, 1000 * PS, ((0x1000, 0x1000 + 800 * PS),), 800 * PS)
     assert ranges[7][0] == 600 * PS - 800 * 64
     assert zero[7][0] == 700 * PS - 700 * 64
@@ -574,32 +578,38 @@ def test_per_process_prediction_pays_rmap_items_for_what_ksmd_scans():
 def test_burst_watch_calls_a_round_once_the_saving_is_realized(tmp_path):
     from udedup.ksm.controller import Ksm
     sysfs = fake_sysfs(tmp_path / "ksm")
-    d = daemon_mod.Daemon(cfg(daemon={"ksm_root": str(sysfs)}))
-    d.ksm = Ksm(str(sysfs), procfs=str(tmp_path))
-    obs = Observation(now=0.0, processes=(), counters={"full_scans": 0}, knobs={}, saved_bytes=0,
-                      page_size=PS, ksmd_cpu_seconds=0.0, daemon_cpu_seconds=0.0)
-    d._last_obs = obs
-    d._last_plan = daemon_mod.Plan(mode="fast", bursting=True, predicted_bytes=400 * MiB)
+    ksm = Ksm(str(sysfs), procfs=str(tmp_path))
+    # the last round saw full_scans 0 and a prediction of 400 MiB
+    due = lambda: burst_due(ksm, 0, 400 * MiB, cfg().ksmd.realized_percent)  # noqa: E731
     (sysfs / "general_profit").write_text(str(300 * MiB))
-    assert not d._burst_progress()                  # 75 % of the prediction: keep bursting
+    assert not due()                                # 75 % of the prediction: keep bursting
     (sysfs / "general_profit").write_text(str(390 * MiB))
-    assert d._burst_progress()                      # >= ksmd.realized_percent (95 %): decide now
+    assert due()                                    # >= ksmd.realized_percent (95 %): decide now
     (sysfs / "general_profit").write_text("0")
     (sysfs / "full_scans").write_text("1")
-    assert d._burst_progress()                      # a full scan ended: the policy looks at settling
+    assert due()                                    # a full scan ended: the policy looks at settling
 
 
 def test_rounds_come_faster_while_ksmd_scans_fast():
-    d = daemon_mod.Daemon(cfg(daemon={"interval": 10.0, "fast_interval": 0.5}))
+    d = Daemon(cfg(daemon={"interval": 10.0, "fast_interval": 0.5}))
     d.policy.mode = "fast"
-    assert d._interval() == 0.5
+    assert d.next_interval() == 0.5
     d.policy.mode = "slow"
-    assert d._interval() == 10.0
+    assert d.next_interval() == 10.0
 
 
-def test_daemon_rounds_on_fake_trees_write_the_fake_knobs(tmp_path, monkeypatch):
-    """Observe -> decide -> act, end to end over fake trees, with the estimator stubbed by fixed
+def add_mapping(procfs, pid, kb=4, start=0x7E0000000000):
+    """Append an eligible ``kb`` kB mapping to the fake smaps of ``pid``: a daemon that reads the
+    smaps again sees its eligible bytes grow by that much."""
+    smaps = procfs / str(pid) / "smaps"
+    smaps.write_text(smaps.read_text() + SMAPS_ENTRY.format(start=start, end=start + kb * 1024,
+                                                            path="", kb=kb, mg=""))
+
+
+def test_daemon_rounds_on_fake_trees_write_the_fake_knobs(tmp_path):
+    """Observe -> decide -> act, end to end over fake trees, with the estimator replaced by fixed
     predictions (a fake process has no memory to read) and a fake clock."""
+    from udedup.ksm.controller import Ksm
     procfs = tmp_path / "proc"
     fake_proc(procfs, 10, "vm-dup", ["vm-dup"], 1048576, merge_any=True, mappings=[(1048576, True)])
     fake_proc(procfs, 11, "vm-uniq", ["vm-uniq"], 1048576, merge_any=True, mappings=[(1048576, True)])
@@ -616,21 +626,19 @@ def test_daemon_rounds_on_fake_trees_write_the_fake_knobs(tmp_path, monkeypatch)
         return {i.key: EstimateResult(now, predicted[i.pid], i.anon_rss,
                                       100.0 * predicted[i.pid] / i.anon_rss) for i in infos}
 
-    monkeypatch.setattr(daemon_mod, "estimate_processes", fake_estimate)
-    kernel_writes = truncating_sysfs(monkeypatch)
+    kernel = RecordingSysFs(str(tmp_path))
     clock = [100.0]
-    from udedup.ksm.controller import Ksm
-    d = daemon_mod.Daemon(c, clock=lambda: clock[0])
-    d.ksm = Ksm(str(sysfs), procfs=str(procfs))
+    d = Daemon(c, clock=lambda: clock[0], estimator=fake_estimate,
+               ksm=Ksm(str(sysfs), procfs=str(procfs), sysfs=kernel))
     d.original = d.ksm.knobs()
-    d._round()
+    d.run_round()
     assert calls == [[10, 11, 12]]
     read = lambda name: (sysfs / name).read_text().strip()  # noqa: E731
     assert read("run") == "1" and read("sleep_millisecs") == "20"
     assert int(read("pages_to_scan")) == 2500            # 2 GiB registered, clamped by the budget
     assert d.policy.written == {"run": 1, "pages_to_scan": 2500, "sleep_millisecs": 20}
-    assert kernel_writes == [("pages_to_scan", "2500"), ("run", "1")]    # speed first, run last
-    state = d._state()
+    assert kernel.writes == [("pages_to_scan", "2500"), ("run", "1")]    # speed first, run last
+    state = d.latest.state()
     assert state["mode"] == "fast" and state["original_knobs"]["run"] == 0
     # realized: the fake counters say 600 MiB are saved, over three full scans
     (sysfs / "pages_sharing").write_text(str(600 * MiB // PS))
@@ -640,22 +648,26 @@ def test_daemon_rounds_on_fake_trees_write_the_fake_knobs(tmp_path, monkeypatch)
         "ksm_rmap_items 262144\nksm_zero_pages 0\nksm_merging_pages 153600\n"
         f"ksm_process_profit {600 * MiB}\nksm_merge_any: yes\nksm_mergeable: yes\n")
     clock[0] += 10
-    real_with_mappings, smaps_reads = daemon_mod.with_mappings, []
 
-    def counting(info, procfs):
-        smaps_reads.append(info.pid)
-        return real_with_mappings(info, procfs)
-    monkeypatch.setattr(daemon_mod, "with_mappings", counting)
-    d._round()
+    # a 4 kB mapping more in every smaps: a process whose smaps the next round reads shows it
+    for pid in (10, 11, 12):
+        add_mapping(procfs, pid)
+
+    def smaps_reads(extra_kb):
+        """The processes whose figures include the ``extra_kb`` added: read since."""
+        return sorted(key[0] for key, p in d.policy.procs.items()
+                      if p.info.eligible_bytes % MiB == extra_kb * 1024)
+    d.run_round()
     assert read("sleep_millisecs") == "200" and d.policy.mode == "slow"
     # smaps walks page tables: the unregistered process known not to be worth it is not read
     # again (the registered ones are, every daemon.interval: ksmd scans them whatever we think)
-    assert sorted(smaps_reads) == [10, 11]
-    smaps_reads.clear()
+    assert smaps_reads(4) == [10, 11]
+    for pid in (10, 11, 12):
+        add_mapping(procfs, pid, start=0x7D0000000000)
     clock[0] += 1
-    d._round()
-    assert smaps_reads == []                  # one second later: the figures are current enough
+    d.run_round()
+    assert smaps_reads(8) == []               # one second later: the figures are current enough
     assert d.policy.procs[(12, 84)].info.eligible_bytes == GiB // 2      # figures of the last read
-    restored, left = daemon_mod.restore_knobs(d.ksm, d.original, d.policy.written)
+    restored, left = restore_knobs(d.ksm, d.original, d.policy.written)
     assert restored == {"run": 0, "pages_to_scan": 100, "sleep_millisecs": 20} and left == {}
     assert (read("run"), read("pages_to_scan"), read("sleep_millisecs")) == ("0", "100", "20")

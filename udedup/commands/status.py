@@ -1,11 +1,11 @@
 """``udedup status``: knobs, counters, savings, ksmd CPU and the processes KSM tracks."""
 from __future__ import annotations
 
-import os
 import time
 
-from ..daemon.loop import DEFAULT_STATE_FILE, describe_daemon_state, read_daemon_state
+from ..daemon.state import DEFAULT_STATE_FILE, describe_daemon_state, read_daemon_state
 from ..errors import KsmError, ProcessError, UsageError
+from ..host.fs import ProcFs
 from ..ksm.controller import DEFAULT_PROCFS, DEFAULT_ROOT, Ksm
 from ..ksm.process import process_ksm, profit_overcount_bytes, top_processes
 from ..units import human_bytes
@@ -35,6 +35,9 @@ def add_arguments(parser) -> None:
                         help=f"KSM sysfs directory (default {DEFAULT_ROOT})")
     parser.add_argument("--procfs", default=DEFAULT_PROCFS, metavar="PATH",
                         help=f"procfs mount (default {DEFAULT_PROCFS})")
+    parser.add_argument("--state-file", default=DEFAULT_STATE_FILE, metavar="PATH",
+                        help="the daemon's state file, as its daemon.state_file (default "
+                             f"{DEFAULT_STATE_FILE})")
 
 
 def _ksmd_cpu(ksm: Ksm, interval: float) -> dict:
@@ -47,8 +50,10 @@ def _ksmd_cpu(ksm: Ksm, interval: float) -> dict:
             return {"pid": ksm.ksmd_pid(), "cpu_seconds": cpu1, "window": "interval",
                     "window_seconds": window, "cpu_percent": 100.0 * (cpu1 - cpu0) / window}
         cpu = ksm.ksmd_cpu_seconds()
-        with open(os.path.join(ksm.procfs, "uptime")) as f:
-            uptime = float(f.read().split()[0])
+        text = ProcFs(ksm.procfs).global_text("uptime")
+        if not text:
+            raise ValueError(f"cannot read {ksm.procfs}/uptime")
+        uptime = float(text.split()[0])
         window = max(uptime - ksm.ksmd_start_seconds(), 1e-9)
         return {"pid": ksm.ksmd_pid(), "cpu_seconds": cpu, "window": "since_start",
                 "window_seconds": window, "cpu_percent": 100.0 * cpu / window}
@@ -75,7 +80,7 @@ def run(args) -> int:
     except ProcessError as err:
         top, cpu["top_error"] = [], str(err)
     overcount = profit_overcount_bytes(stats.pages_shared, stats.page_size)
-    daemon = read_daemon_state(DEFAULT_STATE_FILE, args.procfs)
+    daemon = read_daemon_state(args.state_file, args.procfs)
 
     if args.json:
         out = {"knobs": knobs, "counters": stats.counters, "page_size": stats.page_size,

@@ -1,0 +1,254 @@
+"""What the daemon does about a plan: estimates (screen first, then the joint estimate),
+registrations by injection, and knob writes through the KSM controller, and putting back what it
+wrote.
+
+Roots flow down: the estimator, the screen and injection read ``daemon.procfs``; knobs go through
+the one :class:`~udedup.ksm.Ksm` (``daemon.ksm_root``), whose ``apply`` validates all, writes in
+the one write order (:func:`udedup.ksm.knobs.write_order`) and rolls back on failure.
+
+The promise about the knobs: restore only those still holding what the daemon wrote; a knob someone
+else changed since is theirs (reported, not fought).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from ..errors import KsmError, KsmPermissionError, UdedupError
+from ..ksm.knobs import KnobSnapshot, pages_to_scan_ignored, write_order
+from .config import Config
+from .model import EstimateResult, Observation, Plan, ProcessInfo
+
+log = logging.getLogger(__name__)
+
+
+# --- estimation and registration ------------------------------------------------------------------
+def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float) -> dict:
+    """One joint estimate (duplicates across processes count) -> {key: EstimateResult | str error},
+    reading the processes under ``daemon.procfs``."""
+    from ..estimate import estimate
+
+    e, r = cfg.estimate, cfg.registration
+    pids = [i.pid for i in infos]
+    results: dict = {}
+    try:
+        # threads=1: a daemon is judged by its CPU, not by how soon an estimate ends; the read-ahead
+        # thread buys wall time for CPU (0.47 against 0.40 CPU-s for the benchmark's two VMs)
+        est = estimate(pids, passes=e.passes, interval=e.pass_interval, all_eligible=True,
+                       procfs=cfg.daemon.procfs, recheck=e.recheck, range_gap=r.range_gap,
+                       max_ranges=r.max_ranges, threads=1)
+    except UdedupError as err:
+        if len(infos) == 1:
+            return {infos[0].key: str(err)}
+        # one bad process must not stop the others: estimate them one by one
+        for info in infos:
+            results.update(estimate_processes([info], cfg, use_zero_pages, now))
+        return results
+    per_pid = per_process(est, pids, use_zero_pages, by_ranges=r.granularity == "ranges")
+    for info in infos:
+        got = per_pid.get(info.pid)
+        if got is None:
+            results[info.key] = "exited during the estimate"
+            continue
+        saved, scanned, ranges, range_bytes = got
+        pct = 100.0 * saved / scanned if scanned else 0.0
+        results[info.key] = EstimateResult(at=now, saved_bytes=int(saved), scanned_bytes=int(scanned),
+                                           saved_percent=pct, ranges=ranges, range_bytes=range_bytes)
+    return results
+
+
+def screen_processes(infos, cfg: Config, now: float, seed: int = 0, mappings=None) -> dict:
+    """{key: EstimateResult} for the processes a sample rules out (see udedup.screen); the others
+    are left for the full estimate. Nothing is ruled out when screening is off, when the threshold
+    is so low that the sample would be most of the memory, or when the sample fails."""
+    from ..estimate import screen as screen_mod
+    from ..native import pages
+
+    r = cfg.registration
+    if not cfg.estimate.screen or r.min_saving <= 0 or not infos:
+        return {}
+    rate = screen_mod.rate_for(r.min_saving)
+    if rate > 0.25:
+        return {}
+    try:
+        sampled = screen_mod.screen([i.pid for i in infos], rate, seed=seed,
+                                    procfs=cfg.daemon.procfs, mappings=mappings)
+    except UdedupError as err:
+        log.info("screen failed (%s): estimating in full", err)
+        return {}
+    out = {}
+    for info in infos:
+        got = sampled.get(info.pid)
+        if not isinstance(got, screen_mod.ScreenResult) or got.sampled_pages == 0:
+            continue    # errors and empty samples: the full estimate decides and reports
+        ps = pages.PAGE_SIZE
+        present = got.present_pages * ps
+        threshold = max(r.min_saving, r.min_saving_percent / 100.0 * present)
+        bound = got.bound_pages * ps
+        if bound >= 0.5 * threshold:
+            continue
+        out[info.key] = EstimateResult(
+            at=now, saved_bytes=int(bound), scanned_bytes=int(present),
+            saved_percent=100.0 * bound / present if present else 0.0,
+            screened=(f"screened: {got.sampled_pages} sampled pages of {got.present_pages}, "
+                      f"{got.zero_pages} zero, {got.twin_pages} with a twin"))
+    return out
+
+
+def per_process(est, pids, use_zero_pages: bool, by_ranges: bool = False) -> dict:
+    """{pid: (predicted saved bytes, scanned bytes, saving ranges, resident bytes in them)} from an
+    Estimate's per-target attribution.
+
+    The estimator splits each duplicate group's saving among the processes holding it, so the
+    shares add up to the joint prediction. Each share pays 64 bytes of rmap item per page ksmd
+    would scan, as general_profit does: the pages of the saving ranges when only those get
+    registered (``by_ranges``), else every scanned page; zero pages merged into the shared zero
+    page (use_zero_pages) give theirs back.
+    """
+    from ..ksm.accounting import RMAP_ITEM_BYTES
+
+    k = int(bool(use_zero_pages))
+    ps = est.page_size
+    per = {}
+    for t in est.targets:
+        if getattr(t, "kind", "process") != "process" or t.exited:
+            continue
+        readable = t.scanned_pages - t.unreadable_pages
+        ranges = tuple(tuple(x) for x in getattr(t, "saving_ranges", ()) or ())
+        range_pages = int(getattr(t, "range_pages", 0) or 0)
+        scanned_by_ksmd = range_pages if by_ranges and ranges else readable
+        rmap = scanned_by_ksmd - (t.zero_pages if use_zero_pages else 0)
+        saved = t.saved_pages[k] * ps - rmap * RMAP_ITEM_BYTES
+        per[int(t.pid)] = (saved, readable * ps, ranges, range_pages * ps)
+    return per
+
+
+def register_process(info: ProcessInfo, mode: str, ranges=None, procfs: str = "/proc",
+                     ksm_root: str = "/sys/kernel/mm/ksm") -> tuple[bool, str]:
+    """Opt ``info`` in by injection (udedup.inject.enable): (done, how or why not)."""
+    from ..inject import enable
+
+    try:
+        result = enable(info.pid, mode=mode, ranges=list(ranges) if ranges else None,
+                        procfs=procfs, ksm_root=ksm_root)
+    except UdedupError as err:
+        return False, str(err)
+    how = str(getattr(result, "mode", mode))
+    if ranges:
+        how += f", {len(ranges)} range{'s' if len(ranges) != 1 else ''}"
+    return True, how
+
+
+# --- knobs ----------------------------------------------------------------------------------------
+def restore_knobs(ksm, original: dict, written: dict) -> tuple[dict, dict]:
+    """Put back ``original`` values of the knobs in ``written`` that still hold what we wrote.
+
+    Returns (restored {knob: value}, left {knob: current value changed by someone else}). Best
+    effort through ``Ksm.restore``: every knob that can be restored is, the first error is raised.
+    """
+    try:
+        current = ksm.knobs()
+    except KsmError as err:
+        log.error("cannot read the KSM knobs to restore them: %s", err)
+        return {}, {}
+    back, left = {}, {}
+    for name in write_order(written):
+        if name not in original or name not in current:
+            continue
+        if current[name] != written[name]:
+            left[name] = current[name]
+        elif name == "pages_to_scan" and pages_to_scan_ignored(current):
+            left[name] = current[name]  # the advisor owns it now
+        else:
+            back[name] = original[name]
+    if back:
+        ksm.restore(KnobSnapshot(back))
+    return back, left
+
+
+def self_test(ksm, original: dict, cfg: Config) -> list[str]:
+    """Write each knob the daemon may manage to its current value and read it back: a missing
+    privilege fails now, at start, not in the middle of the night. Returns the knobs tested."""
+    names = ["sleep_millisecs", "run"]
+    if not pages_to_scan_ignored(original):
+        names.append("pages_to_scan")
+    if cfg.ksmd.use_zero_pages != "keep":
+        names.append("use_zero_pages")
+    tested = []
+    for name in names:
+        if name not in original or (name == "run" and original[name] == 2):
+            continue
+        try:
+            # force: a no-op write is exactly what proves the permission without changing anything
+            ksm.write_value(name, original[name], force=True)
+        except KsmPermissionError as err:
+            raise KsmPermissionError(
+                f"startup self-test: {err} (under systemd the unit needs "
+                f"ReadWritePaths={cfg.daemon.ksm_root}; or run with --dry-run)", knob=name) from err
+        tested.append(name)
+    return tested
+
+
+class Actor:
+    """Carries out the actions of a plan, and reports their results to the policy.
+
+    ``estimator(infos, cfg, use_zero_pages, now)`` and ``registrar(info, mode, ranges, procfs,
+    ksm_root)`` default to :func:`estimate_processes` and :func:`register_process`; a caller
+    without real memory to read (tests on fake trees) passes its own."""
+
+    def __init__(self, ksm, policy, dry_run: bool = False, clock=time.monotonic,
+                 estimator=estimate_processes, registrar=register_process):
+        self.ksm = ksm
+        self.policy = policy
+        self.dry_run = dry_run
+        self.clock = clock
+        self.estimator = estimator
+        self.registrar = registrar
+        self.knob_writes = 0
+
+    def estimate(self, cfg: Config, plan: Plan, obs: Observation, mappings: dict, seed: int) -> None:
+        """Screen ``plan.estimate``, estimate the rest jointly, record every result. ``mappings``:
+        {pid: mappings} already read this round."""
+        use_zero = bool(obs.knobs.get("use_zero_pages", False))
+        if cfg.ksmd.use_zero_pages != "keep":
+            use_zero = cfg.ksmd.use_zero_pages == "on"
+        t0, cpu0 = time.monotonic(), time.process_time()
+        results = screen_processes(plan.estimate, cfg, obs.now, seed=seed, mappings=mappings)
+        full = [i for i in plan.estimate if i.key not in results]
+        if len(full) < len(plan.estimate):
+            log.info("screened %d processes in %.2f s (%.2f CPU-s): %d ruled out by their sample",
+                     len(plan.estimate), time.monotonic() - t0, time.process_time() - cpu0,
+                     len(results))
+        if full:
+            t1, cpu1 = time.monotonic(), time.process_time()
+            results.update(self.estimator(full, cfg, use_zero, obs.now))
+            log.info("estimated %d processes in %.2f s (%.2f CPU-s)", len(full),
+                     time.monotonic() - t1, time.process_time() - cpu1)
+        for key, result in results.items():
+            if isinstance(result, EstimateResult):
+                self.policy.record_estimate(key, result, now=obs.now)
+            else:
+                log.info("pid %d: estimate failed: %s", key[0], result)
+                self.policy.record_estimate(key, None, error=result, now=obs.now)
+
+    def register(self, cfg: Config, plan: Plan) -> None:
+        for info, mode, ranges in plan.register:
+            if self.dry_run:
+                log.info("dry run: would opt pid %d (%s) in by injection, mode %s%s", info.pid,
+                         info.name, mode, f", {len(ranges)} ranges" if ranges else "")
+                continue
+            ok, detail = self.registrar(info, mode, ranges, procfs=cfg.daemon.procfs,
+                                        ksm_root=cfg.daemon.ksm_root)
+            if ok:
+                log.info("pid %d (%s): registered by injection (%s)", info.pid, info.name, detail)
+            else:
+                log.warning("pid %d (%s): injection failed: %s", info.pid, info.name, detail)
+            self.policy.record_registration(info.key, ok, detail, self.clock())
+
+    def apply(self, plan: Plan) -> None:
+        """Write ``plan.knobs`` (all or none: Ksm.apply rolls back a failure and raises)."""
+        if not plan.knobs or self.dry_run:
+            return
+        self.ksm.apply(plan.knobs)
+        self.policy.record_written(dict(plan.knobs))
+        self.knob_writes += len(plan.knobs)

@@ -1,0 +1,147 @@
+"""What the daemon sees each round: candidate processes (/proc), their smaps figures, KSM's
+counters and knobs, ksmd's and its own CPU time, memory pressure.
+
+Every /proc read goes through :class:`~udedup.host.fs.ProcFs` and the parsers of
+:mod:`udedup.host.parse`; the root is ``daemon.procfs``. A walk of /proc skips processes that
+exit or hide their files while it runs (the ``maybe_*`` reads); a /proc that cannot be listed at
+all, or a candidate we may not read, is reported.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import replace
+
+from ..errors import KernelThreadError, KsmError, ProcessAccessError, ProcessNotFoundError
+from ..host.fs import ProcFs, as_procfs
+from ..host.maps import read_mappings
+from ..host.parse import status_ids, status_kib
+from .candidates import match_process
+from .config import Config
+from .model import Memory, Observation, ProcessInfo
+
+log = logging.getLogger(__name__)
+
+
+def process_start_time(pid: int, procfs: ProcFs | str = "/proc") -> int | None:
+    """starttime (stat field 22, clock ticks since boot): a pid plus this names one process."""
+    st = as_procfs(procfs).maybe_stat(pid)
+    return st.start_time if st is not None else None
+
+
+def discover_processes(procfs: ProcFs | str = "/proc", exclude_pid: int | None = None,
+                       min_anon_rss: int = 0) -> list[ProcessInfo]:
+    """Every user process with what candidate matching needs (no smaps: that is per candidate).
+
+    Processes with less than ``min_anon_rss`` anonymous resident bytes, never candidates, are
+    left out before their cmdline, exe, cgroup and ksm_stat are read: on most hosts that is most
+    processes, and this walk runs every round. ProcessAccessError if /proc cannot be listed."""
+    fs = as_procfs(procfs)
+    out = []
+    for pid in fs.pids():
+        if pid == exclude_pid:
+            continue
+        st = fs.maybe_stat(pid)
+        if st is None or st.kernel_thread or st.exited:
+            continue
+        status = fs.maybe_status(pid)
+        if status is None:
+            continue        # exited since its stat was read
+        anon = status_kib(status, "RssAnon")
+        if anon < min_anon_rss:
+            continue
+        uids = status_ids(status, "Uid")
+        ksm = fs.maybe_ksm_stat(pid)
+        out.append(ProcessInfo(
+            pid=pid, start_time=st.start_time, name=st.comm, cmdline=fs.cmdline(pid),
+            exe=fs.readlink(pid, "exe") or "", uid=uids[0] if uids else 0, cgroup=fs.cgroup(pid),
+            anon_rss=anon, merge_any=ksm.get("ksm_merge_any") is True,
+            mergeable=ksm.get("ksm_mergeable") is True,
+            ksm_merging_pages=int(ksm.get("ksm_merging_pages", 0) or 0),
+            ksm_profit=int(ksm.get("ksm_process_profit", 0) or 0)))
+    return out
+
+
+def with_mappings(info: ProcessInfo, procfs: ProcFs | str = "/proc") -> tuple[ProcessInfo | None, list]:
+    """(``info`` plus registered and eligible resident bytes from smaps, the mappings); (None, [])
+    if it exited; ProcessAccessError if we may not read it."""
+    try:
+        maps = read_mappings(info.pid, procfs)
+    except (ProcessNotFoundError, KernelThreadError):
+        return None, []
+    registered = sum(m.anonymous for m in maps if m.registered)
+    eligible = sum(m.anonymous for m in maps if m.eligible)
+    return replace(info, registered_bytes=registered, eligible_bytes=eligible), maps
+
+
+def read_memory(procfs: ProcFs | str = "/proc") -> Memory | None:
+    """MemTotal, MemAvailable and memory PSI ``some avg10``; None without a readable meminfo."""
+    fs = as_procfs(procfs)
+    info = fs.meminfo()
+    if "MemTotal" not in info:
+        return None
+    psi = (fs.pressure("memory") or {}).get("some", {}).get("avg10")
+    return Memory(total=info["MemTotal"], available=info.get("MemAvailable", info.get("MemFree", 0)),
+                  psi_some_avg10=psi)
+
+
+class Observer:
+    """Builds each round's :class:`Observation`, keeping smaps figures between rounds: reading
+    smaps walks every page table entry, the biggest cost of a round, so a process's figures are
+    re-read only once the policy's ``mappings_max_age`` says they are too old."""
+
+    def __init__(self, procfs: ProcFs | str, ksm, clock=time.monotonic):
+        self.procfs = as_procfs(procfs)
+        self.ksm = ksm
+        self.clock = clock
+        self._mappings: dict = {}       # key -> (ProcessInfo with smaps figures, when, mappings, round)
+        self._unreadable: set = set()   # candidates we were refused: reported once
+
+    def mappings_by_pid(self) -> dict:
+        """{pid: mappings} read this round or recently (the screen does not read them again)."""
+        return {key[0]: cached[2] for key, cached in self._mappings.items()}
+
+    def observe(self, cfg: Config, max_age, round_number: int) -> Observation:
+        """``max_age(key)``: how old (seconds) a process's smaps figures may be."""
+        procs = []
+        now = self.clock()
+        seen: dict = {}
+        for info in discover_processes(self.procfs, exclude_pid=os.getpid(),
+                                       min_anon_rss=cfg.candidates.min_anon_rss):
+            if not match_process(cfg, info)[0]:
+                continue
+            cached = self._mappings.get(info.key)
+            if (cached is not None
+                    and (cached[0].merge_any, cached[0].mergeable) == (info.merge_any, info.mergeable)
+                    and (cached[3] == round_number     # read earlier in this round: still current
+                         or now - cached[1] < max_age(info.key))):
+                seen[info.key] = cached
+                procs.append(replace(info, registered_bytes=cached[0].registered_bytes,
+                                     eligible_bytes=cached[0].eligible_bytes))
+                continue
+            try:
+                detailed, maps = with_mappings(info, self.procfs)
+            except ProcessAccessError as err:
+                if info.key not in self._unreadable:
+                    self._unreadable.add(info.key)
+                    log.warning("pid %d (%s): matches the candidates but %s (reading another user's "
+                                "process needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH)", info.pid,
+                                info.name, err)
+                continue
+            if detailed is not None:
+                seen[info.key] = (detailed, now, maps, round_number)
+                if match_process(cfg, detailed)[0]:
+                    procs.append(detailed)
+        self._mappings = seen
+        stats = self.ksm.stats()
+        try:
+            ksmd_cpu = self.ksm.ksmd_cpu_seconds()
+        except KsmError as err:
+            # no ksmd thread to be seen (a container's /proc): its CPU counts as zero
+            log.debug("ksmd CPU time unknown: %s", err)
+            ksmd_cpu = 0.0
+        return Observation(now=now, processes=tuple(procs), counters=dict(stats.counters),
+                           knobs=self.ksm.knobs(), saved_bytes=stats.saved_bytes,
+                           page_size=stats.page_size, ksmd_cpu_seconds=ksmd_cpu,
+                           daemon_cpu_seconds=time.process_time(), memory=read_memory(self.procfs))
