@@ -134,6 +134,8 @@ def parse_psi(text: str) -> dict[str, dict[str, float]]:
     """A PSI file (/proc/pressure/memory) -> ``{"some": {"avg10": ..., "total": ...}, "full": ...}``."""
     out: dict[str, dict[str, float]] = {}
     for line in text.splitlines():
+        if not line.strip():
+            continue
         kind, *parts = line.split()
         values = {}
         for part in parts:
