@@ -56,7 +56,7 @@ def read_scope(targets: list, all_eligible: bool, procfs: ProcFs) -> Scope:
     within them the present anonymous pages, minus pages already mapping the kernel's zero page
     (ksmd skips those, they cost nothing)."""
     scope = Scope(targets)
-    zero_pfns = zero_page_pfns()
+    zero_pfns = zero_page_pfns(procfs)
     if not zero_pfns:
         scope.notes.append("page frame numbers are hidden (not root): pages already mapping the "
                            "kernel's zero page are scanned and counted as zero pages")
