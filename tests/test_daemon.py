@@ -470,3 +470,23 @@ def test_metrics_address_in_use_is_a_config_error():
         assert families[("udedup_up", ())] == 0.0        # no round published yet
     finally:
         m.close()
+
+
+def test_status_reads_the_state_file_it_is_given(tmp_path, sysfs, capsys):
+    """``udedup status --state-file``: a daemon run with another daemon.state_file is found."""
+    from udedup import cli
+    from udedup.daemon.observe import process_start_time
+    path = tmp_path / "elsewhere.json"
+    path.write_text(json.dumps({
+        "version": 1, "pid": os.getpid(), "pid_start_time": process_start_time(os.getpid()),
+        "mode": "slow", "mode_reason": "saving realized", "written_knobs": {"run": 1},
+        "original_knobs": {"run": 0}, "processes": [], "saved_bytes": 0}))
+    argv = ["status", "--sysfs", str(sysfs), "--top", "0", "--interval", "0", "--state-file", str(path)]
+    assert cli.main([*argv, "--json"]) == 0
+    daemon = json.loads(capsys.readouterr().out)["daemon"]
+    assert daemon["running"] is True and daemon["pid"] == os.getpid() and daemon["mode"] == "slow"
+    assert cli.main(argv) == 0
+    assert f"udedup daemon: pid {os.getpid()}, slow: saving realized" in capsys.readouterr().out
+    assert cli.main(["status", "--sysfs", str(sysfs), "--top", "0", "--interval", "0",
+                     "--state-file", str(tmp_path / "none.json")]) == 0
+    assert "udedup daemon: not running (no state file)" in capsys.readouterr().out

@@ -671,3 +671,58 @@ def test_daemon_rounds_on_fake_trees_write_the_fake_knobs(tmp_path):
     restored, left = restore_knobs(d.ksm, d.original, d.policy.written)
     assert restored == {"run": 0, "pages_to_scan": 100, "sleep_millisecs": 20} and left == {}
     assert (read("run"), read("pages_to_scan"), read("sleep_millisecs")) == ("0", "100", "20")
+
+
+def test_decides_within_a_round_weigh_the_daemon_cpu_by_their_time():
+    """A round that estimates decides again seconds later: that short stretch (mostly the
+    estimate's own CPU) counts for its time, not as a whole round's sample."""
+    policy, host, _ = estimated_round(proc(1, size=4 * GiB), 2 * GiB)
+    assert policy.daemon_cpu_share == 0.0
+    host.daemon_cpu += 0.5                       # the estimate: 0.5 CPU-s in 0.5 s
+    host.round(dt=0.5)
+    assert policy.daemon_cpu_share == pytest.approx(ewma_weight(0.5, 0.5, 10.0))
+    assert policy.daemon_cpu_share < 0.05        # a whole round's weight would make it 0.5
+    # a whole daemon.interval (or more) still weighs 0.5, as before
+    assert ewma_weight(0.5, 10.0, 10.0) == 0.5 and ewma_weight(0.5, 60.0, 10.0) == 0.5
+    # two halves of an interval weigh as much as one whole interval
+    assert 1 - (1 - ewma_weight(0.5, 5.0, 10.0)) ** 2 == pytest.approx(0.5)
+
+
+def test_metrics_collector_reads_the_snapshot_at_scrape_time():
+    from prometheus_client.registry import CollectorRegistry
+
+    from udedup.daemon.metrics import DaemonCollector
+    from udedup.daemon.snapshot import DaemonIdentity, build_snapshot, round_figures
+    policy = Policy(cfg())
+    host = Host(policy, proc(1))
+    current = [None]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DaemonCollector(lambda: current[0]))
+    assert registry.get_sample_value("udedup_up") == 0.0
+    obs_plan = host.round()
+    ident = DaemonIdentity(pid=1, pid_start_time=1, started_at=0.0, ksm_root="/x", dry_run=False,
+                           config_file=None)
+    obs = Observation(now=host.now, processes=tuple(host.procs), counters=dict(host.counters),
+                      knobs=dict(host.knobs), saved_bytes=0, page_size=PS, ksmd_cpu_seconds=0.0,
+                      daemon_cpu_seconds=0.0)
+    current[0] = build_snapshot(ident, policy.cfg, policy, now_wall=0.0, rounds=1, original=KNOBS,
+                                metrics_url=None, knob_writes=0,
+                                last=round_figures(obs_plan, obs, dry_run=False))
+    assert registry.get_sample_value("udedup_up") == 1.0
+    assert registry.get_sample_value("udedup_mode", {"mode": "hold"}) == 1.0
+    assert registry.get_sample_value("udedup_process_registered", {"pid": "1", "name": "vm"}) == 1.0
+    state = current[0].state()
+    assert state["processes"][0]["pid"] == 1 and state["mode"] == "hold"
+    assert current[0].status_line().startswith("hold: saved 0.00 GiB")
+
+
+def test_discovery_skips_vanished_processes_and_reports_an_unlistable_proc(tmp_path):
+    from udedup.errors import ProcessAccessError
+    procfs = tmp_path / "proc"
+    fake_proc(procfs, 10, "vm", ["vm"], 1048576)
+    fake_proc(procfs, 11, "gone", ["gone"], 1048576)
+    (procfs / "11" / "status").unlink()              # exited between its stat and its status
+    (procfs / "12").mkdir()                          # exited before its stat was read
+    assert [p.pid for p in discover_processes(str(procfs))] == [10]
+    with pytest.raises(ProcessAccessError, match="cannot list"):
+        discover_processes(str(tmp_path / "no-proc"))
