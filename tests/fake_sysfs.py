@@ -1,8 +1,11 @@
 """Fake /sys/kernel/mm/ksm trees for unit tests: a file with the owner write bit is a knob, a
-read-only one a counter, as udedup.ksm tells them apart."""
+read-only one a counter, as udedup.ksm tells them apart; and :class:`StoreSysFs`, a SysFs whose
+writes a test plays the kernel for."""
 from __future__ import annotations
 
 import os
+
+from udedup.host.fs import SysFs, knob_error
 
 # what Linux 6.18 has, at the boot defaults
 KNOBS_618 = {
@@ -42,3 +45,20 @@ def make_fake_ksm(root, knobs=None, counters=None, **overrides):
 def read_tree(root) -> dict[str, str]:
     """Every file of a fake tree and its text: compare before and after to prove nothing changed."""
     return {p.name: p.read_text() for p in sorted(root.iterdir())}
+
+
+class StoreSysFs(SysFs):
+    """A :class:`SysFs` that hands every knob write to ``store(path, text)``, a test's stand-in for
+    the kernel's store function: it updates the fake tree or raises OSError(errno), which reaches the
+    caller translated as the real SysFs translates it. Reads are the tree's files.
+    ``Ksm(root, sysfs=StoreSysFs(store))``."""
+
+    def __init__(self, store, root: str = "/sys"):
+        super().__init__(root)
+        self.store = store
+
+    def write(self, path, text, knob, shown=None):
+        try:
+            self.store(path, text)
+        except OSError as err:
+            raise knob_error(err, knob=knob, path=path, value=shown or text) from err

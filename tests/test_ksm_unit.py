@@ -15,24 +15,23 @@ import time
 
 from udedup.errors import (KsmBusyError, KsmError, KsmNotRunningError, KsmPermissionError,
                            KsmTimeout, KsmUnavailableError, KsmValueError)
-from udedup.host.fs import SysFs, knob_error
 from udedup.ksm import Ksm, KsmStats
 from udedup.ksm.knobs import pages_to_scan_ignored, write_order
 from udedup.ksm.settle import SettleTracker, settle_index
 
-from fake_sysfs import COUNTERS_618, KNOBS_618, make_fake_ksm, read_tree
+from fake_sysfs import COUNTERS_618, KNOBS_618, StoreSysFs, make_fake_ksm, read_tree
 
 # what a 5.15 kernel has: no smart_scan, no advisor, no general_profit file
 OLD_KNOBS = ("advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan",
              "advisor_max_pages_to_scan", "advisor_target_scan_time", "smart_scan")
 
 
-class FakeKernel(SysFs):
+class FakeKernel(StoreSysFs):
     """Stands in for mm/ksm.c's store functions, enough to check order and errno handling: the
     :class:`SysFs` a :class:`Ksm` writes through (``Ksm(tree, sysfs=kernel)``)."""
 
     def __init__(self, root):
-        super().__init__(str(root.parent))
+        super().__init__(self._store, str(root.parent))
         self.root = root
         self.writes: list[tuple[str, str]] = []
         self.fail: dict[str, int] = {}      # knob -> errno to raise on write
@@ -44,13 +43,6 @@ class FakeKernel(SysFs):
 
     def _put(self, name, value):
         (self.root / name).write_text(value + "\n")
-
-    def write(self, path, text, knob, shown=None):
-        # the errno a store function returns reaches the caller as the real SysFs translates it
-        try:
-            self._store(path, text)
-        except OSError as err:
-            raise knob_error(err, knob=knob, path=path, value=shown or text) from err
 
     def _store(self, path, text):
         name = os.path.basename(path)
