@@ -6,14 +6,13 @@ import os
 
 import pytest
 
+from udedup.daemon.act import screen_processes
+from udedup.daemon.config import Config
+from udedup.daemon.model import ProcessInfo
+from udedup.errors import UsageError
+from udedup.estimate import screen
 from udedup.host.maps import read_mappings
 from udedup.host.pagemap import present_pages
-
-from udedup.estimate import screen
-from udedup.daemon.config import Config
-from udedup.daemon.loop import screen_processes
-from udedup.errors import UsageError
-from udedup.daemon.policy import ProcessInfo
 
 PS = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20

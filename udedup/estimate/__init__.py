@@ -1,10 +1,11 @@
 """The estimator: predict what KSM would save before it runs, and why memory does not merge.
 
-The data flow, one module each: :mod:`.passes` (every read: the scope from /proc, then the pages)
-fills a :mod:`.scope`; :mod:`.group` forms candidate groups by hash64, :mod:`.confirm` confirms
-them byte by byte, :mod:`.summary` counts them into the :mod:`.model` result with the saving
-:mod:`.ranges`; :mod:`.api` runs the steps. :mod:`.screen` is the cheap sampled look before a full
-estimate, :mod:`.why` the per-mapping diagnosis.
+The data flow, one module each: :mod:`.passes` (every read of /proc and of memory: the scope,
+then the pages, pass after pass) fills a :mod:`.scope`; :mod:`.group` forms candidate groups by
+hash64, :mod:`.confirm` confirms them byte by byte, :mod:`.summary` counts them into the
+:mod:`.model` result with the saving :mod:`.ranges`; :mod:`.kernel` reads the KSM knobs the
+prediction is for; :mod:`.api` runs the steps. :mod:`.screen` is the cheap sampled look before a
+full estimate, :mod:`.why` the per-mapping diagnosis.
 
 ``udedup.estimate(pid)`` calls :func:`estimate`, while ``from udedup import estimate`` gives this
 package (its classes and helpers): the package exports both under one name."""

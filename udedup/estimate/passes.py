@@ -1,5 +1,6 @@
-"""The estimator's reads, all of them: the targets and their scope from /proc (maps and smaps
-flags, ksm_stat, pagemap), then the targets' pages, pass after pass, into one fixed buffer.
+"""The estimator's reads of /proc and of memory, all of them: the targets and their scope (maps
+and smaps flags, ksm_stat, pagemap), then the targets' pages, pass after pass, into one fixed
+buffer. (The KSM knobs the prediction is for come from :mod:`.kernel`.)
 
 Pass 1 reads every page in scope (``process_vm_readv``, chunk by chunk, the next chunk read ahead
 in a second thread where there are two CPUs) and scans it once for crc32c, hash64 and an exact
