@@ -259,7 +259,7 @@ _LOCKING = True     # --no-lock: the caller (a test holding the suite's lock) ke
 
 
 def ksm_lock():
-    from udedup.ksm.controller import experiment_lock   # not at import: the workload children start lean
+    from udedup.ksm import experiment_lock   # not at import: the workload children start lean
     return experiment_lock(enabled=_LOCKING)
 
 
@@ -411,9 +411,9 @@ def ksmtuned_default_check(ksm, workdir, args, log) -> str:
 def floor_tool(log):
     """Register exactly the ranges the estimator says hold the saving, then run ksmd flat out."""
     def start(kids, sampler):
-        from udedup.inject import core as inject
-        from udedup.estimate.core import estimate
-        from udedup.ksm.controller import Ksm
+        from udedup import inject
+        from udedup.estimate import estimate
+        from udedup.ksm import Ksm
         est = estimate([k.pid for k in kids], passes=2, interval=0.5, all_eligible=True,
                        recheck="candidates")
         pages = 0
@@ -551,7 +551,7 @@ def main(argv=None) -> int:
     global _LOCKING
     _LOCKING = not args.no_lock
 
-    from udedup.ksm.controller import Ksm
+    from udedup.ksm import Ksm
     ksm = Ksm()
     snap = ksm.snapshot()
     workdir = tempfile.mkdtemp(prefix="udedup-bench-")
@@ -562,7 +562,7 @@ def main(argv=None) -> int:
     try:
         injection = True
         try:
-            import udedup.inject.core  # noqa: F401
+            import udedup.inject  # noqa: F401
         except Exception as err:  # noqa: BLE001 - any failure means: no injection here
             injection = False
             notes.append(f"udedup: injection unavailable ({err}); its workload started registered")
@@ -571,7 +571,7 @@ def main(argv=None) -> int:
         with ksm_lock():
             kids = start_children(args.scale, "prctl", False, log)
             try:
-                from udedup.estimate.core import estimate
+                from udedup.estimate import estimate
                 est = estimate([k.pid for k in kids], passes=2, interval=0.5, all_eligible=True)
                 predicted = est.predicted(use_zero_pages=False).saved_pages
             finally:

@@ -83,8 +83,8 @@ def main(argv=None) -> int:
         if reg.split("-")[0] not in ("whole", "buffer", "ranges"):
             parser.error(f"bad registration {reg!r}: whole, buffer or ranges (optionally -uzp)")
 
-    from udedup.inject import core as inject
-    from udedup.ksm.controller import Ksm, experiment_lock
+    from udedup import inject
+    from udedup.ksm import Ksm, experiment_lock
     ksm = Ksm()
     snap = ksm.snapshot()
     lines = [f"ksmd CPU to 95 % of the saving of two {args.size} MiB VMs — {os.uname().release}, "

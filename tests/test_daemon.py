@@ -330,7 +330,7 @@ def _mg_bytes(pid) -> int:
 
 def _injection_available() -> bool:
     try:
-        import udedup.inject.core  # noqa: F401
+        import udedup.inject  # noqa: F401
     except Exception:  # noqa: BLE001 - not built here: the variant is skipped, with the reason
         return False
     return True
@@ -342,7 +342,7 @@ def _injection_available() -> bool:
 def test_end_to_end_registers_the_duplicate_rich_workload_only(tmp_path, registered_by):
     if registered_by == "injection" and not _injection_available():
         pytest.skip("udedup.inject is not available in this build")
-    from udedup.ksm.controller import Ksm
+    from udedup.ksm import Ksm
     bench = _bench_module()
     mib = 1 << 20
     dup = bench.Child("udd-dup", 48 * mib, dup=0.9, templates=64,
@@ -413,7 +413,7 @@ def test_end_to_end_registers_the_duplicate_rich_workload_only(tmp_path, registe
 def test_bench_script_runs_at_a_tiny_size(tmp_path):
     """scripts/bench_daemon_peers.py end to end (reference and udedup only, 16 MiB processes): it
     reports, and leaves every knob as it found it."""
-    from udedup.ksm.controller import Ksm
+    from udedup.ksm import Ksm
     ksm = Ksm()
     before = ksm.knobs()
     out = tmp_path / "report.txt"
@@ -435,7 +435,7 @@ def test_bench_script_runs_at_a_tiny_size(tmp_path):
 @pytest.mark.slow
 def test_ksmd_rate_script_runs_at_a_tiny_size(tmp_path):
     """scripts/bench_ksmd_rate.py: each case reaches 95 % of the saving, knobs come back."""
-    from udedup.ksm.controller import Ksm
+    from udedup.ksm import Ksm
     ksm = Ksm()
     before = ksm.knobs()
     out = tmp_path / "rate.txt"

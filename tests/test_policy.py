@@ -576,7 +576,7 @@ def test_per_process_prediction_pays_rmap_items_for_what_ksmd_scans():
 
 
 def test_burst_watch_calls_a_round_once_the_saving_is_realized(tmp_path):
-    from udedup.ksm.controller import Ksm
+    from udedup.ksm import Ksm
     sysfs = fake_sysfs(tmp_path / "ksm")
     ksm = Ksm(str(sysfs), procfs=str(tmp_path))
     # the last round saw full_scans 0 and a prediction of 400 MiB
@@ -609,7 +609,7 @@ def add_mapping(procfs, pid, kb=4, start=0x7E0000000000):
 def test_daemon_rounds_on_fake_trees_write_the_fake_knobs(tmp_path):
     """Observe -> decide -> act, end to end over fake trees, with the estimator replaced by fixed
     predictions (a fake process has no memory to read) and a fake clock."""
-    from udedup.ksm.controller import Ksm
+    from udedup.ksm import Ksm
     procfs = tmp_path / "proc"
     fake_proc(procfs, 10, "vm-dup", ["vm-dup"], 1048576, merge_any=True, mappings=[(1048576, True)])
     fake_proc(procfs, 11, "vm-uniq", ["vm-uniq"], 1048576, merge_any=True, mappings=[(1048576, True)])

@@ -15,6 +15,8 @@ import logging
 import time
 
 from ..errors import KsmError, KsmPermissionError, UdedupError
+from ..host.fs import DEFAULT_PROCFS
+from ..ksm.controller import DEFAULT_ROOT
 from ..ksm.knobs import KnobSnapshot, pages_to_scan_ignored, write_order
 from .config import Config
 from .model import EstimateResult, Observation, Plan, ProcessInfo
@@ -123,9 +125,10 @@ def per_process(est, pids, use_zero_pages: bool, by_ranges: bool = False) -> dic
     return per
 
 
-def register_process(info: ProcessInfo, mode: str, ranges=None, procfs: str = "/proc",
-                     ksm_root: str = "/sys/kernel/mm/ksm") -> tuple[bool, str]:
-    """Opt ``info`` in by injection (udedup.inject.enable): (done, how or why not)."""
+def register_process(info: ProcessInfo, mode: str, ranges=None, procfs: str = DEFAULT_PROCFS,
+                     ksm_root: str = DEFAULT_ROOT) -> tuple[bool, str]:
+    """Opt ``info`` in by injection (:func:`udedup.inject.enable`, which checks and reads the
+    process under ``procfs`` and KSM under ``ksm_root``): (done, how or why not)."""
     from ..inject import enable
 
     try:
