@@ -42,15 +42,6 @@ log = logging.getLogger(__name__)
 DEFAULT_ROOT = "/sys/kernel/mm/ksm"
 
 
-def __getattr__(name: str):
-    # transitional: daemon/loop.py imports RMAP_ITEM_BYTES from here; it lives in accounting, which
-    # loads numpy, so only that caller pays for it
-    if name == "RMAP_ITEM_BYTES":
-        from .accounting import RMAP_ITEM_BYTES
-        return RMAP_ITEM_BYTES
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class Ksm:
     """Controller of one KSM sysfs directory.
 
@@ -172,9 +163,6 @@ class Ksm:
             raise KsmError(f"wrote {name}={text} but it reads back {now!r} (another tool writing KSM "
                            "knobs at the same time?)", knob=name, value=typed)
         return True
-
-    # transitional: daemon/loop.py's startup self-test calls the old private name
-    _write_typed = write_value
 
     # --- counters
     def stats(self) -> KsmStats:

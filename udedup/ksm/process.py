@@ -22,9 +22,8 @@ from ..host.parse import parse_ksm_stat
 
 
 def __getattr__(name: str):
-    # transitional, for commands/status.py (imports it from here; its home is ksm.accounting, which
-    # loads numpy: the ksm_stat-only callers stay free of it). daemon/loop.py imports
-    # parse_ksm_stat from here too: its home is host.parse.
+    # transitional, for commands/status.py, which imports it from here: its home is ksm.accounting,
+    # which loads numpy, so the ksm_stat-only callers (status, the walks) stay free of it
     if name == "profit_overcount_bytes":
         from .accounting import profit_overcount_bytes
         return profit_overcount_bytes
