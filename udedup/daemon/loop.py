@@ -160,7 +160,8 @@ class Daemon:
                 self.run_round()
                 # skip missed rounds rather than running them back to back
                 next_round = max(next_round + self.next_interval(), self.clock() + 0.05)
-            bursting = self.latest is not None and self.latest.last is not None and self.latest.last.bursting
+            last = self.latest.last if self.latest is not None else None
+            bursting = last is not None and last.bursting
             next_watch = self.clock() + BURST_WATCH_SECONDS if bursting else float("inf")
         log.info("received %s: stopping", self.signals.signame or "stop")
 

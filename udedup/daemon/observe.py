@@ -97,6 +97,7 @@ class Observer:
         self.clock = clock
         self._mappings: dict = {}       # key -> (ProcessInfo with smaps figures, when, mappings, round)
         self._unreadable: set = set()   # candidates we were refused: reported once
+        self._memory_missing_said = False
 
     def mappings_by_pid(self) -> dict:
         """{pid: mappings} read this round or recently (the screen does not read them again)."""
@@ -141,7 +142,12 @@ class Observer:
             # no ksmd thread to be seen (a container's /proc): its CPU counts as zero
             log.debug("ksmd CPU time unknown: %s", err)
             ksmd_cpu = 0.0
+        memory = read_memory(self.procfs)
+        if memory is None and not self._memory_missing_said:
+            self._memory_missing_said = True
+            log.warning("no MemTotal in %s: memory pressure is not detected",
+                        self.procfs.path(None, "meminfo"))
         return Observation(now=now, processes=tuple(procs), counters=dict(stats.counters),
                            knobs=self.ksm.knobs(), saved_bytes=stats.saved_bytes,
                            page_size=stats.page_size, ksmd_cpu_seconds=ksmd_cpu,
-                           daemon_cpu_seconds=time.process_time(), memory=read_memory(self.procfs))
+                           daemon_cpu_seconds=time.process_time(), memory=memory)

@@ -5,7 +5,9 @@ their KSM state, KSM counters and knobs, ksmd and daemon CPU time, memory pressu
 gets back a :class:`Plan`: which processes to estimate now, which to register, which knobs to write,
 and every decision with its reason. Estimation and registration results come back through
 :meth:`Policy.record_estimate` / :meth:`Policy.record_registration`, knob writes through
-:meth:`Policy.record_written`. Tests drive it with hand-made observations and a fake clock.
+:meth:`Policy.record_written`. Tests drive it with hand-made observations and a fake clock. The
+data it reasons about is in :mod:`.model`, the rate arithmetic in :mod:`.rates`, which estimated
+processes are worth registering in :mod:`.registration`.
 
 How ksmd's speed is chosen:
 
