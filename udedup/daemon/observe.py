@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 
 from ..errors import KernelThreadError, KsmError, ProcessAccessError, ProcessNotFoundError
-from ..host.fs import ProcFs, as_procfs
+from ..host.fs import DEFAULT_PROCFS, ProcFs, as_procfs
 from ..host.maps import read_mappings
 from ..host.parse import status_ids, status_kib
 from .candidates import match_process
@@ -24,13 +24,13 @@ from .model import Memory, Observation, ProcessInfo
 log = logging.getLogger(__name__)
 
 
-def process_start_time(pid: int, procfs: ProcFs | str = "/proc") -> int | None:
+def process_start_time(pid: int, procfs: ProcFs | str = DEFAULT_PROCFS) -> int | None:
     """starttime (stat field 22, clock ticks since boot): a pid plus this names one process."""
     st = as_procfs(procfs).maybe_stat(pid)
     return st.start_time if st is not None else None
 
 
-def discover_processes(procfs: ProcFs | str = "/proc", exclude_pid: int | None = None,
+def discover_processes(procfs: ProcFs | str = DEFAULT_PROCFS, exclude_pid: int | None = None,
                        min_anon_rss: int = 0) -> list[ProcessInfo]:
     """Every user process with what candidate matching needs (no smaps: that is per candidate).
 
@@ -63,7 +63,8 @@ def discover_processes(procfs: ProcFs | str = "/proc", exclude_pid: int | None =
     return out
 
 
-def with_mappings(info: ProcessInfo, procfs: ProcFs | str = "/proc") -> tuple[ProcessInfo | None, list]:
+def with_mappings(info: ProcessInfo,
+                  procfs: ProcFs | str = DEFAULT_PROCFS) -> tuple[ProcessInfo | None, list]:
     """(``info`` plus registered and eligible resident bytes from smaps, the mappings); (None, [])
     if it exited; ProcessAccessError if we may not read it."""
     try:
@@ -75,7 +76,7 @@ def with_mappings(info: ProcessInfo, procfs: ProcFs | str = "/proc") -> tuple[Pr
     return replace(info, registered_bytes=registered, eligible_bytes=eligible), maps
 
 
-def read_memory(procfs: ProcFs | str = "/proc") -> Memory | None:
+def read_memory(procfs: ProcFs | str = DEFAULT_PROCFS) -> Memory | None:
     """MemTotal, MemAvailable and memory PSI ``some avg10``; None without a readable meminfo."""
     fs = as_procfs(procfs)
     info = fs.meminfo()

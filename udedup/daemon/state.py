@@ -13,7 +13,7 @@ import logging
 import os
 
 from ..errors import DaemonError
-from ..host.fs import ProcFs, as_procfs
+from ..host.fs import DEFAULT_PROCFS, ProcFs, as_procfs
 from ..units import mib
 from .act import restore_knobs
 from .config import Config
@@ -33,7 +33,8 @@ def _pid_is(pid: int, start_time, procfs: ProcFs | str) -> bool:
     return bool(pid) and start_time is not None and process_start_time(pid, procfs) == start_time
 
 
-def read_daemon_state(path: str = DEFAULT_STATE_FILE, procfs: ProcFs | str = "/proc") -> dict | None:
+def read_daemon_state(path: str = DEFAULT_STATE_FILE,
+                      procfs: ProcFs | str = DEFAULT_PROCFS) -> dict | None:
     """The running daemon's view for ``udedup status``: None without a readable state file.
 
     The dict has ``running`` (the writer is alive), ``pid``, ``mode``, ``saved_bytes``,
@@ -91,7 +92,7 @@ def write_json_atomic(path: str, data: dict) -> None:
 class StateFile:
     """The daemon's state file at ``path`` (``daemon.state_file``)."""
 
-    def __init__(self, path: str, procfs: ProcFs | str = "/proc"):
+    def __init__(self, path: str, procfs: ProcFs | str = DEFAULT_PROCFS):
         self.path = path
         self.procfs = as_procfs(procfs)
 
