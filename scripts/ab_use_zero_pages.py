@@ -21,19 +21,22 @@ import csv
 import json
 import logging
 import os
-import signal
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from udedup.ab.report import LABELS, _diff_cell, format_table, write_report  # noqa: E402
-from udedup.ab.engine import (ABInterrupted, ABResult, DEFAULT_ARMS, DEFAULT_FIXED, _fmt_knob,  # noqa: E402
-                           default_fixed, run_ab)
-from udedup.errors import UdedupError  # noqa: E402
+from udedup.ab.engine import DEFAULT_ARMS, DEFAULT_FIXED, default_fixed, run_ab  # noqa: E402
+from udedup.ab.records import ABInterrupted, ABResult  # noqa: E402
+from udedup.ab.report import LABELS, diff_cell, format_table, write_report  # noqa: E402
+from udedup.ab.stats import fmt_knobs  # noqa: E402
+from udedup.ab.synthetic import PRESETS, parse_size, preset  # noqa: E402
+from udedup.ab.workloads import SyntheticWorkload  # noqa: E402
+from udedup.commands.ab import parse_knobs  # noqa: E402
+from udedup.errors import UdedupError, UsageError  # noqa: E402
 from udedup.ksm.controller import Ksm, experiment_lock  # noqa: E402
-from udedup.ab.workloads import PRESETS, SyntheticWorkload, parse_size, preset  # noqa: E402
+from udedup.signals import sigterm_raises  # noqa: E402
 
 log = logging.getLogger("ab_use_zero_pages")
 
@@ -73,12 +76,12 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     overrides = {}
-    for item in args.fix:
-        key, eq, value = item.partition("=")
-        if not eq:
-            print(f"error: --fix {item!r}: expected KNOB=VALUE", file=sys.stderr)
-            return 2
-        overrides[key.strip()] = value.strip()
+    try:
+        for item in args.fix:
+            overrides.update(parse_knobs(item, "--fix"))
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = args.out or f"ab-use-zero-pages-{time.strftime('%Y%m%d-%H%M%S')}"
     lock = contextlib.ExitStack()
     if args.lock:
@@ -86,38 +89,35 @@ def main(argv=None) -> int:
     results = {}
     status = 0
     started = time.monotonic()
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
-
-    signal.signal(signal.SIGTERM, on_term)    # between presets too: stop, and write what finished
-    try:
-        size = parse_size(args.size)
-        # as `udedup ab`: the default pins this kernel has, then the overrides
-        fixed = {**default_fixed(DEFAULT_ARMS["on"], Ksm().knob_names()), **overrides}
-        for k, name in enumerate(names):
-            workload = SyntheticWorkload(preset(name, size))
-            log.info("[%d/%d] %s, %d trial(s) per arm ...", k + 1, len(names), workload.name, args.trials)
-            try:
-                result = run_ab(workload, fixed=fixed, trials=args.trials, seed=args.seed + k,
-                                settle_timeout=args.settle_timeout)
-            except ABInterrupted as err:
-                results[name] = err.result
-                write_report(err.result, os.path.join(out, name), figure=not args.no_figure)
-                status = 130
-                log.info("interrupted: writing what finished")
-                break
-            results[name] = result
-            write_report(result, os.path.join(out, name), figure=not args.no_figure)
-            log.info("  %s", result.verdict)
-    except UdedupError as err:
-        print(f"error: {err}", file=sys.stderr)
-        status = err.exit_code
-    except KeyboardInterrupt:
-        status = 130
-        log.info("interrupted: writing what finished")
-    finally:
-        lock.close()
+    with sigterm_raises():    # between presets too: stop, and write what finished
+        try:
+            size = parse_size(args.size)
+            # as `udedup ab`: the default pins this kernel has, then the overrides
+            fixed = {**default_fixed(DEFAULT_ARMS["on"], Ksm().knob_names()), **overrides}
+            for k, name in enumerate(names):
+                workload = SyntheticWorkload(preset(name, size))
+                log.info("[%d/%d] %s, %d trial(s) per arm ...", k + 1, len(names), workload.name,
+                         args.trials)
+                try:
+                    result = run_ab(workload, fixed=fixed, trials=args.trials, seed=args.seed + k,
+                                    settle_timeout=args.settle_timeout)
+                except ABInterrupted as err:
+                    results[name] = err.result
+                    write_report(err.result, os.path.join(out, name), figure=not args.no_figure)
+                    status = 130
+                    log.info("interrupted: writing what finished")
+                    break
+                results[name] = result
+                write_report(result, os.path.join(out, name), figure=not args.no_figure)
+                log.info("  %s", result.verdict)
+        except UdedupError as err:
+            print(f"error: {err}", file=sys.stderr)
+            status = err.exit_code
+        except KeyboardInterrupt:
+            status = 130
+            log.info("interrupted: writing what finished")
+        finally:
+            lock.close()
     if results:
         write_overview(results, out, args, time.monotonic() - started, figure=not args.no_figure)
         log.info("report: %s/", out)
@@ -179,7 +179,7 @@ def write_overview(results: dict, out: str, args, seconds: float, figure: bool =
              "bootstrap 95 % intervals; * marks an interval that excludes zero.", "",
              f"Machine: kernel {first.config['kernel']}, {first.config['cpus']} CPUs, page size "
              f"{first.config['page_size']} B; pinned knobs: "
-             + ", ".join(f"{k}={_fmt_knob(v)}" for k, v in first.config["fixed"].items()) + ".", "",
+             + fmt_knobs(first.config["fixed"], ", ") + ".", "",
              "| preset | saved, MiB off / on | saved on - off [95 % CI] | ksmd CPU-s off / on | "
              "CPU on - off [95 % CI] | settle s off / on | COW ns off / on | COW on - off [95 % CI] |",
              "|---|---|---|---|---|---|---|---|"]
@@ -192,7 +192,7 @@ def write_overview(results: dict, out: str, args, seconds: float, figure: bool =
             return "-" if v is None else f.format(v * scale)
 
         def ci(metric):   # as summary.txt writes it
-            return _diff_cell(d.get(metric, {}), LABELS[metric][1])
+            return diff_cell(d.get(metric, {}), LABELS[metric][1])
 
         mib = 1 / 2**20
         lines.append(f"| {name} | {med('saved_bytes', 'off', mib)} / {med('saved_bytes', 'on', mib)} | "

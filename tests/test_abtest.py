@@ -4,21 +4,21 @@ and fake workloads (knobs per arm, restore, timeouts, dying workloads, interrupt
 from __future__ import annotations
 
 import os
+import signal
 import threading
 
 import numpy as np
 import pytest
-from fake_sysfs import MINIMAL_COUNTERS, MINIMAL_KNOBS, make_fake_ksm
+from fake_sysfs import MINIMAL_COUNTERS, MINIMAL_KNOBS, StoreSysFs, make_fake_ksm
 
-from udedup.ab import engine as abtest
-from udedup.ksm import controller as ksm_mod
+from udedup.ab.engine import run_ab
+from udedup.ab.records import ABInterrupted, ABResult, TrialRecord
 from udedup.ab.report import format_table, write_report
-from udedup.ab.engine import (ABInterrupted, ABResult, TrialRecord, bootstrap_diff, median_iqr,
-                           run_ab, summarize, trial_order)
+from udedup.ab.stats import bootstrap_diff, median_iqr, summarize, trial_order
+from udedup.ab.synthetic import (DUPLICATE, UNIQUE, VOLATILE, ZERO, SyntheticSpec, expected_counters,
+                                 make_layout, parse_size, preset)
 from udedup.errors import KsmValueError, UsageError, WorkloadError
 from udedup.ksm.controller import Ksm
-from udedup.ab.workloads import (DUPLICATE, UNIQUE, VOLATILE, ZERO, SyntheticSpec, expected_counters,
-                              make_layout, parse_size, preset)
 
 
 # --- statistics -----------------------------------------------------------------------------------
@@ -153,7 +153,8 @@ def _atomic(path, text, mode):
 
 class FakeKernel:
     """Files as sysfs, writes checked like mm/ksm.c does, and a ksmd thread that 'merges' the
-    running fake workload: a full scan every few ms while run=1, counters from use_zero_pages."""
+    running fake workload: a full scan every few ms while run=1, counters from use_zero_pages.
+    :meth:`write` is the store function of the engine's :class:`Ksm` (through StoreSysFs)."""
 
     def __init__(self, tmp_path):
         self.root = make_fake_ksm(tmp_path / "ksm", KNOBS, MINIMAL_COUNTERS)
@@ -167,6 +168,8 @@ class FakeKernel:
         self.meddle = False           # "another tool" writes a knob once ksmd runs
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._ksmd, daemon=True)
+        self.on_unmerge = None        # called at each run=2 write with its count (1, 2, ...)
+        self.unmerges = 0
 
     def _write_stat(self):
         fields = ["S"] + ["0"] * 40
@@ -192,6 +195,9 @@ class FakeKernel:
             for counter in COUNTERS:
                 self.put(counter, 0)
             self.put("run", 0)
+            self.unmerges += 1
+            if self.on_unmerge is not None:
+                self.on_unmerge(self.unmerges)
             return
         self.put(name, text)
 
@@ -278,9 +284,8 @@ class FakeWorkload:
 
 
 @pytest.fixture
-def kernel(tmp_path, monkeypatch):
+def kernel(tmp_path):
     k = FakeKernel(tmp_path)
-    monkeypatch.setattr(ksm_mod, "_sysfs_write", k.write)
     k.thread.start()
     yield k
     k.stop.set()
@@ -290,8 +295,9 @@ def kernel(tmp_path, monkeypatch):
 def _run(kernel, workload, **kw):
     kw.setdefault("trials", 2)
     kw.setdefault("seed", 11)
-    return run_ab(workload, ksm=Ksm(kernel.root, procfs=kernel.proc), settle_timeout=kw.pop(
-        "settle_timeout", 5.0), sample_interval=0.01, **kw)
+    ksm = Ksm(kernel.root, procfs=kernel.proc, sysfs=StoreSysFs(kernel.write))
+    return run_ab(workload, ksm=ksm, settle_timeout=kw.pop("settle_timeout", 5.0),
+                  sample_interval=0.01, **kw)
 
 
 def test_engine_applies_each_arm_with_fixed_knobs_and_restores_everything(kernel):
@@ -421,7 +427,7 @@ def test_sigterm_mid_trial_is_an_interrupt(kernel):
     """SIGTERM while waiting for the merge: cleanup runs, the trial in progress is dropped."""
     before = kernel.knobs()
     w = FakeWorkload(kernel, stall_on={1})
-    timer = threading.Timer(0.8, os.kill, (os.getpid(), abtest.signal.SIGTERM))
+    timer = threading.Timer(0.8, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     try:
         with pytest.raises(ABInterrupted) as info:
@@ -430,6 +436,36 @@ def test_sigterm_mid_trial_is_an_interrupt(kernel):
         timer.cancel()
     assert info.value.signame == "SIGTERM"
     assert len(info.value.result.trials) == 1
+    assert kernel.knobs() == before and w.stopped == 2
+
+
+def test_sigint_during_the_final_cleanup_is_delivered_not_lost(kernel):
+    """A real SIGINT arriving while the cleanup after the last trial restores the knobs (held, so
+    the restore finishes): the run still ends as interrupted, with every trial."""
+    before = kernel.knobs()
+    # trials=1, two arms: run=2 is written once per trial, the third time by the final cleanup
+    kernel.on_unmerge = lambda n: signal.raise_signal(signal.SIGINT) if n == 3 else None
+    with pytest.raises(ABInterrupted) as info:
+        _run(kernel, FakeWorkload(kernel), trials=1)
+    assert info.value.signame == "SIGINT"
+    assert info.value.result.interrupted and len(info.value.result.trials) == 2
+    assert kernel.knobs() == before
+
+
+def test_an_interrupt_landing_in_the_cleanup_restarts_it_and_keeps_the_trials(kernel):
+    """A KeyboardInterrupt that gets into the cleanup (a Ctrl-C before the hold is in place) must
+    neither skip the restore nor lose the finished trials: the cleanup starts over."""
+    before = kernel.knobs()
+
+    def interrupt(n):
+        if n == 3:
+            raise KeyboardInterrupt
+    kernel.on_unmerge = interrupt
+    w = FakeWorkload(kernel)
+    with pytest.raises(ABInterrupted) as info:
+        _run(kernel, w, trials=1)
+    assert info.value.signame == "SIGINT" and len(info.value.result.trials) == 2
+    assert kernel.unmerges == 4             # the interrupted cleanup's unmerge, then the whole again
     assert kernel.knobs() == before and w.stopped == 2
 
 

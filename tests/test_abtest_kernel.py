@@ -9,9 +9,12 @@ import sys
 
 import pytest
 
-from udedup.ab.engine import ABInterrupted, run_ab
+from udedup.ab.engine import run_ab
+from udedup.ab.records import ABInterrupted
+from udedup.ab.running import CHILD_MODULE
+from udedup.ab.synthetic import SyntheticSpec
+from udedup.ab.workloads import CommandWorkload, SyntheticWorkload
 from udedup.ksm.controller import Ksm
-from udedup.ab.workloads import CommandWorkload, SyntheticSpec, SyntheticWorkload
 
 pytestmark = pytest.mark.ksm
 
@@ -96,7 +99,7 @@ def _children():
     found = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if "udedup.ab.workloads" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+            if CHILD_MODULE in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
                 found.append(p)
         except psutil.Error:
             pass

@@ -15,8 +15,10 @@ import psutil
 import pytest
 
 from udedup import cli
+from udedup.ab.running import CHILD_MODULE
 from udedup.commands.ab import parse_arm
 from udedup.errors import UsageError
+from udedup.native import pages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KSM = "/sys/kernel/mm/ksm"
@@ -39,9 +41,37 @@ def _env():
     return env
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _as_from_a_terminal():
+    # Runs in the child before exec. A test runner started as a background job of a
+    # non-interactive shell (`pytest ... &`) ignores SIGINT, and an ignored signal stays ignored
+    # across fork and exec: the harness would then never see the Ctrl-C these tests send (it ran
+    # all its trials and exited 0). Give it SIGINT as a terminal's foreground process has it, and
+    # a SIGTERM (on which it restores the knobs) should the test process die first.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    pages.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _popen(argv, **kw):
+    return subprocess.Popen(argv, cwd=kw.pop("cwd", ROOT), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_as_from_a_terminal, **kw)
+
+
 def _udedup(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "udedup", "ab", *args], cwd=kw.pop("cwd", ROOT),
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return _popen([sys.executable, "-m", "udedup", "ab", *args], **kw)
+
+
+def _stop(proc) -> None:
+    """End a harness a test gave up on the way it restores the knobs (SIGTERM), then for sure."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # --- refused before anything starts ---------------------------------------------------------------
@@ -116,9 +146,22 @@ def test_parse_arm_forms():
         parse_arm(":use_zero_pages=1")
 
 
+def test_the_harness_takes_sigint_even_from_a_runner_that_ignores_it():
+    """The Ctrl-C test below is only a test if the harness it starts acts on SIGINT, whatever the
+    runner inherited (SIG_IGN when pytest runs as `pytest ... &` in a script)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = _popen([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) "
+                       "is signal.default_int_handler)"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    out, err = proc.communicate(timeout=60)
+    assert out.strip() == "True", err
+
+
 def _is_workload(p) -> bool:
     try:
-        return "udedup.ab.workloads" in " ".join(p.cmdline())
+        return CHILD_MODULE in " ".join(p.cmdline())
     except psutil.Error:       # gone, or a zombie between kill and reaping
         return False
 
@@ -136,7 +179,10 @@ def test_tiny_run_prints_the_promised_json_and_restores_knobs(tmp_path):
     before = _knobs()
     proc = _udedup("--size", "8M", "--trials", "1", "--seed", "3", "--json", "--out",
                    str(tmp_path / "rep"), "--no-figure", *FAST)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        _stop(proc)
     assert proc.returncode == 0, err
     doc = json.loads(out)
     assert set(doc["arms"]) == {"off", "on"}
@@ -178,8 +224,7 @@ def test_ctrl_c_mid_run_exits_130_restores_knobs_kills_workload_keeps_trials(tmp
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _stop(proc)
     assert proc.returncode == 130, err
     assert "udedup: interrupted" in err
     # SIGKILL is delivered at once but a process with a big mapping takes a moment to die: allow
@@ -203,7 +248,10 @@ def test_a_workload_that_dies_is_reported_exit_11(tmp_path):
     proc = _udedup("--cmd", shlex.join([sys.executable, "-c", code]), "--ready-file", str(ready),
                    "--trials", "1", "--json", "--no-out", "--fix", "pages_to_scan=10",
                    "--fix", "sleep_millisecs=100", "--settle-timeout", "20")
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        _stop(proc)
     assert proc.returncode == 11, err
     assert "the workload failed or died in 2 of 2 trials (first: exited with status 3" in err
     doc = json.loads(out)

@@ -12,7 +12,9 @@ import math
 import os
 import textwrap
 
-from .engine import METRICS, SERIES_COLUMNS, ABResult, _fmt_knob, arm_label
+from .records import ABResult
+from .sampler import SERIES_COLUMNS
+from .stats import METRICS, arm_label, fmt_knobs
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,9 @@ def _cell(stats: dict, kind: str) -> str:
     return f"{fmt(stats['median'], kind)} [{fmt(stats['q1'], kind)}..{fmt(stats['q3'], kind)}]"
 
 
-def _diff_cell(d: dict, kind: str) -> str:
+def diff_cell(d: dict, kind: str) -> str:
+    """A difference as the table writes it: ``+1.00 (+5.0 %) [+0.50..+1.50] *`` (``*``: the 95 %
+    interval excludes 0)."""
     if not d or d.get("diff") is None:
         return "-"
     text = fmt(d["diff"], kind, signed=True)
@@ -81,7 +85,7 @@ def _diff_cell(d: dict, kind: str) -> str:
 
 def describe_run(result: ABResult) -> str:
     c = result.config
-    fixed = " ".join(f"{k}={_fmt_knob(v)}" for k, v in c.get("fixed", {}).items()) or "none"
+    fixed = fmt_knobs(c.get("fixed", {})) or "none"
     return (f"workload {c['workload']['name']}; {c['trials_per_arm']} trial(s) per arm; seed "
             f"{c['seed']}; fixed knobs: {fixed}; kernel {c.get('kernel', '?')}, {c.get('cpus', '?')} CPUs")
 
@@ -98,7 +102,7 @@ def format_table(result: ABResult, metrics=METRICS) -> str:
     for m in metrics:
         label, kind = LABELS[m]
         row = [label] + [_cell(arms[n]["metrics"].get(m), kind) for n in names]
-        row += [_diff_cell(d["metrics"].get(m), kind) for d in diffs]
+        row += [diff_cell(d["metrics"].get(m), kind) for d in diffs]
         if all(cell == "-" for cell in row[1:]):
             continue
         rows.append(row)

@@ -125,8 +125,8 @@ def build_arms(specs) -> dict[str, dict[str, str]] | None:
 
 
 def build_workload(args):
-    from ..ab.workloads import (PRESETS, CommandWorkload, PidWorkload, SyntheticSpec, SyntheticWorkload,
-                             parse_size)
+    from ..ab.synthetic import PRESETS, SyntheticSpec, parse_size
+    from ..ab.workloads import CommandWorkload, PidWorkload, SyntheticWorkload
 
     custom = [args.zero, args.dup, args.unique, args.volatile, args.groups, args.volatile_hz]
     chosen = [bool(args.cmd), bool(args.pid), bool(args.preset) or any(v is not None for v in custom)]
@@ -167,8 +167,9 @@ def build_workload(args):
 
 
 def run(args) -> int:
-    from ..ab.report import describe_run, format_table, write_report, write_json, write_trials_csv
-    from ..ab.engine import ABInterrupted, default_fixed, run_ab
+    from ..ab.engine import DEFAULT_ARMS, default_fixed, run_ab
+    from ..ab.records import ABInterrupted
+    from ..ab.report import describe_run, format_table, write_json, write_report, write_trials_csv
     from ..ksm.controller import Ksm
 
     if args.trials < 1:
@@ -184,7 +185,6 @@ def run(args) -> int:
     if args.no_default_fix:
         fixed = fixed_extra
     else:
-        from ..ab.engine import DEFAULT_ARMS
         varied = set(next(iter((arms or DEFAULT_ARMS).values())))
         fixed = {**default_fixed(varied, ksm.knob_names()), **fixed_extra}
 

@@ -1,0 +1,107 @@
+"""What an A/B run keeps: one :class:`TrialRecord` per trial, the :class:`ABResult` (every trial,
+the configuration and the summary; its ``to_dict()`` is the JSON report) and
+:class:`ABInterrupted`, which carries the finished trials out of a stopped run."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .stats import summarize
+
+
+@dataclass
+class TrialRecord:
+    """One trial: one arm, one run of the workload."""
+
+    index: int
+    block: int
+    arm: str
+    knobs: dict
+    status: str = "running"            # ok | timeout | workload-died | workload-failed | disturbed
+    timed_out: bool = False
+    error: str | None = None
+    started_at: float = 0.0            # wall clock (time.time())
+    populate_seconds: float | None = None
+    settle_seconds: float | None = None
+    t99_seconds: float | None = None   # first sample with 99 % of the final saved pages
+    cpu_t99_seconds: float | None = None   # ksmd CPU spent until then
+    full_scans: int | None = None
+    pages_shared: int | None = None
+    pages_sharing: int | None = None
+    pages_unshared: int | None = None
+    pages_volatile: int | None = None
+    ksm_zero_pages: int | None = None
+    general_profit: int | None = None
+    rmap_items: int | None = None
+    saved_pages: int | None = None
+    saved_bytes: int | None = None
+    ksmd_cpu_seconds: float | None = None
+    saved_mib_per_cpu_second: float | None = None
+    process: dict | None = None        # ksm_stat summed over the workload's processes
+    foreign_pages: int | None = None   # merged pages of other processes in the global counters
+    foreign_rmap_items: int | None = None   # pages of other processes ksmd tracked (and scanned)
+    outside_changes: dict | None = None     # knobs someone else changed during the trial
+    cow: dict | None = None            # the workload's COW measurement, all of it
+    cow_ns_per_page: float | None = None
+    cow_ns_ksm_page: float | None = None
+    cow_ns_zero_page: float | None = None
+    write_ns_per_page: float | None = None
+    series: dict = field(default_factory=dict)   # columns: sampler.SERIES_COLUMNS
+
+    def as_dict(self, series: bool = True) -> dict:
+        d = dataclasses.asdict(self)
+        if not series:
+            d.pop("series")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TrialRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class ABResult:
+    """Every trial and the summary. ``to_dict()`` is the JSON report."""
+
+    config: dict
+    trials: list[TrialRecord] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    interrupted: bool = False
+
+    @property
+    def arm_names(self) -> list[str]:
+        return list(self.config["arms"])
+
+    @property
+    def verdict(self) -> str:
+        return self.summary.get("verdict", "")
+
+    def summarize(self) -> dict:
+        self.summary = summarize(self.trials, self.config["arms"], seed=self.config.get("seed", 0))
+        return self.summary
+
+    def to_dict(self, series: bool = True) -> dict:
+        from .. import __version__
+        return {"kind": "udedup-ab", "udedup_version": __version__, "config": self.config,
+                "arms": self.summary.get("arms", {}), "differences": self.summary.get("differences", []),
+                "verdict": self.verdict, "interrupted": self.interrupted,
+                "trials": [t.as_dict(series=series) for t in self.trials]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ABResult":
+        result = cls(config=dict(d["config"]), trials=[TrialRecord.from_dict(t) for t in d["trials"]],
+                     interrupted=bool(d.get("interrupted", False)))
+        result.summarize()
+        return result
+
+
+class ABInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run; everything was cleaned up; ``.result`` holds the trials
+    finished before it (summarised)."""
+
+    def __init__(self, result: ABResult, signame: str = "SIGINT"):
+        super().__init__(f"A/B run interrupted by {signame} after {len(result.trials)} trials")
+        self.result = result
+        self.signame = signame
