@@ -161,3 +161,21 @@ def test_daemon_rounds_on_fake_trees_write_the_fake_knobs(tmp_path):
     restored, left = restore_knobs(d.ksm, d.original, d.policy.written)
     assert restored == {"run": 0, "pages_to_scan": 100, "sleep_millisecs": 20} and left == {}
     assert (read("run"), read("pages_to_scan"), read("sleep_millisecs")) == ("0", "100", "20")
+
+
+def test_estimate_screen_and_injection_read_the_configured_procfs(tmp_path):
+    """daemon.procfs reaches the estimator, the screen and injection: this process, alive under
+    the real /proc, does not exist under an empty fake one."""
+    import os
+
+    from udedup.daemon.act import estimate_processes, register_process, screen_processes
+    from udedup.daemon.model import ProcessInfo
+    empty = tmp_path / "proc"
+    empty.mkdir()
+    me = ProcessInfo(pid=os.getpid(), start_time=1, name="me", anon_rss=GiB)
+    c = cfg(daemon={"procfs": str(empty)}, registration={"min_saving": 64 * MiB})
+    got = estimate_processes([me], c, use_zero_pages=False, now=0.0)
+    assert got[me.key].startswith(f"no process with PID {os.getpid()}")
+    assert screen_processes([me], c, now=0.0) == {}      # the sample failed: left to the estimate
+    ok, why = register_process(me, "auto", procfs=str(empty))
+    assert not ok and why.startswith(f"no process with PID {os.getpid()}")
