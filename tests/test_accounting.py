@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from udedup.ab.workloads import SyntheticSpec, expected_counters, make_layout
+from udedup.ab.synthetic import SyntheticSpec, expected_counters, make_layout
 from udedup.ksm.accounting import ksm_pages
 
 

@@ -94,7 +94,7 @@ NEEDS_KSM = [
     (["--arm", "a:run=1", "--arm", "b:run=0"], 2, "driven by the harness"),
     (["--arm", "a:use_zero_pages=0", "--arm", "b:use_zero_pages=7"], 6, "expected a boolean"),
     (["--fix", "no_such_knob=1"], 6, "unknown KSM knob"),
-    (["--pid", "999999999"], 8, "no process 999999999"),
+    (["--pid", "999999999"], 8, "no process with PID 999999999"),
     (["--cmd", "/nonexistent/prog --x"], 11, "not found"),
 ]
 

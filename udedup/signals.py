@@ -28,20 +28,31 @@ def held(signals: Sequence[int] = DEFAULT_SIGNALS) -> Iterator[list[int]]:
         yield []
         return
     pending: list[int] = []
-    previous = {}
+    previous: dict = {}
+    # Block the signals while the handlers change hands: a signal (or a KeyboardInterrupt from a
+    # handler) landing between two signal.signal() calls would leave one of ours installed,
+    # recording into a list nobody reads, and every later Ctrl-C would be lost.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         for sig in signals:
             previous[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
     except (ValueError, OSError):  # pragma: no cover - e.g. embedded interpreters
         for sig, old in previous.items():
             signal.signal(sig, old)
-        yield pending
-        return
+        previous.clear()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     try:
         yield pending
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        # a signal arriving while the handlers go back is delivered, on unblocking, to the
+        # restored handler: as if it came just after the block
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        try:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def deliver(pending: Sequence[int]) -> None:
