@@ -35,7 +35,7 @@ from udedup.ab.synthetic import PRESETS, parse_size, preset  # noqa: E402
 from udedup.ab.workloads import SyntheticWorkload  # noqa: E402
 from udedup.commands.ab import parse_knobs  # noqa: E402
 from udedup.errors import UdedupError, UsageError  # noqa: E402
-from udedup.ksm.controller import Ksm, experiment_lock  # noqa: E402
+from udedup.ksm import Ksm, experiment_lock  # noqa: E402
 from udedup.signals import sigterm_raises  # noqa: E402
 
 log = logging.getLogger("ab_use_zero_pages")

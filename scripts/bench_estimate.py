@@ -39,7 +39,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from udedup.native import pages
+from udedup import pages
 
 from udedup.host.fs import ProcFs  # noqa: E402
 from udedup.host.pagemap import present_pages, zero_page_pfns  # noqa: E402

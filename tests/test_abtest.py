@@ -15,7 +15,7 @@ from udedup.ab.records import ABInterrupted, ABResult
 from udedup.ab.report import format_table, write_report
 from udedup.ab.stats import trial_order
 from udedup.errors import KsmValueError, UsageError, WorkloadError
-from udedup.ksm.controller import Ksm
+from udedup.ksm import Ksm
 
 
 # --- the engine against a fake kernel -----------------------------------------------------------

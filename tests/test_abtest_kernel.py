@@ -14,7 +14,7 @@ from udedup.ab.records import ABInterrupted
 from udedup.ab.running import CHILD_MODULE
 from udedup.ab.synthetic import SyntheticSpec
 from udedup.ab.workloads import CommandWorkload, SyntheticWorkload
-from udedup.ksm.controller import Ksm
+from udedup.ksm import Ksm
 
 pytestmark = pytest.mark.ksm
 

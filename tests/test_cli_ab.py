@@ -18,7 +18,7 @@ from udedup import cli
 from udedup.ab.running import CHILD_MODULE
 from udedup.commands.ab import parse_arm
 from udedup.errors import UsageError
-from udedup.native import pages
+from udedup import pages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KSM = "/sys/kernel/mm/ksm"

@@ -137,7 +137,7 @@ def test_run_prctl_refusals(capsys, monkeypatch, code, exit_code, pattern):
     def refuse(*args):
         raise NativeError("prctl failed", errno=code)
 
-    monkeypatch.setattr(memory.pages, "prctl", refuse)
+    monkeypatch.setattr(memory.syscalls, "prctl", refuse)
     monkeypatch.setattr(os, "execvp", lambda *a: pytest.fail("exec after a refused prctl"))
     got, out, err = cli_run(["run", "--", "true"], capsys)
     assert got == exit_code
@@ -148,7 +148,7 @@ def test_run_refuses_kernels_that_drop_the_flag_at_exec(capsys, monkeypatch):
     from udedup.ksm import memory
     from udedup.commands import run as run_cmd
     calls = []
-    monkeypatch.setattr(memory.pages, "prctl", lambda *a: calls.append(a) or 0)
+    monkeypatch.setattr(memory.syscalls, "prctl", lambda *a: calls.append(a) or 0)
     monkeypatch.setattr(run_cmd, "kernel_version", lambda: (6, 5))
     monkeypatch.setattr(os, "execvp", lambda *a: pytest.fail("exec on a 6.5 kernel"))
     got, out, err = cli_run(["run", "--", "true"], capsys)

@@ -20,7 +20,7 @@ from udedup.errors import KernelThreadError, ProcessNotFoundError, UsageError
 from udedup.estimate import RMAP_ITEM_BYTES, estimate, ksm_pages
 from udedup.host.maps import read_mappings
 from udedup.host.pagemap import present_pages, zero_page_pfns
-from udedup.native import pages
+from udedup import pages
 
 PS = pages.PAGE_SIZE
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from udedup.native import pages
+from udedup import pages
 
 from udedup.host.fs import ProcFs
 from udedup.host.maps import read_mappings

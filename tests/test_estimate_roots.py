@@ -9,7 +9,7 @@ import numpy as np
 from fake_sysfs import make_fake_ksm
 from udedup.cli import main
 from udedup.estimate import estimate, screen, why
-from udedup.native import pages
+from udedup import pages
 
 PS = pages.PAGE_SIZE
 PID = 4242

@@ -7,7 +7,7 @@ import numpy as np
 from udedup.estimate.confirm import Confirmer
 from udedup.estimate.group import group, hash_runs, head_sizes
 from udedup.estimate.scope import NONE, VOLATILE, ZERO, PageSet
-from udedup.native import pages
+from udedup import pages
 
 PS = pages.PAGE_SIZE
 

@@ -26,7 +26,7 @@ import pytest
 import udedup
 from udedup import cli
 from udedup import inject
-from udedup.native import pages
+from udedup import pages
 from udedup.host.fs import ProcFs
 from udedup.host.maps import read_mappings
 from udedup.host.parse import PF_KTHREAD

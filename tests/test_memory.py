@@ -17,7 +17,7 @@ import pytest
 
 from udedup.ksm import memory
 
-from udedup.native import pages
+from udedup import pages
 
 from udedup.host.maps import Mapping, read_mappings
 from udedup.errors import (BufferInUseError, KsmPermissionError, KsmUnavailableError, NativeError,
@@ -164,7 +164,7 @@ def test_prctl_errors_are_explained(monkeypatch, code, cls, pattern):
     def fail(*args):
         raise NativeError("prctl failed", errno=code)
 
-    monkeypatch.setattr(memory.pages, "prctl", fail)
+    monkeypatch.setattr(memory.syscalls, "prctl", fail)
     for call in (memory.enable_process_merge, memory.disable_process_merge,
                  memory.process_merge_enabled):
         with pytest.raises(cls, match=pattern):

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from udedup.native import pages
+from udedup import pages
 from udedup.errors import BufferTypeError, PageBufferError, UdedupError, UsageError
 
 PS = pages.PAGE_SIZE

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from udedup.native import pages
+from udedup import pages
 
 from udedup.host import fs, pagemap, remote
 from udedup.host import maps as hostmaps

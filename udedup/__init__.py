@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 #: public name -> module that defines it
 _LAZY = {
-    "PAGE_SIZE": "native.pages",
+    "PAGE_SIZE": "native.lib",
     "Ksm": "ksm", "KsmStats": "ksm",
     "MergeableBuffer": "ksm.memory", "mergeable_array": "ksm.memory",
     "enable_process_merge": "ksm.memory", "disable_process_merge": "ksm.memory",
@@ -22,12 +22,12 @@ _LAZY = {
     "process_ksm": "ksm.process", "top_processes": "ksm.process",
     "enable": "inject", "disable": "inject",
     "Estimate": "estimate", "Prediction": "estimate",
-    "Mapping": "host.procmem", "RemoteReader": "host.procmem", "present_pages": "host.procmem",
-    "read_mappings": "host.procmem",
+    "Mapping": "host.maps", "RemoteReader": "host.remote", "present_pages": "host.pagemap",
+    "read_mappings": "host.maps",
     "Config": "daemon.config", "load_config": "daemon.config",
-    "read_daemon_state": "daemon.loop",
-    "run_ab": "ab.engine", "ABResult": "ab.engine", "ABInterrupted": "ab.engine",
-    "SyntheticSpec": "ab.workloads", "SyntheticWorkload": "ab.workloads",
+    "read_daemon_state": "daemon.state",
+    "run_ab": "ab.engine", "ABResult": "ab.records", "ABInterrupted": "ab.records",
+    "SyntheticSpec": "ab.synthetic", "SyntheticWorkload": "ab.workloads",
     "CommandWorkload": "ab.workloads", "PidWorkload": "ab.workloads",
 }
 

@@ -22,8 +22,8 @@ import zlib
 
 import numpy as np
 
-from .native import pages
-from .commands._util import Progress
+from . import pages
+from .console import Progress
 from .units import parse_size
 from .errors import UsageError
 from .ksm.memory import MergeableBuffer
@@ -59,7 +59,7 @@ def _buffer(nbytes: int, fill: str) -> tuple[MergeableBuffer, np.ndarray]:
 
 def _kernels(page_size: int):
     """name -> (callable(buf), runs on a prefix (a Python baseline), kernels it needs: the
-    :func:`pages.implementation` arguments, {} for the level in use)."""
+    :func:`udedup.pages.implementation` arguments, {} for the level in use)."""
     def py_crc32c(buf):
         import crc32c as crc32c_pkg
         mv = memoryview(buf)

@@ -2,7 +2,7 @@
 
 Each class also inherits the matching builtin, so callers may catch either, and carries the exit
 code the CLI returns for it (the table in README.md). errno is translated in one place per boundary
-(``pages.py`` for native calls, ``ksm.py`` for sysfs, ``procmem.py`` for /proc) with
+(``native/lib.py`` for native calls; ``host/fs.py`` for /proc and for sysfs knobs) with
 ``raise ... from err``.
 """
 from __future__ import annotations

@@ -27,7 +27,7 @@ from ..errors import ProcessError, UdedupError
 from ..host.fs import DEFAULT_PROCFS, ProcFs, as_procfs
 from ..host.pagemap import KPF_KSM, PM_PFN_MASK, PM_PRESENT, read_kpageflags, read_pagemap, zero_page_pfns
 from ..ksm.memory import MADV_NOHUGEPAGE, MergeableBuffer, enable_process_merge
-from ..native import pages
+from ..native import syscalls
 from .channel import PARENT_ENV, LineBuffer, write_message
 from .synthetic import (DUPLICATE, KIND_NAMES, PAGE_SIZE, PRESETS, UNIQUE, VOLATILE, ZERO, Layout,
                         SyntheticSpec, make_layout, parse_size, preset)
@@ -37,7 +37,7 @@ PR_SET_PDEATHSIG = 1
 
 def _set_parent_death_signal() -> None:
     """Die with the harness: PR_SET_PDEATHSIG, then check the parent did not die first."""
-    pages.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    syscalls.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     expected = os.environ.get(PARENT_ENV)
     if expected and os.getppid() != int(expected):
         os._exit(0)

@@ -118,7 +118,7 @@ def run_ab(workload, arms: Mapping[str, Mapping[str, object]] | None = None,
     Raises :class:`ABInterrupted` (a KeyboardInterrupt) with the finished trials on Ctrl-C/SIGTERM,
     after cleaning up; other errors propagate after the same cleanup.
     """
-    from ..ksm.controller import Ksm
+    from ..ksm import Ksm
 
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise UsageError(f"trials must be a positive integer (per arm), got {trials!r}")

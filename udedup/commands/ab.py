@@ -7,7 +7,7 @@ import sys
 import time
 
 from ..errors import UsageError, WorkloadError
-from ._util import Progress, print_json
+from ..console import Progress, print_json
 
 NAME = "ab"
 HELP = "A/B test a KSM knob (default: use_zero_pages off vs on) on a workload, with statistics"
@@ -170,7 +170,7 @@ def run(args) -> int:
     from ..ab.engine import DEFAULT_ARMS, default_fixed, run_ab
     from ..ab.records import ABInterrupted
     from ..ab.report import describe_run, format_table, write_json, write_report, write_trials_csv
-    from ..ksm.controller import Ksm
+    from ..ksm import Ksm
 
     if args.trials < 1:
         raise UsageError(f"--trials {args.trials}: need at least 1 trial per arm")

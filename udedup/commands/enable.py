@@ -8,7 +8,7 @@ from ..errors import InjectError, UdedupError, UsageError
 from ..host.fs import DEFAULT_PROCFS
 from ..ksm import DEFAULT_ROOT
 from ..units import human_bytes
-from ._util import print_json
+from ..console import print_json
 
 NAME = "enable"
 HELP = "enable KSM inside running processes (ptrace injection of prctl/madvise)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..errors import UsageError
 from ..estimate import estimate
 from ..units import human_bytes
-from ._util import Progress, print_json
+from ..console import Progress, print_json
 
 NAME = "scan"
 HELP = "predict what KSM would save on processes (reads their memory, changes nothing)"

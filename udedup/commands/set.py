@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from ..ksm import DEFAULT_ROOT, Ksm
-from ._util import print_json
+from ..console import print_json
 
 NAME = "set"
 HELP = "set KSM knobs (KNOB=VALUE ...), all or nothing"

@@ -6,10 +6,11 @@ import time
 from ..daemon.state import DEFAULT_STATE_FILE, describe_daemon_state, read_daemon_state
 from ..errors import KsmError, ProcessError, UsageError
 from ..host.fs import ProcFs
-from ..ksm.controller import DEFAULT_PROCFS, DEFAULT_ROOT, Ksm
-from ..ksm.process import process_ksm, profit_overcount_bytes, top_processes
+from ..ksm import DEFAULT_PROCFS, DEFAULT_ROOT, Ksm
+from ..ksm.accounting import profit_overcount_bytes
+from ..ksm.process import process_ksm, top_processes
 from ..units import human_bytes
-from ._util import print_json
+from ..console import print_json
 
 NAME = "status"
 HELP = "show KSM knobs, counters, savings, ksmd CPU use and the top merging processes"

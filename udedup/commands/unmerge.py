@@ -5,7 +5,7 @@ import time
 
 from ..ksm import DEFAULT_ROOT, Ksm
 from ..units import human_bytes
-from ._util import print_json
+from ..console import print_json
 
 NAME = "unmerge"
 HELP = "unmerge every KSM page on the machine (run=2), then restore run"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..estimate.why import explain, observe
 from ..units import human_bytes
-from ._util import print_json
+from ..console import print_json
 from .scan import add_read_arguments, estimate_with_progress, parse_pids
 
 NAME = "why"

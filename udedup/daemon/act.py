@@ -16,7 +16,7 @@ import time
 
 from ..errors import KsmError, KsmPermissionError, UdedupError
 from ..host.fs import DEFAULT_PROCFS
-from ..ksm.controller import DEFAULT_ROOT
+from ..ksm import DEFAULT_ROOT
 from ..ksm.knobs import KnobSnapshot, pages_to_scan_ignored, write_order
 from .config import Config
 from .model import EstimateResult, Observation, Plan, ProcessInfo
@@ -64,7 +64,7 @@ def screen_processes(infos, cfg: Config, now: float, seed: int = 0, mappings=Non
     are left for the full estimate. Nothing is ruled out when screening is off, when the threshold
     is so low that the sample would be most of the memory, or when the sample fails."""
     from ..estimate import screen as screen_mod
-    from ..native import pages
+    from ..native import lib
 
     r = cfg.registration
     if not cfg.estimate.screen or r.min_saving <= 0 or not infos:
@@ -83,7 +83,7 @@ def screen_processes(infos, cfg: Config, now: float, seed: int = 0, mappings=Non
         got = sampled.get(info.pid)
         if not isinstance(got, screen_mod.ScreenResult) or got.sampled_pages == 0:
             continue    # errors and empty samples: the full estimate decides and reports
-        ps = pages.PAGE_SIZE
+        ps = lib.PAGE_SIZE
         present = got.present_pages * ps
         threshold = max(r.min_saving, r.min_saving_percent / 100.0 * present)
         bound = got.bound_pages * ps

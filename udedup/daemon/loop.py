@@ -32,10 +32,6 @@ from .state import StateFile, format_knobs
 from .systemd import SdNotify
 from .wakeup import Signals
 
-# transitional: udedup/__init__.py (read_daemon_state) and tests/test_screen.py
-# (screen_processes) import these from here until they import .state and .act
-from .act import screen_processes  # noqa: F401,E402
-from .state import DEFAULT_STATE_FILE, describe_daemon_state, read_daemon_state  # noqa: F401,E402
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +98,7 @@ class Daemon:
 
     # --- lifecycle
     def run(self) -> int:
-        from ..ksm.controller import Ksm
+        from ..ksm import Ksm
 
         self.signals.install()
         try:

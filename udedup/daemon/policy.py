@@ -35,8 +35,6 @@ from .model import (PRIOR_SECONDS_PER_PAGE, Decision, EstimateResult, Observatio
 from .rates import ewma_weight, knobs_for_rate, pressure_state, sleep_for_batch
 from .registration import classify
 
-# transitional: tests/test_screen.py imports ProcessInfo from here until it imports .model
-from .model import ProcessInfo  # noqa: F401,E402
 
 #: Knob writes within this relative distance of the current value are skipped (no flapping).
 HYSTERESIS = 0.2

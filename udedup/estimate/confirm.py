@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..native import pages
+from ..native import kernels
 from .group import hash_runs
 from .scope import NONE, UNREADABLE, VOLATILE
 
@@ -127,13 +127,13 @@ class Confirmer:
         at = np.minimum(np.searchsorted(chunk_ords, heads), chunk_ords.size - 1)
         inside = chunk_ords[at] == heads
         if inside.any():
-            equal[inside] = pages.compare_pages(buf, members[inside], at[inside], page_size=ps)
+            equal[inside] = kernels.compare_pages(buf, members[inside], at[inside], page_size=ps)
         outside = np.flatnonzero(~inside)
         if outside.size:
             slot, hit = self._cache_lookup(heads[outside])
             if hit.any():
                 which = outside[hit]
-                equal[which] = pages.compare_pages(buf, members[which], slot[hit],
+                equal[which] = kernels.compare_pages(buf, members[which], slot[hit],
                                                    b=self.cache_flat, page_size=ps)
                 outside = outside[~hit]
         if outside.size:
@@ -146,7 +146,7 @@ class Confirmer:
                 which = outside[sel]
                 slots = inv[sel] - lo
                 hb = self.heads.buffer[: batch.size * ps]
-                equal[which] = pages.compare_pages(buf, members[which], slots, b=hb,
+                equal[which] = kernels.compare_pages(buf, members[which], slots, b=hb,
                                                    page_size=ps) & got[slots]
         r[members[equal]] = heads[equal].astype(np.uint32)
         if not equal.all():
@@ -190,7 +190,7 @@ class Confirmer:
         for lo in range(0, ords.size, cap):
             part = ords[lo:lo + cap]
             got = self.reader.fetch(part)
-            eq[lo:lo + part.size] = pages.compare_pages(
+            eq[lo:lo + part.size] = kernels.compare_pages(
                 self.reader.buffer[: part.size * ps], np.arange(part.size),
                 np.zeros(part.size, np.int64), b=hb, page_size=ps) & got
         return eq

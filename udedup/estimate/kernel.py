@@ -1,5 +1,5 @@
 """What the running kernel's KSM is set to, for the estimator and "why": read through one
-:class:`~udedup.ksm.controller.Ksm` built from the caller's roots, never a hidden default."""
+:class:`~udedup.ksm.Ksm` built from the caller's roots, never a hidden default."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,7 @@ import os
 
 from ..errors import KsmError, UsageError
 from ..host.fs import ProcFs
-from ..ksm.controller import DEFAULT_ROOT, Ksm
+from ..ksm import DEFAULT_ROOT, Ksm
 
 log = logging.getLogger(__name__)
 

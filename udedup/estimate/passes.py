@@ -20,7 +20,7 @@ from ..host.fs import ProcFs
 from ..host.maps import read_mappings
 from ..host.pagemap import open_pagemap, present_blocks, zero_page_pfns
 from ..host.remote import RemoteReader, aligned_buffer, read_ahead
-from ..native import pages
+from ..native import kernels, lib
 from .model import MappingReport
 from .scope import NONE, STEP, UNREADABLE, VOLATILE, ZERO, PageSet, Scope, Target, \
     buffer_range, buffer_targets
@@ -49,7 +49,7 @@ def read_targets(targets, procfs: ProcFs) -> list:
     me = os.getpid()
     if any(p.pid == me for p in processes):
         buffers = []
-    return processes + buffer_targets(buffers, me, pages.PAGE_SIZE)
+    return processes + buffer_targets(buffers, me, lib.PAGE_SIZE)
 
 
 def read_scope(targets: list, all_eligible: bool, procfs: ProcFs) -> Scope:
@@ -88,7 +88,7 @@ def read_scope(targets: list, all_eligible: bool, procfs: ProcFs) -> Scope:
 
 
 def _present(fd, pid, lo, hi, zero_pfns, rep) -> PageSet:
-    ps = pages.PAGE_SIZE
+    ps = lib.PAGE_SIZE
     counts: dict = {}
     # STEP pagemap entries per read: small temporaries, 64 MiB of address space
     parts = [(idx + (a - lo) // ps).astype(np.uint32)
@@ -272,7 +272,7 @@ class Passes:
         sc = self.scope
         for sl, _ords, buf, ok in self._pass():
             z = self._ztmp[:ok.size]
-            pages.scan_pages(buf, self.ps, crc_out=sc.crc[sl], hash_out=sc.hsh[sl], zero_out=z)
+            kernels.scan_pages(buf, self.ps, crc_out=sc.crc[sl], hash_out=sc.hsh[sl], zero_out=z)
             f = sc.flags[sl]
             f[z] = ZERO
             if not ok.all():
@@ -302,7 +302,7 @@ class Passes:
         crc = self.scope.crc
         for idx, _ords, buf, ok, f in self._recheck(pass_no, passes, sparse):
             c = self._ctmp[:ok.size]
-            pages.crc32c_pages(buf, self.ps, out=c)
+            kernels.crc32c_pages(buf, self.ps, out=c)
             f[c != crc[idx]] |= VOLATILE
             crc[idx] = c
 
@@ -313,7 +313,7 @@ class Passes:
         for idx, ords, buf, ok, f in self._recheck(passes, passes, sparse):
             n = ok.size
             c, h, z = self._ctmp[:n], self._htmp[:n], self._ztmp[:n]
-            pages.scan_pages(buf, self.ps, crc_out=c, hash_out=h, zero_out=z)
+            kernels.scan_pages(buf, self.ps, crc_out=c, hash_out=h, zero_out=z)
             changed = (c != sc.crc[idx]) | (z != ((f & ZERO) != 0))
             f[changed] |= VOLATILE
             r = sc.rep[idx]

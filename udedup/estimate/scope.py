@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UsageError
-from ..native import pages
+from ..native import lib
 from .model import MappingReport, TargetReport
 
 #: Whole-array steps work this many pages at a time: the memory budget is per scanned page, so
@@ -136,12 +136,12 @@ class Segment:
         return self.pageset.size
 
     def addresses(self, index) -> np.ndarray:
-        return np.uint64(self.start) + self.pageset.pages(index) * np.uint64(pages.PAGE_SIZE)
+        return np.uint64(self.start) + self.pageset.pages(index) * np.uint64(lib.PAGE_SIZE)
 
     def iov(self, lo: int, hi: int):
         """(start addresses, byte lengths) of the runs of set positions [lo, hi)."""
         first, count = self.pageset.runs(lo, hi)
-        ps = np.uint64(pages.PAGE_SIZE)
+        ps = np.uint64(lib.PAGE_SIZE)
         return np.uint64(self.start) + first * ps, count * ps
 
 
@@ -151,7 +151,7 @@ class Scope:
 
     def __init__(self, targets: list):
         self.targets = targets
-        self.page_size = pages.PAGE_SIZE
+        self.page_size = lib.PAGE_SIZE
         self.target_reports = [TargetReport(t.pid, t.name, t.kind) for t in targets]
         self.reports: list = []        # MappingReport of every mapping inside a target
         self.segments: list = []

@@ -34,7 +34,7 @@ from ..host.fs import ProcFs, as_procfs
 from ..host.maps import read_mappings
 from ..host.pagemap import open_pagemap, present_pages
 from ..host.remote import RemoteReader
-from ..native import pages
+from ..native import kernels, lib
 
 #: Sampled twins expected from a process whose saving equals the threshold.
 EXPECTED_TWINS = 16
@@ -71,7 +71,7 @@ def rate_for(threshold_bytes: int, page_size: int | None = None,
              expected: float = EXPECTED_TWINS) -> float:
     """Sampling rate at which a process saving ``threshold_bytes`` in duplicate pairs shows
     ``expected`` sampled twins on average (its 2T duplicate pages x p^2)."""
-    ps = page_size or pages.PAGE_SIZE
+    ps = page_size or lib.PAGE_SIZE
     t_pages = threshold_bytes / ps
     if t_pages <= 0:
         return 1.0
@@ -102,7 +102,7 @@ def screen(pids, rate: float, seed: int = 0, procfs: str | ProcFs = "/proc",
     if not 0.0 < rate <= 1.0:
         raise UsageError(f"screen rate must be in (0, 1], got {rate}")
     procfs = as_procfs(procfs)
-    ps = pages.PAGE_SIZE
+    ps = lib.PAGE_SIZE
     rng = np.random.default_rng(seed)
     out: dict = {}
     sampled: dict = {}
@@ -131,7 +131,7 @@ def screen(pids, rate: float, seed: int = 0, procfs: str | ProcFs = "/proc",
                     out[pid] = str(err)
                     break
                 n = int(ok.size)
-                res = pages.scan_pages(reader.buffer[: n * ps], ps)
+                res = kernels.scan_pages(reader.buffer[: n * ps], ps)
                 good = ok & ~res.zero
                 zero_count[pid] += int(np.count_nonzero(ok & res.zero))
                 hashes.append(res.hash[good])

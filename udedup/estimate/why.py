@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from ..errors import KsmError
 from ..host.fs import ProcFs, as_procfs
 from ..host.maps import Mapping, read_mappings
-from ..native.pages import PAGE_SIZE
+from ..native.lib import PAGE_SIZE
 from ..units import human_bytes
 from .kernel import controller, ksm_state
 from .model import Estimate, MappingReport

@@ -11,7 +11,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..errors import ProcessNotFoundError
-from ..native import pages
+from ..native import lib
 from .fs import ProcFs, as_procfs, process_error
 from .remote import page_runs
 
@@ -53,7 +53,7 @@ def pread_full(fd: int, view: memoryview, offset: int, pid, what: str) -> int:
 def read_pagemap(fd: int, start: int, end: int, out: np.ndarray | None = None,
                  page_size: int | None = None, pid: int | None = None) -> np.ndarray:
     """Raw pagemap entries (uint64) of the pages in [start, end), one pread per call."""
-    ps = page_size or pages.PAGE_SIZE
+    ps = page_size or lib.PAGE_SIZE
     n = (end - start) // ps
     if out is None:
         out = np.empty(n, dtype=np.uint64)
@@ -111,7 +111,7 @@ def zero_page_pfns(procfs: ProcFs | str = "/proc") -> tuple:
 
 @lru_cache(maxsize=4)
 def _zero_page_pfns(root: str) -> tuple:
-    ps = pages.PAGE_SIZE
+    ps = lib.PAGE_SIZE
     ranges = []
     fd = ProcFs(root).open_global("self", "pagemap")
     try:
@@ -133,7 +133,7 @@ def _zero_page_pfns(root: str) -> tuple:
 
 def _huge_zero_pfns(fd: int):
     # With THP on, a read fault in a MADV_HUGEPAGE region maps the huge zero page (one PMD).
-    pmd = 512 * pages.PAGE_SIZE
+    pmd = 512 * lib.PAGE_SIZE
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
     region = mmap.mmap(-1, 2 * pmd, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -191,7 +191,7 @@ def present_blocks(fd: int, pid: int, start: int, end: int, anon_only: bool = Tr
                    zero_pfns: tuple = (), counts: dict | None = None, block: int = PAGEMAP_BLOCK):
     """``(block start, present_offsets of the block)`` per ``block`` pagemap entries of the
     page-aligned range [start, end), read from ``fd`` (see :func:`open_pagemap`)."""
-    ps = pages.PAGE_SIZE
+    ps = lib.PAGE_SIZE
     out = np.empty(min(block, max(1, (end - start) // ps)), dtype=np.uint64)
     for lo in range(start, end, block * ps):
         entries = read_pagemap(fd, lo, min(end, lo + block * ps), out=out, pid=pid)
@@ -206,7 +206,7 @@ def present_pages(pid: int, start: int, end: int, procfs: ProcFs | str = "/proc"
     ``anon_only`` keeps only anonymous pages; ``skip_zero_page`` also drops pages that map the
     kernel's shared zero page (a read-faulted page, or one KSM already replaced). ``fd``: the
     process's pagemap already open (it stays open), for callers that look at many ranges."""
-    ps = pages.PAGE_SIZE
+    ps = lib.PAGE_SIZE
     start, end = start // ps * ps, -(-end // ps) * ps
     zero = zero_page_pfns(procfs) if skip_zero_page else ()
     own = fd is None

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 
 from ..errors import ProcessAccessError, ProcessError
-from ..native import pages
+from ..native import lib, syscalls
 
 #: Default size of the read buffer: half of a typical 1-2 MiB L2, so the scan that follows each
 #: read finds the bytes still in cache.
@@ -37,7 +37,7 @@ class RemoteReader:
     def __init__(self, pid: int | None = None, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  buffer=None, page_size: int | None = None):
         self.pid = pid
-        self.page_size = ps = page_size or pages.PAGE_SIZE
+        self.page_size = ps = page_size or lib.PAGE_SIZE
         if buffer is None:
             nbytes = max(ps, buffer_bytes // ps * ps)
             self._owned = aligned_buffer(nbytes)
@@ -93,7 +93,7 @@ class RemoteReader:
             return ok
         if not n:
             return ok
-        got, err = pages.remote_readv(pid, starts, lens,
+        got, err = syscalls.remote_readv(pid, starts, lens,
                                       self.buffer[slot * ps: (slot + n) * ps])
         self.bytes_read += got
         if err == 0:
@@ -116,7 +116,7 @@ class RemoteReader:
             if first >= n:
                 return ok
             rs, rl = page_runs(addrs[first:], ps)
-            got, err = pages.remote_readv(pid, rs, rl,
+            got, err = syscalls.remote_readv(pid, rs, rl,
                                           self.buffer[(slot + first) * ps: (slot + n) * ps])
             self.bytes_read += got
             if err == 0:

@@ -34,7 +34,7 @@ from ..errors import InjectError, InjectRefusedError, NativeError, UdedupError, 
 from ..host.fs import ProcFs, as_procfs
 from ..ksm import DEFAULT_ROOT, Ksm
 from ..ksm.memory import MADV_MERGEABLE, MADV_UNMERGEABLE, PR_GET_MEMORY_MERGE, PR_SET_MEMORY_MERGE
-from ..native import pages
+from ..native import syscalls
 from .ranges import check_ranges, eligible_ranges
 from .session import InjectResult, Session
 from .target import check_target, wait_not_d_state
@@ -49,7 +49,7 @@ NR_PRCTL = 157
 def _prctl_supported() -> bool:
     # asked of our own process: the kernel, not the target, decides whether the option exists
     try:
-        pages.prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0)
+        syscalls.prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0)
         return True
     except NativeError as err:
         return err.errno != errno_mod.EINVAL

@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import InjectError, InjectRefusedError, ProcessNotFoundError, UsageError
 from ..host.fs import ProcFs
 from ..host.maps import read_mappings
-from ..native import pages
+from ..native import lib, ptrace, syscalls
 
 # Executable mappings the kernel keeps out of reach or that hold no ordinary code to borrow.
 _NOT_CODE = ("[vsyscall]", "[uprobes]")
@@ -48,7 +48,7 @@ def eligible_ranges(pid: int, registered_only: bool,
 def check_ranges(pid: int, ranges, procfs: ProcFs | str = "/proc") -> list[tuple[int, int]]:
     """The caller's ranges as merged ``(start, end)`` ints; UsageError for a range that is not a
     pair, empty or reversed, not page-aligned, or not fully mapped in ``pid``."""
-    ps = pages.PAGE_SIZE
+    ps = lib.PAGE_SIZE
     clean = []
     for item in ranges:
         try:
@@ -89,14 +89,14 @@ def find_syscall_address(pid: int, procfs: ProcFs | str = "/proc") -> int:
         for base in range(m.start, m.end, _CODE_CHUNK):
             size = min(_CODE_CHUNK, m.end - base)
             buf = bytearray(size)
-            got, err = pages.remote_readv(pid, np.array([base], dtype=np.uint64),
+            got, err = syscalls.remote_readv(pid, np.array([base], dtype=np.uint64),
                                           np.array([size], dtype=np.uint64), buf)
             if err == errno_mod.ESRCH:
                 raise ProcessNotFoundError(f"PID {pid} exited", pid=pid)
             if err == errno_mod.EPERM:
                 raise InjectRefusedError(f"not allowed to read the memory of PID {pid}: run as "
                                          "root", pid=pid, reason="ptrace")
-            off = pages.find_syscall_insn(memoryview(buf)[:got])
+            off = ptrace.find_syscall_insn(memoryview(buf)[:got])
             if off >= 0:
                 return base + off
     raise InjectError(f"found no syscall instruction in the executable mappings of PID {pid}",

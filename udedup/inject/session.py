@@ -1,5 +1,5 @@
 """Running injected calls in one target and what came of them: each attach goes through
-:func:`udedup.native.pages.inject_syscalls` (``csrc/inject.c``: restarts of interrupted calls,
+:func:`udedup.native.ptrace.inject_syscalls` (``csrc/inject.c``: restarts of interrupted calls,
 signals, rseq, stopped processes), each call becomes a :class:`SyscallRecord`, and the attaches of
 one ``enable``/``disable`` add up to one :class:`InjectResult`.
 """
@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import UdedupError
 from ..host.fs import ProcFs
-from ..native import pages
+from ..native import ptrace
 from .ranges import find_syscall_address
 from .target import Target
 
@@ -84,7 +84,7 @@ class InjectResult:
         d["ok"] = self.ok
         return d
 
-    _asdict = as_dict  # commands._util.print_json
+    _asdict = as_dict  # console.print_json
 
 
 def _record(call: str, raw: int | None, restarts: int) -> SyscallRecord:
@@ -116,7 +116,7 @@ class Session:
         if self.syscall_ip is None:
             self.syscall_ip = find_syscall_address(self.target.pid, self.procfs)
         try:
-            out = pages.inject_syscalls(self.target.tid, self.syscall_ip,
+            out = ptrace.inject_syscalls(self.target.tid, self.syscall_ip,
                                         [(nr, args) for _, nr, args in calls],
                                         own_child=self.target.own_child,
                                         keep_eintr=self.keep_eintr, rseq_check=self.rseq_check)

@@ -21,7 +21,7 @@ from ..errors import (InjectRefusedError, KernelThreadError, ProcessAccessError,
                       ProcessNotFoundError, UnsupportedArchError, UsageError)
 from ..host.fs import ProcFs, as_procfs
 from ..host.parse import parse_status, status_has_cap, status_ids
-from ..native import pages
+from ..native import ptrace
 
 CAP_SYS_PTRACE = 19
 CAP_SYS_RESOURCE = 24
@@ -178,7 +178,7 @@ def check_target(pid, force: bool = False, procfs: ProcFs | str = "/proc") -> Ta
 
     ``pid`` may be a process or one of its thread IDs (that thread then runs the calls)."""
     pid = _as_pid(pid)
-    if not pages.INJECT_SUPPORTED:
+    if not ptrace.INJECT_SUPPORTED:
         raise UnsupportedArchError(f"injecting a syscall is not implemented for "
                                    f"{os.uname().machine} (x86_64 only)", pid=pid)
     fs = as_procfs(procfs)

@@ -3,6 +3,7 @@
 detection (:mod:`.settle`), ksmd's CPU (:mod:`.ksmd`), the experiment lock (:mod:`.lock`), mergeable
 memory for the caller (:mod:`.memory`), and the per-process KSM view (:mod:`.process`)."""
 from ..host.fs import DEFAULT_PROCFS
+from .accounting import RMAP_ITEM_BYTES
 from .controller import DEFAULT_ROOT, Ksm
 from .knobs import KnobSnapshot, KnobSpec
 from .lock import LOCK_PATH, experiment_lock
@@ -11,10 +12,3 @@ from .stats import KsmStats
 __all__ = ["DEFAULT_PROCFS", "DEFAULT_ROOT", "LOCK_PATH", "RMAP_ITEM_BYTES", "KnobSnapshot",
            "KnobSpec", "Ksm", "KsmStats", "experiment_lock"]
 
-
-def __getattr__(name: str):
-    # RMAP_ITEM_BYTES lives in accounting, which loads numpy: only a caller that asks pays for it
-    if name == "RMAP_ITEM_BYTES":
-        from .accounting import RMAP_ITEM_BYTES
-        return RMAP_ITEM_BYTES
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 #: kernel memory per page KSM tracks (struct ksm_rmap_item on x86_64): general_profit subtracts it
 RMAP_ITEM_BYTES = 64
 
@@ -21,6 +19,7 @@ RMAP_ITEM_BYTES = 64
 def ksm_pages(group_sizes, max_page_sharing: int) -> tuple[int, int, int]:
     """``(pages_shared, pages_sharing, pages_unshared)`` KSM settles at for groups of equal pages
     of the given sizes."""
+    import numpy as np  # here, not at the top: status and the daemon's walks need no numpy
     sizes = np.asarray(group_sizes, dtype=np.int64)
     sizes = sizes[sizes > 0]
     full, rest = np.divmod(sizes, max_page_sharing)
@@ -31,9 +30,10 @@ def ksm_pages(group_sizes, max_page_sharing: int) -> tuple[int, int, int]:
     return shared, sharing, unshared
 
 
-def sharing_fraction(group_sizes, max_page_sharing: int) -> np.ndarray:
+def sharing_fraction(group_sizes, max_page_sharing: int) :
     """Per page of a group of each size, its share of the group's pages_sharing (for attributing
     a saving to the processes and ranges that hold the group)."""
+    import numpy as np
     sizes = np.asarray(group_sizes, dtype=np.int64)
     full, rest = np.divmod(sizes, max_page_sharing)
     sharing = full * (max_page_sharing - 1) + np.where(rest >= 2, rest - 1, 0)

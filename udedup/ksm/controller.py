@@ -34,7 +34,6 @@ from . import knobs as table
 from . import settle
 from .knobs import UNMERGE_KNOBS, KnobSnapshot, KnobSpec, pages_to_scan_ignored, write_order
 from .ksmd import Ksmd
-from .lock import LOCK_PATH, experiment_lock  # noqa: F401  (re-exported for udedup.ksm callers)
 from .stats import KsmStats
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import weakref
 
 import numpy as np
 
-from ..native import pages
+from ..native import lib, syscalls
 from ..errors import (BufferInUseError, KsmPermissionError, KsmUnavailableError, NativeError,
                      PageBufferError, UdedupError)
 
@@ -56,7 +56,7 @@ class MergeableBuffer:
     def __init__(self, nbytes: int, hugepages: bool = False, merge: bool = True):
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
             raise PageBufferError(f"MergeableBuffer needs a positive byte count, got {nbytes!r}")
-        page = pages.PAGE_SIZE
+        page = lib.PAGE_SIZE
         self.nbytes: int = -(-nbytes // page) * page
         self.page_size: int = page
         self.hugepages = bool(hugepages)
@@ -188,7 +188,7 @@ def enable_process_merge() -> None:
     becomes mergeable; children inherit it (across exec from Linux 6.7). No privilege is needed on
     6.18 (a process may opt itself in); EPERM is still mapped for kernels that ask for one."""
     try:
-        pages.prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
+        syscalls.prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
     except NativeError as err:
         raise _prctl_error(err, "enabling KSM for the whole process") from err
 
@@ -197,7 +197,7 @@ def disable_process_merge() -> None:
     """prctl(PR_SET_MEMORY_MERGE, 0): unmerges and clears ``mg`` on every mapping of this process,
     including ranges registered with madvise."""
     try:
-        pages.prctl(PR_SET_MEMORY_MERGE, 0, 0, 0, 0)
+        syscalls.prctl(PR_SET_MEMORY_MERGE, 0, 0, 0, 0)
     except NativeError as err:
         raise _prctl_error(err, "disabling KSM for the whole process") from err
 
@@ -205,7 +205,7 @@ def disable_process_merge() -> None:
 def process_merge_enabled() -> bool:
     """prctl(PR_GET_MEMORY_MERGE): whether the calling process has KSM merge-any on."""
     try:
-        return bool(pages.prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0))
+        return bool(syscalls.prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0))
     except NativeError as err:
         raise _prctl_error(err, "reading the process KSM setting") from err
 

@@ -21,15 +21,6 @@ from ..host.maps import Mapping, parse_smaps
 from ..host.parse import parse_ksm_stat
 
 
-def __getattr__(name: str):
-    # transitional, for commands/status.py, which imports it from here: its home is ksm.accounting,
-    # which loads numpy, so the ksm_stat-only callers (status, the walks) stay free of it
-    if name == "profit_overcount_bytes":
-        from .accounting import profit_overcount_bytes
-        return profit_overcount_bytes
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass(frozen=True)
 class MergeableMapping:
     """One mapping with the ``mg`` (VM_MERGEABLE) flag."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import accounting
+
 
 @dataclass(frozen=True)
 class KsmStats:
@@ -53,9 +55,6 @@ class KsmStats:
     def saved_bytes(self) -> int:
         if self.general_profit is not None:
             return int(self.general_profit)
-        # imported here: accounting loads numpy, which the CLI and the daemon skip on every kernel
-        # that has the general_profit file (5.19+)
-        from . import accounting
         return accounting.general_profit(self.pages_sharing, self.ksm_zero_pages, self.rmap_items,
                                          self.page_size)
 
@@ -70,5 +69,5 @@ class KsmStats:
                 "saved_bytes_source": ("general_profit" if self.general_profit is not None
                                        else "computed")}
 
-    def _asdict(self) -> dict:  # for commands._util.print_json
+    def _asdict(self) -> dict:  # for console.print_json
         return self.as_dict()

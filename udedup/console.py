@@ -1,4 +1,4 @@
-"""Helpers shared by the command modules: JSON output, human units, a terminal-only progress line."""
+"""Terminal and JSON output shared by the commands and the bench: JSON on stdout, a terminal-only progress line."""
 from __future__ import annotations
 
 import json
