@@ -50,15 +50,17 @@ def _machine_file_error(err: OSError, what: str) -> ProcessError:
 
 
 def knob_error(err: OSError, *, knob: str, path: str, value=None, action: str = "write") -> KsmError:
-    """The matching :class:`KsmError` for an OSError on a sysfs knob (caller does ``raise ... from``)."""
+    """The matching :class:`KsmError` for an OSError on a sysfs knob (caller does ``raise ... from``);
+    a ``thp.*`` knob is named a THP knob in the message."""
     code = err.errno
     shown = "" if value is None else f"={value}"
+    family = "THP" if str(knob).startswith("thp.") else "KSM"
     if code in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
         if code == _errno.EROFS:
             why = "sysfs is mounted read-only here (a container?)"
         else:
-            why = ("writing KSM knobs needs root (the files are root-owned, mode 0644); run as "
-                   "root or with sudo")
+            why = (f"writing {family} knobs needs root (the files are root-owned, mode 0644); run "
+                   "as root or with sudo")
         return KsmPermissionError(f"cannot {action} {knob}{shown} ({path}): {why}",
                                   knob=knob, path=path, value=value, errno=code)
     if code == _errno.EBUSY:
@@ -72,7 +74,7 @@ def knob_error(err: OSError, *, knob: str, path: str, value=None, action: str = 
                                 if knob == "pages_to_scan" else ""),
                              knob=knob, path=path, value=value, errno=code)
     if code in (_errno.ENOENT, _errno.ENOTDIR):
-        return KsmUnavailableError(f"{path} does not exist: this kernel has no KSM knob {knob!r}",
+        return KsmUnavailableError(f"{path} does not exist: this kernel has no {family} knob {knob!r}",
                                    knob=knob, path=path, value=value, errno=code)
     if code == _errno.ENOMEM:
         return KsmError(f"{action} {knob}{shown} failed: out of memory (unmerging needs a free page "

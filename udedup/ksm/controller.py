@@ -18,6 +18,11 @@ Rules this module keeps, because the kernel is picky about them:
   page gone, so ``run=2`` comes before them, and only with ``allow_unmerge=True``.
 - Ctrl-C is held while several knobs are written (:func:`udedup.signals.deferred`): a
   KeyboardInterrupt between two writes would leave a half-applied state with nothing to restore it.
+- THP knobs (``thp.enabled``, ``thp.khugepaged/defrag``: :mod:`.thp`, the sibling directory
+  ``transparent_hugepage`` by default) are knobs like KSM's in every method here.
+- While :meth:`Ksm.settings` or :meth:`Ksm.apply` runs, every first write of a knob is recorded in
+  a recovery journal (:mod:`.journal`) beforehand; the first snapshot, ``settings()`` or ``apply()``
+  of a controller replays the journals that killed processes left (:meth:`Ksm.recover`).
 """
 from __future__ import annotations
 
@@ -30,8 +35,9 @@ from typing import Iterator, Mapping
 from .. import signals
 from ..errors import KsmBusyError, KsmError, KsmUnavailableError, KsmValueError
 from ..host.fs import DEFAULT_PROCFS, ProcFs, SysFs, as_procfs
+from . import journal as journals
 from . import knobs as table
-from . import settle
+from . import settle, thp
 from .knobs import UNMERGE_KNOBS, KnobSnapshot, KnobSpec, pages_to_scan_ignored, write_order
 from .ksmd import Ksmd
 from .stats import KsmStats
@@ -39,13 +45,18 @@ from .stats import KsmStats
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/sys/kernel/mm/ksm"
+_DEFAULT = object()
 
 
 class Ksm:
     """Controller of one KSM sysfs directory.
 
     ``sysfs`` is the :class:`SysFs` every knob file is read and written through (default: one over
-    the root's parent); tests pass a subclass that plays the kernel.
+    the root's parent); tests pass a subclass that plays the kernel. ``thp_root``: the THP
+    directory whose files are the ``thp.*`` knobs (default: ``transparent_hugepage`` beside
+    ``root``; a missing one means no THP knob). ``journal_dir``: where recovery journals go
+    (default :data:`.journal.DEFAULT_DIR` for the real KSM directory, none for other roots;
+    None: no journal).
 
     >>> ksm = Ksm()
     >>> with ksm.settings(run=1, pages_to_scan=5000, sleep_millisecs=0, smart_scan=0):
@@ -53,8 +64,11 @@ class Ksm:
     """
 
     def __init__(self, root: str = DEFAULT_ROOT, procfs: str | ProcFs = DEFAULT_PROCFS,
-                 sysfs: SysFs | None = None):
+                 sysfs: SysFs | None = None, thp_root: str | None = None,
+                 journal_dir=_DEFAULT):
         self.root = os.fspath(root)
+        self.thp_root = os.fspath(thp_root) if thp_root is not None else os.path.join(
+            os.path.dirname(self.root.rstrip("/")), "transparent_hugepage")
         fs = as_procfs(procfs if isinstance(procfs, ProcFs) else os.fspath(procfs))
         self.procfs = fs.root
         self.sysfs = sysfs if sysfs is not None else SysFs(os.path.dirname(self.root))
@@ -66,13 +80,21 @@ class Ksm:
         self.ksmd = Ksmd(fs)
         self._specs: dict[str, KnobSpec] = {}
         self._names: tuple[list[str], list[str]] | None = None
+        self._thp_names: tuple[list[str], list[str]] | None = None
+        if journal_dir is _DEFAULT:
+            journal_dir = journals.DEFAULT_DIR if self.root == DEFAULT_ROOT else None
+        self.journal = (journals.Journal(os.fspath(journal_dir), self.root, self.thp_root, fs)
+                        if journal_dir is not None else None)
+        self._recovered = False
 
     def __repr__(self) -> str:
         return f"Ksm(root={self.root!r})"
 
     # --- discovery
     def path(self, name: str) -> str:
-        """The file of knob or counter ``name``."""
+        """The file of knob or counter ``name`` (``thp.*``: under :attr:`thp_root`)."""
+        if thp.is_thp(name):
+            return os.path.join(self.thp_root, thp.relpath(name))
         return os.path.join(self.root, name)
 
     def _scan_dir(self) -> tuple[list[str], list[str]]:
@@ -83,9 +105,14 @@ class Ksm:
                            [name for name, writable in files if not writable])
         return self._names
 
+    def _scan_thp(self) -> tuple[list[str], list[str]]:
+        if self._thp_names is None:
+            self._thp_names = thp.discover(self.sysfs, self.thp_root)
+        return self._thp_names
+
     def knob_names(self) -> list[str]:
-        """Writable knobs on this kernel, sorted."""
-        return list(self._scan_dir()[0])
+        """Writable knobs on this kernel: KSM's sorted, then THP's (``thp.*``) sorted."""
+        return list(self._scan_dir()[0]) + list(self._scan_thp()[0])
 
     def counter_names(self) -> list[str]:
         """Read-only counters on this kernel, sorted."""
@@ -93,8 +120,11 @@ class Ksm:
 
     def spec(self, name: str) -> KnobSpec:
         """How knob ``name`` is parsed; KsmValueError / KsmUnavailableError if there is no such knob."""
+        name = thp.canonical(name)
         if name in self._specs:
             return self._specs[name]
+        if thp.is_thp(name):
+            return self._thp_spec(name)
         knobs, counters = self._scan_dir()
         if name not in knobs:
             if name in counters:
@@ -105,12 +135,32 @@ class Ksm:
                     f"this kernel has no KSM knob {name!r} (added in Linux {table.KNOWN[name].since}; "
                     f"running {os.uname().release})", knob=name)
             raise KsmValueError(f"unknown KSM knob {name!r}; knobs on this kernel: "
-                                f"{', '.join(knobs)}", knob=name)
+                                f"{', '.join(knobs)} (and thp.* for THP)", knob=name)
         known = table.KNOWN.get(name)
         # a knob the table types fully needs no read; the others are typed by what they read
         spec = (known if known is not None and known.kind != "choice"
                 else table.spec_from_raw(name, self.read_raw(name)))
         self._specs[name] = spec
+        return spec
+
+    def _thp_spec(self, name: str) -> KnobSpec:
+        knobs, read_only = self._scan_thp()
+        if name not in knobs:
+            if name in read_only:
+                raise KsmValueError(f"{name} is read-only, not a knob; THP knobs here: "
+                                    f"{thp.describe(knobs)}", knob=name)
+            if not os.path.isdir(self.thp_root):
+                raise KsmUnavailableError(
+                    f"{self.thp_root} does not exist: this kernel has no transparent huge pages "
+                    f"(CONFIG_TRANSPARENT_HUGEPAGE), so no {name}", knob=name, path=self.thp_root)
+            known = thp.known_specs().get(name)
+            if known is not None:
+                raise KsmUnavailableError(
+                    f"this kernel has no THP knob {name!r} (added in Linux {known.since}; running "
+                    f"{os.uname().release})", knob=name)
+            raise KsmValueError(thp.unknown_message(name, knobs, self.thp_root), knob=name)
+        pmd = thp.pmd_pages(self.sysfs, self.thp_root, self.page_size)
+        spec = self._specs[name] = thp.spec_for(name, self.read_raw(name), pmd)
         return spec
 
     # --- raw I/O, through SysFs
@@ -120,7 +170,11 @@ class Ksm:
 
     def write_raw(self, name: str, text: str) -> None:
         """One write of ``text`` to knob ``name``, unchecked: the kernel's errno, translated, is the
-        only check (the kernel tests and ``run=2`` use it)."""
+        only check (the kernel tests and ``run=2`` use it). Journaled first while a journal is
+        open."""
+        name = thp.canonical(name)
+        if self.journal is not None and self.journal.active and name not in self.journal.knobs:
+            self.journal.note(name, self._read_typed(name))
         self.sysfs.write(self.path(name), text, knob=name)
 
     # --- typed values
@@ -135,7 +189,8 @@ class Ksm:
 
     def get(self, name: str) -> object:
         """Typed value of a knob (``advisor_mode`` -> ``"none"``), or of a counter (int)."""
-        if name in self.counter_names():
+        name = thp.canonical(name)
+        if name in self.counter_names() or name in self._scan_thp()[1]:
             return int(self.read_raw(name))
         return self._read_typed(name)
 
@@ -177,8 +232,24 @@ class Ksm:
 
     # --- snapshot / apply / restore
     def snapshot(self) -> KnobSnapshot:
-        """Every writable knob, typed, now."""
+        """Every writable knob, typed, now. The first snapshot of a controller replays the
+        journals of killed processes first (:meth:`recover`): a baseline never holds what a killed
+        run left behind."""
+        self._recover_once()
         return KnobSnapshot(self.knobs())
+
+    def recover(self) -> list[dict]:
+        """Put back the knobs that processes killed before their restore left changed, from their
+        recovery journals (:func:`.journal.replay`: what was restored is logged as a warning and
+        returned). Nothing happens without a journal directory."""
+        self._recovered = True
+        if self.journal is None or self.journal.active:
+            return []
+        return journals.replay(self, self.journal)
+
+    def _recover_once(self) -> None:
+        if not self._recovered:
+            self.recover()
 
     def changed_since(self, snap: KnobSnapshot) -> dict[str, tuple[object, object]]:
         """Knobs whose value differs from ``snap``: ``{name: (then, now)}``.
@@ -194,6 +265,12 @@ class Ksm:
     def validate(self, knobs: Mapping[str, object]) -> dict[str, object]:
         """Parse every value; raise on the first bad one before anything is written."""
         typed = {name: self.parse(name, value) for name, value in knobs.items()}
+        spelled = {}
+        for name in typed:
+            other = spelled.setdefault(thp.canonical(name), name)
+            if other != name:
+                raise KsmValueError(f"{other} and {name} name the same knob: give it once",
+                                    knob=name)
         if "pages_to_scan" in typed:
             mode = typed.get("advisor_mode")
             if mode is None and "advisor_mode" in self.knob_names():
@@ -241,7 +318,21 @@ class Ksm:
 
         Returns the snapshot taken before writing (give it to :meth:`restore`).
         """
-        return self._apply(self.validate(knobs), allow_unmerge)
+        typed = self.validate(knobs)
+        self._recover_once()
+        with self._journaled():
+            return self._apply(typed, allow_unmerge)
+
+    @contextlib.contextmanager
+    def _journaled(self) -> Iterator[None]:
+        if self.journal is None:
+            yield
+            return
+        self.journal.begin()
+        try:
+            yield
+        finally:
+            self.journal.end()
 
     def _apply(self, typed: Mapping[str, object], allow_unmerge: bool) -> KnobSnapshot:
         """:meth:`apply` of values :meth:`validate` already returned."""
@@ -256,6 +347,8 @@ class Ksm:
                 try:
                     self._restore(before, allow_unmerge=allow_unmerge)
                 except KsmError as rollback_err:
+                    if self.journal is not None:
+                        self.journal.fail()
                     log.error("ksm: rolling back a failed change also failed: %s", rollback_err)
             raise
         return before
@@ -310,6 +403,11 @@ class Ksm:
                 f"settings({', '.join(busy)}=...) needs allow_unmerge=True: the kernel accepts a "
                 "change of them only with no KSM page on the machine, so applying and restoring them "
                 "unmerges everything", knob=busy[0])
+        self._recover_once()
+        with self._journaled():
+            yield from self._settings_block(typed, allow_unmerge)
+
+    def _settings_block(self, typed, allow_unmerge: bool):
         before = self._apply(typed, allow_unmerge)
         applied = None
         try:
@@ -325,7 +423,12 @@ class Ksm:
                 log.warning("ksm: knobs changed by someone else during settings(): %s; restoring "
                             "them anyway", ", ".join(f"{k} {a!r}->{b!r}" for k, (a, b) in
                                                      outside.items()))
-            self.restore(before, allow_unmerge=allow_unmerge)
+            try:
+                self.restore(before, allow_unmerge=allow_unmerge)
+            except BaseException:
+                if self.journal is not None:
+                    self.journal.fail()    # the journal outlives us: a later start retries
+                raise
 
     # --- actions
     def unmerge_all(self) -> None:

@@ -88,14 +88,15 @@ _TRUE = {"1", "y", "yes", "on", "true"}
 _FALSE = {"0", "n", "no", "off", "false"}
 
 
-def spec_from_raw(name: str, raw: str) -> KnobSpec:
+def spec_from_raw(name: str, raw: str, known: KnobSpec | None = None) -> KnobSpec:
     """The spec of knob ``name`` given what its file reads now.
 
-    A choice knob lists its choices itself (``"[none] scan-time"``): the kernel's list wins over the
-    table's. A knob missing from the table is an integer (signed if it reads negative), or a choice
-    when it reads like one.
+    ``known``: the table's spec (default: :data:`KNOWN`'s; :mod:`.thp` passes its own). A choice
+    knob lists its choices itself (``"[none] scan-time"``): the kernel's list wins over the table's.
+    A knob missing from the table is an integer (signed if it reads negative), or a choice when it
+    reads like one.
     """
-    spec = KNOWN.get(name)
+    spec = known if known is not None else KNOWN.get(name)
     bracketed = "[" in raw
     if spec is None:
         if bracketed:
@@ -169,8 +170,11 @@ def write_order(names: Iterable[str]) -> list[str]:
        anything can restart ksmd;
     2. ``advisor_mode``: switching it resets ``pages_to_scan``, so a ``pages_to_scan`` written
        before it would be lost;
-    3. every other knob;
-    4. ``run`` last, so ksmd restarts with the final settings.
+    3. every other KSM knob;
+    4. the THP knobs (``thp.*``): after KSM's, before ``run``, so a ksmd that restarts finds the
+       final THP mode (what it merges out of huge pages depends on it); they depend on none of
+       KSM's and the kernel takes them in any order among themselves;
+    5. ``run`` last, so ksmd restarts with the final settings.
     """
     def key(name: str):
         if name in UNMERGE_KNOBS:
@@ -178,6 +182,8 @@ def write_order(names: Iterable[str]) -> list[str]:
         if name == "advisor_mode":
             return (1, name)
         if name == "run":
+            return (4, name)
+        if name.startswith("thp."):
             return (3, name)
         return (2, name)
     return sorted(names, key=key)
