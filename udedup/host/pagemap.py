@@ -4,6 +4,8 @@ swapped out are skipped and never faulted in), the PFNs of the kernel's zero pag
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import mmap
 import os
 from functools import lru_cache
@@ -219,3 +221,90 @@ def present_pages(pid: int, start: int, end: int, procfs: ProcFs | str = "/proc"
         if own:
             os.close(fd)
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
+
+
+def zero_page_entries(entries: np.ndarray, zero_pfns: tuple, scratch: np.ndarray | None = None) -> int:
+    """How many of ``entries`` (raw pagemap u64) are present pages on one of the ``zero_pfns``
+    ranges (:func:`zero_page_pfns`): the shared zero page or the huge zero page.
+
+    Vectorized, one mask and one compare per range: the present bit, the swap bit and the PFN are
+    masked together, so a swap entry (whose low bits are not a PFN) never matches. ``scratch``
+    (uint64, twice as long as ``entries``) avoids allocating per call."""
+    n = entries.shape[0]
+    if not n or not zero_pfns:
+        return 0
+    if scratch is None or scratch.shape[0] < 2 * n:
+        scratch = np.empty(2 * n, dtype=np.uint64)
+    masked, shifted = scratch[:n], scratch[n:2 * n]
+    np.bitwise_and(entries, np.uint64(PM_PRESENT | PM_SWAPPED | PM_PFN_MASK), out=masked)
+    hits = 0
+    for first, stop in zero_pfns:
+        key = np.uint64(PM_PRESENT | first)
+        if stop - first == 1:
+            hits += int(np.count_nonzero(masked == key))
+            continue
+        # uint64 wrap-around: (v - (PRESENT|first)) < width  <=>  present, not swapped, PFN in range
+        np.subtract(masked, key, out=shifted)
+        hits += int(np.count_nonzero(shifted < np.uint64(stop - first)))
+    return hits
+
+
+def count_zero_mapped(fd: int, pid: int, ranges, zero_pfns: tuple, block: int = PAGEMAP_BLOCK,
+                      page_size: int | None = None) -> int:
+    """Pages of the page-aligned ``ranges`` (``[(start, end)]``) of ``pid`` that map the kernel's
+    zero page or huge zero page, from the pagemap ``fd`` read ``block`` entries per pread (never
+    faulting anything in). 0 when ``zero_pfns`` is empty (PFNs hidden: nothing can be told)."""
+    if not zero_pfns:
+        return 0
+    ps = page_size or lib.PAGE_SIZE
+    longest = max(((end - start) // ps for start, end in ranges), default=0)
+    if longest <= 0:
+        return 0
+    size = min(block, longest)
+    out = np.empty(size, dtype=np.uint64)
+    scratch = np.empty(2 * size, dtype=np.uint64)
+    hits = 0
+    for start, end in ranges:
+        for lo in range(start, end, block * ps):
+            entries = read_pagemap(fd, lo, min(end, lo + block * ps), out=out, page_size=ps, pid=pid)
+            hits += zero_page_entries(entries, zero_pfns, scratch)
+    return hits
+
+
+# PAGEMAP_SCAN (Linux 6.7+, fs/proc/task_mmu.c): the kernel walks the page tables and returns only
+# ranges of pages in the asked categories. For "which pages map the zero page" it is several times
+# cheaper than reading 8 bytes per page (4 GiB of written 4 KiB pages: ~4 ms against ~25 ms for
+# pread + numpy on this machine), and it needs no CAP_SYS_ADMIN (no PFN leaves the kernel).
+PAGEMAP_SCAN = 0xC0606610        # _IOWR('f', 16, struct pm_scan_arg), 96 bytes
+PAGE_IS_PFNZERO = 1 << 5         # the shared zero page or the huge zero page (include/uapi/linux/fs.h)
+_SCAN_VEC = 4096                 # page_region entries (24 bytes each) per ioctl
+
+
+def scan_zero_mapped(fd: int, ranges, page_size: int | None = None, pid: int = 0) -> int | None:
+    """Pages of ``ranges`` (``[(start, end)]``, page-aligned) on the (huge) zero page, by the
+    PAGEMAP_SCAN ioctl on the pagemap ``fd`` of ``pid``; None where the kernel (or a fake file)
+    has no such ioctl: then use :func:`count_zero_mapped`."""
+    ps = page_size or lib.PAGE_SIZE
+    vec = np.zeros((_SCAN_VEC, 3), dtype=np.uint64)      # struct page_region {start, end, categories}
+    arg = np.zeros(12, dtype=np.uint64)                  # struct pm_scan_arg
+    raw = memoryview(arg).cast("B")
+    pages = 0
+    for start, end in ranges:
+        while start < end:
+            arg[:] = (96, 0, start, end, 0, vec.ctypes.data, _SCAN_VEC, 0, 0, PAGE_IS_PFNZERO, 0,
+                      PAGE_IS_PFNZERO)
+            try:
+                n = fcntl.ioctl(fd, PAGEMAP_SCAN, raw)
+            except OSError as err:
+                if err.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                    return None
+                raise process_error(err, pid, "pagemap") from err
+            if n:
+                pages += int((vec[:n, 1] - vec[:n, 0]).sum()) // ps
+            if n < _SCAN_VEC:
+                break           # the walk reached ``end``
+            # vec full: go on after the last region. walk_end alone is not enough: when the
+            # walk's last chunk ends exactly as the vec fills, 6.18 was seen to leave walk_end at
+            # the chunk before, and that chunk's regions would be counted twice.
+            start = max(int(arg[4]), int(vec[n - 1, 1]))
+    return pages
