@@ -9,12 +9,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..host.maps import Mapping
-from ..ksm.accounting import RMAP_ITEM_BYTES, ksm_pages
+from ..ksm.accounting import RMAP_ITEM_BYTES
+from .thp import counters
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """KSM counters predicted for the scanned memory alone, once ksmd has settled."""
+    """KSM counters predicted for the scanned memory alone, once ksmd has settled, and the memory
+    the host really gets back. A prediction, never a reading: ``as_dict`` says so.
+
+    THP-backed memory (see :mod:`.thp`): ksmd splits a THP when it tries to merge one of its
+    subpages, and the split maps the THP's zero-filled subpages to the shared zero page outside
+    every KSM counter: ``thp_zero_pages``. The counters leave them out; ``saved_bytes`` and
+    ``real_saved_bytes`` count them."""
 
     use_zero_pages: bool
     max_page_sharing: int
@@ -25,11 +32,26 @@ class Prediction:
     rmap_items: int
     page_size: int
     scanned_bytes: int
+    thp_zero_pages: int = 0       # zero subpages the THP splits hand back (no KSM counter)
+    thps: int = 0                 # THPs among the scanned pages
+    thps_split: int = 0           # of them, split by ksmd (huge pages lost)
 
     @property
     def saved_pages(self) -> int:
-        """Pages freed: pages_sharing + ksm_zero_pages (pages_shared are the KSM pages kept)."""
+        """Pages freed as the counters show: pages_sharing + ksm_zero_pages (pages_shared are the
+        KSM pages kept)."""
         return self.pages_sharing + self.ksm_zero_pages
+
+    @property
+    def real_saved_pages(self) -> int:
+        """Pages the host gets back: the counters' pages and the zero subpages of split THPs."""
+        return self.saved_pages + self.thp_zero_pages
+
+    @property
+    def real_saved_bytes(self) -> int:
+        """``real_saved_pages`` in bytes: the figure ``udedup status`` reports as saved_bytes and
+        the host's AnonPages drop."""
+        return self.real_saved_pages * self.page_size
 
     @property
     def general_profit(self) -> int:
@@ -38,22 +60,48 @@ class Prediction:
 
     @property
     def saved_bytes(self) -> int:
-        """Net bytes saved, as ``KsmStats.saved_bytes``: general_profit."""
-        return self.general_profit
+        """Net bytes really saved: general_profit plus the zero subpages THP splits hand back
+        (without THPs, general_profit itself)."""
+        return self.general_profit + self.thp_zero_pages * self.page_size
 
     @property
     def saved_percent(self) -> float:
-        return 100.0 * self.general_profit / self.scanned_bytes if self.scanned_bytes else 0.0
+        return 100.0 * self.saved_bytes / self.scanned_bytes if self.scanned_bytes else 0.0
 
     def as_dict(self) -> dict:
-        return {"use_zero_pages": int(self.use_zero_pages), "max_page_sharing": self.max_page_sharing,
+        return {"predicted": True,
+                "use_zero_pages": int(self.use_zero_pages), "max_page_sharing": self.max_page_sharing,
                 "pages_shared": self.pages_shared, "pages_sharing": self.pages_sharing,
                 "pages_unshared": self.pages_unshared, "ksm_zero_pages": self.ksm_zero_pages,
                 "rmap_items": self.rmap_items, "saved_pages": self.saved_pages,
                 "general_profit": self.general_profit, "saved_bytes": self.saved_bytes,
-                "saved_percent": round(self.saved_percent, 3)}
+                "saved_percent": round(self.saved_percent, 3),
+                "thp_zero_pages": self.thp_zero_pages, "real_saved_pages": self.real_saved_pages,
+                "real_saved_bytes": self.real_saved_bytes, "thps": self.thps,
+                "thps_split": self.thps_split,
+                "huge_pages_lost": self.thps_split}
 
     _asdict = as_dict
+
+
+@dataclass
+class ThpSummary:
+    """The THPs among the scanned pages and what ksmd will do to them, per use_zero_pages
+    (``outcomes[0]``, ``outcomes[1]``: :class:`~.thp.ThpOutcome`). ``known`` False: some mapping
+    holds THPs the scan could not find (PFNs hidden): the THP part of the prediction is unknown.
+    ``frozen_sizes`` (per duplicate group, in ``Estimate.group_sizes`` order) and ``zero_frozen``:
+    pages held by THPs whose split fails."""
+
+    known: bool
+    thps: int
+    thp_pages: int
+    outcomes: dict
+    zero_frozen: int = 0
+    frozen_sizes: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+    def as_dict(self, page_size: int) -> dict:
+        return {"known": self.known, "thps": self.thps, "thp_pages": self.thp_pages,
+                "predicted": {str(k): o.as_dict(page_size) for k, o in sorted(self.outcomes.items())}}
 
 
 COUNT_FIELDS = ("scanned_pages", "zero_pages", "duplicate_pages", "unique_pages", "volatile_pages",
@@ -88,6 +136,11 @@ class MappingReport(_PageCounts):
     present_pages: int = 0        # present anonymous pages, zero-page mappings included
     zero_mapped_pages: int = 0    # already map the kernel's zero page: free, ksmd skips them
     swapped_pages: int = 0
+    thps: int = 0                 # THPs among the scanned pages
+    thp_pages: int = 0            # scanned pages that are THP subpages
+    # per use_zero_pages (0, 1): THPs ksmd will split, zero subpages the splits hand back
+    thps_split: dict = field(default_factory=lambda: {0: 0, 1: 0})
+    thp_zero_pages: dict = field(default_factory=lambda: {0: 0, 1: 0})
 
     def as_dict(self) -> dict:
         m = self.mapping
@@ -95,7 +148,11 @@ class MappingReport(_PageCounts):
                 "kind": m.kind, "registered": m.registered, "eligible": m.eligible,
                 "reason": m.reason, "in_scope": self.in_scope, "anon_huge_bytes": m.anon_huge,
                 "present_pages": self.present_pages, "zero_mapped_pages": self.zero_mapped_pages,
-                "swapped_pages": self.swapped_pages, **self._counts_dict()}
+                "swapped_pages": self.swapped_pages, "thps": self.thps,
+                "thp_pages": self.thp_pages,
+                "thps_split": {str(k): v for k, v in self.thps_split.items()},
+                "thp_zero_pages": {str(k): v for k, v in self.thp_zero_pages.items()},
+                **self._counts_dict()}
 
 
 @dataclass
@@ -161,26 +218,36 @@ class Estimate:
     # what later passes re-read: "all", or "candidates" (then volatile_pages counts only the
     # re-checked zero pages and duplicate candidates that changed)
     recheck: str = "all"
+    thp: ThpSummary | None = None  # None: no THP among the scanned pages
+
+    @property
+    def thp_known(self) -> bool:
+        return self.thp is None or self.thp.known
 
     @property
     def readable_pages(self) -> int:
         return self.pages_scanned - self.unreadable_pages
 
     def predicted(self, use_zero_pages: bool) -> Prediction:
-        """Counters KSM reaches on this memory alone, settled, with ``use_zero_pages``."""
-        mps = self.max_page_sharing
-        shared, sharing, unshared = ksm_pages(self.group_sizes, mps)
-        unshared += self.unique_pages
-        rmap = self.readable_pages
-        zero = self.existing_ksm_zero_pages
-        if use_zero_pages:
-            zero += self.zero_pages
-            rmap -= self.zero_pages
-        else:
-            zs, zg, zu = ksm_pages(np.array([self.zero_pages]), mps)
-            shared, sharing, unshared = shared + zs, sharing + zg, unshared + zu
-        return Prediction(bool(use_zero_pages), mps, shared, sharing, unshared, zero, rmap,
-                          self.page_size, self.readable_pages * self.page_size)
+        """Counters KSM reaches on this memory alone, settled, with ``use_zero_pages``; THPs
+        split as :mod:`.thp` says (their zero subpages handed back outside the counters)."""
+        k = int(bool(use_zero_pages))
+        t = self.thp
+        handed = frozen_zero = thps = split = 0
+        frozen = np.empty(0, dtype=np.int64)
+        if t is not None:
+            out = t.outcomes[k]
+            handed, thps, split = out.zero_pages_handed_back, out.thps, out.thps_split
+            frozen, frozen_zero = t.frozen_sizes, t.zero_frozen
+        sizes = self.group_sizes - frozen if frozen.size else self.group_sizes
+        c = counters(sizes, frozen, self.zero_pages - handed - frozen_zero, frozen_zero,
+                     self.unique_pages, self.readable_pages, handed, bool(use_zero_pages),
+                     self.max_page_sharing)
+        return Prediction(bool(use_zero_pages), self.max_page_sharing, c.pages_shared,
+                          c.pages_sharing, c.pages_unshared,
+                          c.ksm_zero_pages + self.existing_ksm_zero_pages, c.rmap_items,
+                          self.page_size, self.readable_pages * self.page_size, handed, thps,
+                          split)
 
     @property
     def predictions(self) -> list:
@@ -220,6 +287,8 @@ class Estimate:
             "unconfirmed_pages": self.unconfirmed_pages,
             "existing_ksm_zero_pages": self.existing_ksm_zero_pages,
             "predictions": [p.as_dict() for p in self.predictions],
+            "thp": self.thp.as_dict(self.page_size) if self.thp is not None else None,
+            "thp_known": self.thp_known,
             "targets": [t.as_dict() for t in self.targets],
             "top_mappings": [m.as_dict() for m in self.top_mappings(top)],
             "elapsed_seconds": round(self.elapsed_seconds, 4),

@@ -18,12 +18,17 @@ import numpy as np
 from ..errors import ProcessNotFoundError, UsageError
 from ..host.fs import ProcFs
 from ..host.maps import read_mappings
-from ..host.pagemap import open_pagemap, present_blocks, zero_page_pfns
+from ..host.pagemap import (KPF_THP, PM_PFN_MASK, open_pagemap, present_offsets,
+                            read_kpageflags, read_pagemap, zero_page_pfns)
 from ..host.remote import RemoteReader, aligned_buffer, read_ahead
 from ..native import kernels, lib
 from .model import MappingReport
 from .scope import NONE, STEP, UNREADABLE, VOLATILE, ZERO, PageSet, Scope, Target, \
     buffer_range, buffer_targets
+
+
+#: /proc/kpageflags bit of a compound page's head (include/uapi/linux/kernel-page-flags.h)
+KPF_COMPOUND_HEAD = 15
 
 
 # --- the scope -----------------------------------------------------------------------------------
@@ -78,27 +83,65 @@ def read_scope(targets: list, all_eligible: bool, procfs: ProcFs) -> Scope:
                 scope.reports.append(rep)
                 if not in_scope or (m.rss == 0 and m.anonymous == 0):
                     continue   # nothing resident: no need to read its page map
-                pageset = _present(fd, t.pid, lo, hi, zero_pfns, rep)
+                # THP subpages: only where smaps shows huge pages and PFNs are visible
+                thp = bool(m.anon_huge) and bool(zero_pfns)
+                pageset, runs = _present(fd, t.pid, lo, hi, zero_pfns, rep, thp, procfs)
                 if pageset.size:
-                    scope.add_segment(ti, rep, lo, pageset)
+                    scope.add_segment(ti, rep, lo, pageset, runs)
+                if m.anon_huge and not zero_pfns:
+                    scope.thp_known = False
         finally:
             os.close(fd)
+    if not scope.thp_known:
+        scope.notes.append("THP part unknown: page frame numbers are hidden (not root), so the "
+                           "subpages of transparent huge pages cannot be found; they are predicted "
+                           "as small pages (no split, no zero subpages handed back)")
     scope.seal()
     return scope
 
 
-def _present(fd, pid, lo, hi, zero_pfns, rep) -> PageSet:
+def _present(fd, pid, lo, hi, zero_pfns, rep, thp: bool, procfs):
+    """The present pages of [lo, hi) as a PageSet, and the THP runs among them (see
+    :func:`thp_runs`; found with /proc/kpageflags, only when ``thp``)."""
     ps = lib.PAGE_SIZE
     counts: dict = {}
+    parts, pfns = [], []
+    out = np.empty(min(STEP, max(1, (hi - lo) // ps)), dtype=np.uint64)
     # STEP pagemap entries per read: small temporaries, 64 MiB of address space
-    parts = [(idx + (a - lo) // ps).astype(np.uint32)
-             for a, idx in present_blocks(fd, pid, lo, hi, True, zero_pfns, counts, block=STEP)]
-    pageset = PageSet(np.concatenate(parts) if len(parts) > 1 else parts[0])
+    for a in range(lo, hi, STEP * ps):
+        entries = read_pagemap(fd, a, min(hi, a + STEP * ps), out=out, pid=pid)
+        idx = present_offsets(entries, True, zero_pfns, counts)
+        parts.append((idx + (a - lo) // ps).astype(np.uint32))
+        if thp:
+            pfns.append(entries[idx] & np.uint64(PM_PFN_MASK))
+    offsets = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    pageset = PageSet(offsets)
+    runs = []
+    if thp and offsets.size:
+        pfn = np.concatenate(pfns)
+        runs = thp_runs(offsets, pfn, read_kpageflags(pfn, procfs))
     rep.zero_mapped_pages = counts.get("zero_page", 0)
     rep.swapped_pages = counts.get("swapped", 0)
     rep.present_pages = pageset.size + rep.zero_mapped_pages
     rep.scanned_pages = pageset.size
-    return pageset
+    return pageset, runs
+
+
+def thp_runs(offsets: np.ndarray, pfns: np.ndarray, flags: np.ndarray) -> list:
+    """[(first position, length)] of each THP's subpages among present pages (page offsets in
+    address order, their PFNs and kpageflags): a huge page starts at its head page, or wherever
+    the page offsets or the PFNs stop being consecutive."""
+    thp = ((flags >> np.uint64(KPF_THP)) & np.uint64(1)) != 0
+    if not thp.any():
+        return []
+    head = ((flags >> np.uint64(KPF_COMPOUND_HEAD)) & np.uint64(1)) != 0
+    brk = np.ones(offsets.size, dtype=bool)
+    brk[1:] = (np.diff(offsets.astype(np.int64)) != 1) | (np.diff(pfns.astype(np.int64)) != 1) | \
+        (thp[1:] != thp[:-1]) | head[1:]
+    firsts = np.flatnonzero(brk)
+    lengths = np.diff(np.append(firsts, offsets.size))
+    keep = thp[firsts]
+    return list(zip(firsts[keep].tolist(), lengths[keep].tolist()))
 
 
 # --- the pages -----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import UsageError
 from ..native import lib
 from .model import MappingReport, TargetReport
+from .thp import ThpLayout
 
 #: Whole-array steps work this many pages at a time: the memory budget is per scanned page, so
 #: temporaries must stay bounded whatever the size.
@@ -160,10 +161,26 @@ class Scope:
         self.seg_base = np.empty(0, dtype=np.int64)
         self.crc = self.hsh = self.flags = self.rep = None
         self.index_bytes = 0
+        # THPs among the scanned pages: (first ordinal, subpages, in an mlocked mapping) each
+        self.thp_runs: list = []
+        self.thp_known = True          # False: some mapping has THPs the scan could not find
 
-    def add_segment(self, target: int, report: MappingReport, start: int, pageset: PageSet):
+    def add_segment(self, target: int, report: MappingReport, start: int, pageset: PageSet,
+                    thp_runs=()):
+        """``thp_runs``: [(first set position, length)] of the THPs among the pageset's pages."""
+        locked = "lo" in report.mapping.vmflags
+        self.thp_runs.extend((self.total + a, n, locked) for a, n in thp_runs)
+        report.thp_pages = sum(n for _, n in thp_runs)
+        report.thps = len(thp_runs)
         self.segments.append(Segment(report.pid, target, report, start, pageset, self.total))
         self.total += pageset.size
+
+    def thp_layout(self) -> ThpLayout:
+        if not self.thp_runs:
+            return ThpLayout.empty()
+        a, n, lo = zip(*self.thp_runs)
+        return ThpLayout(np.array(a, dtype=np.int64), np.array(n, dtype=np.int64),
+                         locked=np.array(lo, dtype=bool))
 
     def seal(self) -> None:
         """No more segments: check the ordinals fit the per-page arrays."""

@@ -9,9 +9,10 @@ import numpy as np
 
 from ..ksm.accounting import sharing_fraction
 from .group import head_sizes
-from .model import COUNT_FIELDS, Estimate
+from .model import COUNT_FIELDS, Estimate, ThpSummary
 from .ranges import SavingRanges
 from .scope import NONE, STEP, UNREADABLE, VOLATILE, ZERO, Scope
+from .thp import ThpLayout, per_thp_sum, thp_outcome
 
 
 def summarize(scope: Scope, *, passes: int, interval: float, all_eligible: bool,
@@ -40,6 +41,9 @@ def summarize(scope: Scope, *, passes: int, interval: float, all_eligible: bool,
 
     # per mapping: classify pages chunk by chunk (bounded temporaries)
     zero_total = 0
+    thp = _thp_summary(scope, sizes_by_head, sizes_by_head >= 2)
+    est.thp = thp
+    handed = _handed_back_per_report(scope, thp)
     ranges = [SavingRanges(est.page_size, range_gap, max_ranges) for _ in scope.target_reports]
     for seg in scope.segments:
         a, b = seg.base, seg.base + seg.size
@@ -68,9 +72,12 @@ def summarize(scope: Scope, *, passes: int, interval: float, all_eligible: bool,
         rr.unique_pages = rr.scanned_pages - rr.unreadable_pages - rr.volatile_pages - \
             rr.zero_pages - rr.duplicate_pages
         zero_total += rr.zero_pages
-    zero_fraction = float(sharing_fraction(np.array([zero_total]), mps)[0]) if zero_total else 0.0
+    # zero pages a THP split hands back save one page each; the others merge as before
+    small = zero_total - sum(h[0] for h in handed.values())
+    zero_fraction = float(sharing_fraction(np.array([small]), mps)[0]) if small > 0 else 0.0
     for rr in scope.reports:
-        rr.saved_pages[0] += rr.zero_pages * zero_fraction
+        back = handed.get(id(rr), (0, 0))
+        rr.saved_pages[0] += (rr.zero_pages - back[0]) * zero_fraction + back[0]
         rr.saved_pages[1] += rr.zero_pages
     for ti, tr in enumerate(scope.target_reports):
         tr.saving_ranges, tr.range_pages, tr.uncovered_pages = ranges[ti].result()
@@ -91,6 +98,62 @@ def summarize(scope: Scope, *, passes: int, interval: float, all_eligible: bool,
     est.zero_mapped_pages = sum(r.zero_mapped_pages for r in scope.reports)
     _notes(est, scope, passes, all_eligible, exited_in)
     return est
+
+
+def _thp_summary(scope: Scope, sizes_by_head: np.ndarray, in_group: np.ndarray):
+    """What ksmd will do to the scanned THPs (:mod:`.thp`), or None when there are none."""
+    layout = scope.thp_layout()
+    if not layout.count:
+        return None if scope.thp_known else ThpSummary(False, 0, 0, {})
+    own = np.concatenate([np.arange(a, a + n, dtype=np.int64)
+                          for a, n in zip(layout.start.tolist(), layout.length.tolist())])
+    f, r = scope.flags[own], scope.rep[own]
+    ok = (f & (UNREADABLE | VOLATILE)) == 0
+    zero = ok & ((f & ZERO) != 0)
+    member = r != NONE
+    twin = np.zeros(own.size, dtype=bool)
+    twin[member] = in_group[r[member]]
+    # per THP sums over the gathered ordinals (THP i is positions cum[i] .. cum[i+1] - 1)
+    cum = np.concatenate(([0], np.cumsum(layout.length)))
+    packed = ThpLayout(cum[:-1], layout.length, layout.locked, layout.fails)
+    zero_per, twin_per = per_thp_sum(packed, zero), per_thp_sum(packed, twin)
+    zero_total = int(np.count_nonzero(((scope.flags & (UNREADABLE | VOLATILE)) == 0) &
+                                      ((scope.flags & ZERO) != 0)))
+    outcomes = {k: thp_outcome(layout, zero_per, twin_per, bool(k), zero_total) for k in (0, 1)}
+    # pages held by THPs whose split fails (none unless the caller knows of pins)
+    failed = outcomes[0].failed | outcomes[1].failed
+    frozen_sizes = np.empty(0, dtype=np.int64)
+    zero_frozen = 0
+    if failed.any():
+        held = np.repeat(failed, layout.length)
+        zero_frozen = int(np.count_nonzero(zero & held))
+        heads = r[held & twin]
+        counts = np.bincount(heads, minlength=sizes_by_head.size) if heads.size else \
+            np.zeros(sizes_by_head.size, dtype=np.int64)
+        frozen_sizes = counts[in_group].astype(np.int64)
+    return ThpSummary(scope.thp_known, layout.count, layout.pages, outcomes, zero_frozen,
+                      frozen_sizes)
+
+
+def _handed_back_per_report(scope: Scope, thp) -> dict:
+    """{id(mapping report): (zero pages handed back with uzp 0, with uzp 1)}, and each report's
+    THPs split (``thps_split``, ``thp_zero_pages``) filled in."""
+    if thp is None or not thp.thps:
+        return {}
+    layout = scope.thp_layout()
+    seg = np.searchsorted(scope.seg_base, layout.start, side="right") - 1
+    out: dict = {}
+    for k in (0, 1):
+        o = thp.outcomes[k]
+        back = np.bincount(seg, weights=o.handed_back, minlength=len(scope.segments))
+        nsplit = np.bincount(seg, weights=o.split, minlength=len(scope.segments))
+        for si, s in enumerate(scope.segments):
+            rr = s.report
+            rr.thp_zero_pages[k] += int(back[si])
+            rr.thps_split[k] += int(nsplit[si])
+    for rr in scope.reports:
+        out[id(rr)] = (rr.thp_zero_pages[0], rr.thp_zero_pages[1])
+    return out
 
 
 def _notes(est: Estimate, scope: Scope, passes: int, all_eligible: bool, exited_in: dict):
