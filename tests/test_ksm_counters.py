@@ -69,7 +69,7 @@ def test_wait_settled_needs_scans_and_stable_savings(tree, monkeypatch):
     rows = [(10, 0, 0), (11, 0, 0), (12, 50, 1), (13, 99, 1), (14, 99, 1), (15, 99, 1),
             (16, 99, 1), (17, 99, 1)]
     state = _script(monkeypatch, ksm, rows)
-    st = ksm.wait_settled(timeout=5)
+    st = ksm.wait_settled(timeout=5, tolerance=0)       # exact equality: static memory
     # last change seen at full_scans=13 (may belong to scan 14): clean scans 15 and 16
     assert st.full_scans == 16 and st.pages_sharing == 99
     assert state["i"] == 7
@@ -79,7 +79,7 @@ def test_wait_settled_counts_full_scans_across_a_reset(tree, monkeypatch):
     ksm = Ksm(tree)
     rows = [(40, 5, 1), (41, 5, 1), (0, 0, 0), (1, 0, 0), (2, 0, 0), (3, 0, 0)]
     _script(monkeypatch, ksm, rows)
-    st = ksm.wait_settled(timeout=5)
+    st = ksm.wait_settled(timeout=5, tolerance=0)
     # without reset handling 0 < 40 would never reach 40 + 3
     assert st.full_scans == 3
 
@@ -88,7 +88,7 @@ def test_wait_settled_times_out_with_last_stats(tree, monkeypatch):
     ksm = Ksm(tree)
     _script(monkeypatch, ksm, lambda i: (i, i, 1))   # savings never stop moving
     with pytest.raises(KsmTimeout, match="did not settle within 0.05 s") as info:
-        ksm.wait_settled(timeout=0.05)
+        ksm.wait_settled(timeout=0.05, tolerance=0)
     assert isinstance(info.value.stats, KsmStats)
     assert info.value.stats.full_scans > 0
 
@@ -139,11 +139,15 @@ def test_settle_index_over_a_sequence():
     rows = [(10, 0, 0), (11, 0, 0), (12, 50, 1), (13, 99, 1), (14, 99, 1), (15, 99, 1),
             (16, 99, 1), (17, 99, 1)]
     # the change seen at 13 may belong to scan 14: clean scans 15 and 16
-    assert settle_index(_reads(rows)) == 6
-    assert settle_index(_reads(rows), stable_scans=1) == 5
-    assert settle_index(_reads(rows[:6])) is None
+    assert settle_index(_reads(rows), tolerance=0) == 6
+    assert settle_index(_reads(rows), stable_scans=1, tolerance=0) == 5
+    assert settle_index(_reads(rows[:6]), tolerance=0) is None
     # quiet from the start still needs min_scans full scans
+    assert settle_index(_reads([(5, 7, 1), (6, 7, 1), (7, 7, 1), (8, 7, 1)]), tolerance=0) == 3
     assert settle_index(_reads([(5, 7, 1), (6, 7, 1), (7, 7, 1), (8, 7, 1)])) == 3
+    # with the default tolerance a 49-page step is within the 32-page floor once two levels of
+    # the window have it: one scan earlier than exact equality
+    assert settle_index(_reads(rows)) == 5
 
 
 def test_settle_counts_a_run_2_reset_as_a_restart():

@@ -443,18 +443,27 @@ class Ksm:
                     self.write_value("run", previous)
 
     def wait_settled(self, timeout: float = 60.0, poll: float = 0.05, stable_scans: int = 2,
-                     min_scans: int = 3) -> KsmStats:
-        """Block until merging has settled (:mod:`.settle` says what that means); return the final
-        stats.
+                     min_scans: int = 3, tolerance: float = settle.DEFAULT_TOLERANCE,
+                     floor_pages: int = settle.DEFAULT_FLOOR_PAGES,
+                     tracker_out: list | None = None) -> KsmStats:
+        """Block until merging has settled (:mod:`.settle` says what that means); return the read
+        that carries the plateau's figure.
 
-        Settled: ``full_scans`` advanced by at least ``min_scans`` since the call, and the saved
-        pages and ``pages_shared`` did not change across ``stable_scans`` consecutive full scans
-        (a ``run=2`` reset of ``full_scans`` counts as a restart). Raises
-        :class:`KsmNotRunningError` at once if ksmd is not running, and :class:`KsmTimeout`
-        (``.stats`` = last counters) after ``timeout`` seconds.
+        Settled: ``full_scans`` advanced by at least ``min_scans`` since the call, and over the
+        last ``stable_scans`` full scans the saved pages show no trend beyond ``tolerance`` (a
+        fraction of the saving per full scan, plus ``floor_pages``): jitter, as live memory shows
+        forever. ``tolerance=0`` is exact equality of the saved pages and ``pages_shared`` (static
+        memory). The read returned is the newest whose saved pages are the plateau's median (with
+        ``tolerance=0``: the last read). ``tracker_out`` (a list) receives the
+        :class:`.settle.SettleTracker`, whose ``plateau`` says where and how it settled. A
+        ``run=2`` reset of ``full_scans`` counts as a restart. Raises :class:`KsmNotRunningError`
+        at once if ksmd is not running, and :class:`KsmTimeout` (``.stats`` = last counters) after
+        ``timeout`` seconds.
         """
         return settle.wait_settled(self.stats, self.get, timeout=timeout, poll=poll,
-                                   stable_scans=stable_scans, min_scans=min_scans)
+                                   stable_scans=stable_scans, min_scans=min_scans,
+                                   tolerance=tolerance, floor_pages=floor_pages,
+                                   tracker_out=tracker_out)
 
     # --- ksmd CPU time
     def ksmd_pid(self) -> int:
