@@ -7,8 +7,9 @@ from ..daemon.state import DEFAULT_STATE_FILE, describe_daemon_state, read_daemo
 from ..errors import KsmError, ProcessError, UsageError
 from ..host.fs import ProcFs
 from ..ksm import DEFAULT_PROCFS, DEFAULT_ROOT, Ksm
-from ..ksm.accounting import profit_overcount_bytes
+from ..ksm.accounting import RMAP_ITEM_BYTES, profit_overcount_bytes
 from ..ksm.process import process_ksm, top_processes
+from ..ksm.truth import true_savings
 from ..units import human_bytes
 from ..console import print_json
 
@@ -18,9 +19,14 @@ DESCRIPTION = """\
 Show every KSM knob and counter of this kernel, the memory saved, ksmd's CPU use and the
 processes KSM tracks, largest profit first.
 
-Saved memory is the kernel's general_profit where it has one: (pages_sharing + ksm_zero_pages)
-pages minus 64 bytes of kernel memory per tracked page. Process profits count every mapping of a
-KSM page, its own one too, so their sum exceeds the real saving by pages_shared pages.
+Saved memory is what the host really gets back: pages_sharing + ksm_zero_pages, plus the pages of
+mergeable memory that map the zero page outside KSM (when KSM merges a subpage of a transparent
+huge page it splits it, and the split maps the THP's zero-filled subpages to the zero page, which
+no KSM counter sees). Pages a program read but never wrote map the zero page too; an A/B trial,
+which counts the change from its start, is exact. The kernel's own figure, general_profit
+(counters minus 64 bytes of kernel memory per tracked page), is shown beside it. Process profits
+count every mapping of a KSM page, its own one too, so their sum exceeds the real saving by
+pages_shared pages.
 """
 ORDER = 10
 
@@ -62,6 +68,20 @@ def _ksmd_cpu(ksm: Ksm, interval: float) -> dict:
         return {"pid": None, "error": str(err)}
 
 
+def _true_lines(truth) -> list[str]:
+    counted = (f"KSM counters {human_bytes(truth.ksm_counter_bytes)}")
+    if truth.method is None:
+        return [f"saved: {human_bytes(truth.saved_bytes)} = {counted}; zero-page mappings of "
+                "mergeable memory outside KSM unknown (needs root, or PAGEMAP_SCAN on Linux 6.7+)"]
+    return [f"saved: {human_bytes(truth.saved_bytes)} really = {counted} + "
+            f"{human_bytes(truth.zero_mapped_bytes)} of mergeable memory mapping the zero page "
+            f"outside KSM ({truth.zero_mapped_pages} pages in {len(truth.processes)} processes: "
+            "zero subpages of THPs KSM split; read in "
+            f"{truth.read_seconds * 1e3:.1f} ms)",
+            "  note: pages read but never written map the zero page too and count here; the change "
+            "from before KSM ran (udedup ab) is exact"]
+
+
 def _fmt(value) -> str:
     return ("1" if value else "0") if isinstance(value, bool) else str(value)
 
@@ -75,6 +95,7 @@ def run(args) -> int:
     process = process_ksm(args.pid, args.procfs) if args.pid is not None else None
     knobs = ksm.knobs()
     stats = ksm.stats()
+    truth = true_savings(ksm, procfs=args.procfs, stats=stats)
     cpu = _ksmd_cpu(ksm, args.interval)
     try:
         top = top_processes(args.top, args.procfs) if args.top else []
@@ -84,9 +105,15 @@ def run(args) -> int:
     daemon = read_daemon_state(args.state_file, args.procfs)
 
     if args.json:
+        breakdown = truth.breakdown()
+        breakdown["rmap_items_bytes"] = stats.rmap_items * RMAP_ITEM_BYTES
         out = {"knobs": knobs, "counters": stats.counters, "page_size": stats.page_size,
-               "saved_pages": stats.saved_pages, "saved_bytes": stats.saved_bytes,
-               "saved_bytes_source": stats.as_dict()["saved_bytes_source"],
+               "saved_pages": stats.saved_pages, "saved_bytes": truth.saved_bytes,
+               "saved_bytes_source": "true_savings", "true_saved_pages": truth.saved_pages,
+               "breakdown": breakdown, "general_profit_bytes": stats.saved_bytes,
+               "general_profit_source": stats.as_dict()["saved_bytes_source"],
+               "zero_page_processes": [p.as_dict() for p in truth.processes
+                                       if p.outside_ksm_pages],
                "sharing_ratio": stats.sharing_ratio, "ksmd": cpu,
                "top_processes": [p.as_dict() for p in top],
                "process_profit_overcount_bytes": overcount}
@@ -105,7 +132,9 @@ def run(args) -> int:
     for name, value in stats.counters.items():
         print(f"  {name:36} {value}")
     source = "general_profit" if stats.general_profit is not None else "computed from counters"
-    print(f"saved: {human_bytes(stats.saved_bytes)} ({source}); "
+    for line in _true_lines(truth):
+        print(line)
+    print(f"kernel figure: {human_bytes(stats.saved_bytes)} ({source}); "
           f"{stats.saved_pages} pages merged away = pages_sharing {stats.pages_sharing} + "
           f"ksm_zero_pages {stats.ksm_zero_pages} ({human_bytes(stats.saved_pages * stats.page_size)})"
           f", minus {human_bytes(stats.rmap_items * 64)} of rmap items")
