@@ -117,7 +117,8 @@ def print_estimate(est, top: int = 5) -> None:
         print(f"  {est.zero_mapped_pages} more pages already map the kernel's zero page (free, "
               "ksmd skips them)")
     current = est.current_use_zero_pages
-    print(f"\nPredicted KSM counters once settled (max_page_sharing {est.max_page_sharing}):")
+    print(f"\nPredicted KSM counters once settled (max_page_sharing {est.max_page_sharing}), "
+          "and the real saving:")
     preds = est.predictions
     head = [f"use_zero_pages={int(p.use_zero_pages)}" + (" (now)" if current is not None and
                                                         p.use_zero_pages == current else "")
@@ -126,7 +127,17 @@ def print_estimate(est, top: int = 5) -> None:
     for key in ("pages_shared", "pages_sharing", "ksm_zero_pages", "rmap_items"):
         print(f"  {key:<16}" + "".join(f"{getattr(p, key):>24}" for p in preds))
     print(f"  {'general_profit':<16}" + "".join(
-        f"{human_bytes(p.general_profit) + f' ({p.saved_percent:.1f} %)':>24}" for p in preds))
+        f"{human_bytes(p.general_profit):>24}" for p in preds))
+    print(f"  {'real saving':<16}" + "".join(
+        f"{human_bytes(p.real_saved_bytes) + f' ({p.saved_percent:.1f} %)':>24}" for p in preds))
+    if est.thp is not None and est.thp.thps:
+        print(f"  {'THPs split':<16}" + "".join(
+            f"{f'{p.thps_split} of {p.thps}':>24}" for p in preds))
+        print(f"  {'THP zero handed':<16}" + "".join(
+            f"{human_bytes(p.thp_zero_pages * ps):>24}" for p in preds))
+        print("  (predicted: ksmd splits a THP when it merges one of its subpages; the split maps "
+              "its zero\n   subpages to the zero page outside every KSM counter: 'real saving' "
+              "counts them, the counters do not)")
     k = int(bool(current))
     tops = [m for m in est.top_mappings(top) if m.saved_pages[k] >= 1]
     if tops and top > 0:

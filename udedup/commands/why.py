@@ -50,9 +50,13 @@ def _print(diagnosis, show_all: bool) -> None:
         print(f"  {text}" + (f"\n    fix: {fix}" if fix else ""))
     if est is not None:
         pred = est.predicted(uzp)
-        print(f"  if all its compatible memory were registered: {human_bytes(pred.general_profit)}"
-              f" saved ({pred.saved_percent:.1f} % of {human_bytes(est.readable_pages * ps)} "
-              f"scanned; use_zero_pages={int(uzp)})")
+        print(f"  if all its compatible memory were registered (predicted): "
+              f"{human_bytes(pred.saved_bytes)} saved ({pred.saved_percent:.1f} % of "
+              f"{human_bytes(est.readable_pages * ps)} scanned; use_zero_pages={int(uzp)})")
+        if pred.thps:
+            print(f"  of it {human_bytes(pred.thp_zero_pages * ps)} are zero subpages of "
+                  f"{pred.thps_split} THPs ksmd will split (of {pred.thps}): outside the KSM "
+                  f"counters, which will show {human_bytes(pred.general_profit)}")
     ineligible: dict = {}
     quiet = 0
     fixes_shown: set = set()

@@ -61,8 +61,7 @@ def mapping_reasons(report: MappingReport | None, mapping: Mapping, page_size: i
     if not mapping.registered:
         out.append(("not registered (no mg flag): ksmd never scans it", None, REGISTER_FIX))
     if mapping.anon_huge:
-        out.append((f"THP-backed ({human_bytes(mapping.anon_huge)}): KSM splits huge pages to "
-                    "merge them, trading THP speed for memory", None,
+        out.append((thp_reason(report, mapping, ps, use_zero_pages), None,
                     "MADV_NOHUGEPAGE on it if merging matters more than huge pages; leave it "
                     "if THP speed matters more"))
     if report is None or not scanned:
@@ -100,6 +99,23 @@ def mapping_reasons(report: MappingReport | None, mapping: Mapping, page_size: i
     if report.unreadable_pages:
         out.append(("unmapped while being read", report.unreadable_pages, None))
     return out
+
+
+def thp_reason(report: MappingReport | None, mapping: Mapping, page_size: int,
+               use_zero_pages: bool) -> str:
+    """What KSM will do to the THPs of one mapping, in words (predicted, from the estimate)."""
+    text = (f"THP-backed ({human_bytes(mapping.anon_huge)}): KSM splits a huge page to merge any "
+            "of its subpages, trading THP speed for memory")
+    if report is None or not report.thps:
+        return text
+    k = int(bool(use_zero_pages))
+    split, back = report.thps_split[k], report.thp_zero_pages[k]
+    huge = 512 * page_size
+    return (f"THP-backed: {report.thps} huge pages scanned; predicted (use_zero_pages={k}): ksmd "
+            f"splits {split} of them (costs {split} huge pages, {human_bytes(split * huge)} no "
+            f"longer THP-backed) and the splits hand back {back} zero subpages "
+            f"({human_bytes(back * page_size)}, mapped to the zero page outside every KSM "
+            f"counter); {report.thps - split} stay whole (no subpage to merge)")
 
 
 def process_notes(state: dict, stat: dict, maps) -> list:
