@@ -8,7 +8,9 @@ drift on the machine spreads over all arms. One trial:
 2. the arm's knobs and the fixed knobs are applied with ksmd stopped (``run=0``);
 3. the workload starts and reports ready; then ``run=1`` and the clock and ksmd's CPU meter start;
 4. a sampler thread records the counters and ksmd CPU time while :meth:`Ksm.wait_settled` waits
-   (a timeout is recorded as such, not raised);
+   for a plateau: no trend beyond ``settle_tolerance`` over the last ``stable_scans`` full scans
+   (:mod:`udedup.ksm.settle`: live memory jitters forever); the trial's counters are the plateau's
+   median read (a timeout is recorded as such, not raised);
 5. ksmd is stopped again and the synthetic workload writes into a sample of its merged pages, timing
    the copy-on-write breaks (KSM pages and zero-page mappings alike);
 6. the workload is stopped (its process group killed) and every knob is put back.
@@ -27,6 +29,7 @@ import time
 from typing import Callable, Mapping, Sequence
 
 from ..errors import KsmPermissionError, KsmTimeout, UsageError, WorkloadError
+from ..ksm.settle import DEFAULT_TOLERANCE
 from ..signals import held, sigterm_raises
 from .records import ABInterrupted, ABResult, TrialRecord
 from .sampler import Sampler, other_mergeable_processes, process_totals
@@ -108,13 +111,16 @@ def run_ab(workload, arms: Mapping[str, Mapping[str, object]] | None = None,
            fixed: Mapping[str, object] | None = None, trials: int = 3, seed: int | None = None,
            settle_timeout: float = 60.0, sample_interval: float = 0.1, cow_sample: int = 4096,
            stable_scans: int = 2, ksm=None, progress: Callable[[str], None] | None = None,
-           on_trial: Callable[[TrialRecord, ABResult], None] | None = None) -> ABResult:
+           on_trial: Callable[[TrialRecord, ABResult], None] | None = None,
+           settle_tolerance: float = DEFAULT_TOLERANCE) -> ABResult:
     """Run ``workload`` under every arm, ``trials`` times each; return every record and a summary.
 
     ``arms``: ``{name: {knob: value}}``; the first arm is the baseline the others are compared to
     (default: use_zero_pages off vs on). ``fixed``: knobs pinned in every arm (default
     :data:`DEFAULT_FIXED`, minus what the arms vary or the kernel lacks; pass ``{}`` to pin
     nothing). ``seed`` (random if None, recorded) draws the arm order and the COW samples.
+    ``settle_tolerance``: how much the saving may still move per full scan, as a fraction of it
+    (plus a 32-page floor), for a trial to count as settled; 0 waits for exactly equal counters.
     Raises :class:`ABInterrupted` (a KeyboardInterrupt) with the finished trials on Ctrl-C/SIGTERM,
     after cleaning up; other errors propagate after the same cleanup.
     """
@@ -126,6 +132,9 @@ def run_ab(workload, arms: Mapping[str, Mapping[str, object]] | None = None,
         raise UsageError("settle_timeout and sample_interval must be positive seconds")
     if cow_sample < 0:
         raise UsageError("cow_sample must be >= 0 pages")
+    if isinstance(settle_tolerance, bool) or not 0 <= settle_tolerance < 1:
+        raise UsageError(f"settle_tolerance must be a fraction in [0, 1) of the saving per full "
+                         f"scan (default {DEFAULT_TOLERANCE}), got {settle_tolerance!r}")
     ksm = ksm if ksm is not None else Ksm()
     arms, fixed = _check_arms(DEFAULT_ARMS if arms is None else arms, fixed, ksm.knob_names())
     arms, fixed = _preflight(ksm, arms, fixed)
@@ -149,6 +158,7 @@ def run_ab(workload, arms: Mapping[str, Mapping[str, object]] | None = None,
             next(iter(arms))] and k not in HARNESS_KNOBS},
         "trials_per_arm": trials, "seed": seed, "settle_timeout": settle_timeout,
         "sample_interval": sample_interval, "cow_sample": cow_sample, "stable_scans": stable_scans,
+        "settle_tolerance": settle_tolerance,
         "page_size": ksm.page_size, "kernel": os.uname().release, "cpus": os.cpu_count(),
         "other_mergeable_processes": others, "knobs_before": before.as_dict(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -168,7 +178,8 @@ def run_ab(workload, arms: Mapping[str, Mapping[str, object]] | None = None,
                                         {**fixed, **arms[arm]}, seed=seed + 1000 * (index + 1),
                                         settle_timeout=settle_timeout,
                                         sample_interval=sample_interval, cow_sample=cow_sample,
-                                        stable_scans=stable_scans, progress=progress, label=label)
+                                        stable_scans=stable_scans, settle_tolerance=settle_tolerance,
+                                        progress=progress, label=label)
                     if record.status == "workload-failed" and not result.trials:
                         raise WorkloadError(f"the workload failed to start: {record.error}")
                     result.trials.append(record)
@@ -218,7 +229,8 @@ def _clean_up(ksm, state: _Run, before) -> list[str]:
 
 def _run_trial(ksm, workload, state: _Run, index: int, block: int, arm: str, knobs: dict, *,
                seed: int, settle_timeout: float, sample_interval: float, cow_sample: int,
-               stable_scans: int, progress, label: str) -> TrialRecord:
+               stable_scans: int, progress, label: str,
+               settle_tolerance: float = DEFAULT_TOLERANCE) -> TrialRecord:
     record = TrialRecord(index=index, block=block, arm=arm, knobs=dict(knobs), started_at=time.time())
     ksm.unmerge_all()
     with ksm.settings(allow_unmerge=True, run=0, **knobs):
@@ -239,7 +251,8 @@ def _run_trial(ksm, workload, state: _Run, index: int, block: int, arm: str, kno
                               procfs=ksm.procfs)
             sampler.start()
             try:
-                stats, record.timed_out = _wait_settled(ksm, running, settle_timeout, stable_scans)
+                stats, record.timed_out, record.plateau = _wait_settled(
+                    ksm, running, settle_timeout, stable_scans, settle_tolerance)
                 t_end = time.monotonic()
                 cpu = ksm.ksmd_cpu_seconds() - cpu0
             finally:
@@ -282,16 +295,19 @@ def _run_trial(ksm, workload, state: _Run, index: int, block: int, arm: str, kno
     return record
 
 
-def _wait_settled(ksm, running, timeout: float, stable_scans: int):
-    """:meth:`Ksm.wait_settled`, given up early if the workload dies: ``(stats, timed_out)``.
+def _wait_settled(ksm, running, timeout: float, stable_scans: int, tolerance: float):
+    """:meth:`Ksm.wait_settled`, given up early if the workload dies: ``(stats, timed_out,
+    plateau)``, the plateau as a dict (:class:`udedup.ksm.settle.Plateau`) or None.
 
     The wait runs in a thread so that the main thread can watch the workload (and take Ctrl-C). A
     wait given up on ends by itself at its timeout; it only reads counters."""
     box: dict = {}
+    trackers: list = []
 
     def wait():
         try:
-            box["stats"] = ksm.wait_settled(timeout=timeout, stable_scans=stable_scans)
+            box["stats"] = ksm.wait_settled(timeout=timeout, stable_scans=stable_scans,
+                                            tolerance=tolerance, tracker_out=trackers)
         except KsmTimeout as err:
             box["stats"], box["timed_out"] = err.stats, True
         except BaseException as err:  # handed to the main thread
@@ -302,10 +318,11 @@ def _wait_settled(ksm, running, timeout: float, stable_scans: int):
     while waiter.is_alive():
         waiter.join(0.05)
         if waiter.is_alive() and not running.alive():
-            return ksm.stats(), False      # the caller reports the death
+            return ksm.stats(), False, None     # the caller reports the death
     if "error" in box:
         raise box["error"]
-    return box["stats"], box.get("timed_out", False)
+    plateau = trackers[0].plateau if trackers and not box.get("timed_out") else None
+    return box["stats"], box.get("timed_out", False), plateau and plateau.as_dict()
 
 
 def _fill_counters(record: TrialRecord, stats, settle: float, cpu: float, process: dict | None):
