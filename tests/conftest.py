@@ -6,7 +6,8 @@ KSM state is global to the machine, so tests marked ``ksm``:
   experiment scripts take too) for their whole run, so no two overlap, across
   pytest processes too;
 - are watched by a session guard that records every writable knob at the start and fails the run
-  (and puts the knobs back) if any differs at the end.
+  (and puts the knobs back) if any differs at the end: KSM's, and THP's
+  (/sys/kernel/mm/transparent_hugepage and its subdirectories, named ``thp.<path>``).
 The guard reads and writes sysfs directly, not through udedup.ksm.Ksm, so a bug there cannot hide
 a leak; it takes only the pure write order (udedup.ksm.knobs.write_order) and the choice parser.
 """
@@ -25,6 +26,7 @@ from udedup.ksm import experiment_lock
 from udedup.ksm.knobs import write_order
 
 KSM_ROOT = "/sys/kernel/mm/ksm"
+THP_ROOT = "/sys/kernel/mm/transparent_hugepage"
 _READ_ONLY = {"full_scans", "general_profit", "ksm_zero_pages", "pages_scanned", "pages_shared",
               "pages_sharing", "pages_skipped", "pages_unshared", "pages_volatile",
               "stable_node_chains", "stable_node_dups"}
@@ -50,16 +52,35 @@ def _writable_knobs() -> dict[str, str]:
             continue
         with open(path) as f:
             knobs[name] = f.read().strip()
+    knobs.update(thp_knobs())
     return knobs
 
 
-def _raw_restore(saved: dict[str, str]) -> None:
+def thp_knobs() -> dict[str, str]:
+    """Every writable THP file (the directory and its subdirectories) as ``thp.<path>``: raw text."""
+    knobs = {}
+    if not os.path.isdir(THP_ROOT):
+        return knobs
+    for sub in [""] + sorted(d for d in os.listdir(THP_ROOT)
+                             if os.path.isdir(os.path.join(THP_ROOT, d))):
+        for name in sorted(os.listdir(os.path.join(THP_ROOT, sub))):
+            path = os.path.join(THP_ROOT, sub, name)
+            if os.path.isfile(path) and os.stat(path).st_mode & 0o200:
+                with open(path) as f:
+                    knobs["thp." + os.path.join(sub, name)] = f.read().strip()
+    return knobs
+
+
+def raw_restore(saved: dict[str, str]) -> None:
+    """Write ``saved`` (raw texts by knob name, ``thp.*`` too) back, in the one write order."""
     for name in write_order(saved):
         value = saved[name]
         if "[" in value:       # a choice knob reads "[none] scan-time": write the selected one
             value = parse_choices(value)[0]
+        path = (os.path.join(THP_ROOT, name[4:]) if name.startswith("thp.")
+                else os.path.join(KSM_ROOT, name))
         try:
-            with open(os.path.join(KSM_ROOT, name), "w") as f:
+            with open(path, "w") as f:
                 f.write(value)
         except OSError:
             pass
@@ -81,11 +102,11 @@ def pytest_sessionfinish(session, exitstatus):
         now = _writable_knobs()
         leaked = {k: (v, now.get(k)) for k, v in _session_knobs.items() if now.get(k) != v}
         if leaked:
-            _raw_restore(_session_knobs)
+            raw_restore(_session_knobs)
     if leaked:
         lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in leaked.items())
         session.config.pluginmanager.get_plugin("terminalreporter").write_line(
-            f"KSM KNOB LEAK: the test run changed {lines}; restored them", red=True)
+            f"KSM/THP KNOB LEAK: the test run changed {lines}; restored them", red=True)
         session.exitstatus = 1
 
 

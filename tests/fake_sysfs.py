@@ -62,3 +62,39 @@ class StoreSysFs(SysFs):
             self.store(path, text)
         except OSError as err:
             raise knob_error(err, knob=knob, path=path, value=shown or text) from err
+
+
+# /sys/kernel/mm/transparent_hugepage as Linux 6.18 has it on x86-64 (a few per-size directories)
+THP_618 = {
+    "enabled": "always [madvise] never", "defrag": "always defer defer+madvise [madvise] never",
+    "shmem_enabled": "always within_size advise [never] deny force", "use_zero_page": "1",
+    "shrink_underused": "1",
+    "khugepaged/defrag": "1", "khugepaged/pages_to_scan": "4096",
+    "khugepaged/scan_sleep_millisecs": "10000", "khugepaged/alloc_sleep_millisecs": "60000",
+    "khugepaged/max_ptes_none": "511", "khugepaged/max_ptes_swap": "64",
+    "khugepaged/max_ptes_shared": "256",
+    "hugepages-2048kB/enabled": "always [inherit] madvise never",
+    "hugepages-64kB/enabled": "always inherit madvise [never]",
+}
+THP_COUNTERS_618 = {"hpage_pmd_size": "2097152", "khugepaged/full_scans": "3",
+                    "khugepaged/pages_collapsed": "0", "hugepages-2048kB/stats/anon_fault_alloc": "0"}
+
+
+def make_fake_thp(root, knobs=None, counters=None, **overrides):
+    """A THP directory under ``root`` (``transparent_hugepage`` beside a fake ``ksm`` is where
+    ``Ksm`` looks by default): ``knobs`` by path (default :data:`THP_618`), ``overrides`` by path
+    with ``/`` spelled ``__`` (``khugepaged__defrag="0"``)."""
+    knobs = dict(THP_618 if knobs is None else knobs)
+    knobs.update({k.replace("__", "/"): str(v) for k, v in overrides.items()})
+    for table, mode in ((knobs, 0o644), (THP_COUNTERS_618 if counters is None else counters, 0o444)):
+        for name, value in table.items():
+            path = root / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(value + "\n")
+            os.chmod(path, mode)
+    return root
+
+
+def read_thp(root) -> dict[str, str]:
+    """Every file of a fake THP tree by path and its text (the stats subdirectories included)."""
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
