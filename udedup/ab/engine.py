@@ -32,7 +32,7 @@ from ..errors import KsmPermissionError, KsmTimeout, UsageError, WorkloadError
 from ..ksm.settle import DEFAULT_TOLERANCE
 from ..signals import held, sigterm_raises
 from .records import ABInterrupted, ABResult, TrialRecord
-from .sampler import Sampler, other_mergeable_processes, process_totals
+from .sampler import Sampler, other_mergeable_processes, process_totals, true_baseline
 from .stats import t99, trial_order
 
 log = logging.getLogger(__name__)
@@ -243,12 +243,13 @@ def _run_trial(ksm, workload, state: _Run, index: int, block: int, arm: str, kno
         state.running = running
         try:
             record.populate_seconds = round(time.monotonic() - t_start, 4)
+            baseline = true_baseline(ksm)   # ksmd still stopped: the trial's saving counts from here
             cpu0 = ksm.ksmd_cpu_seconds()
             t0 = time.monotonic()
             ksm.set("run", 1)
             applied = ksm.snapshot()
             sampler = Sampler(ksm, t0, cpu0, sample_interval, progress, label, pids=running.pids,
-                              procfs=ksm.procfs)
+                              procfs=ksm.procfs, baseline=baseline)
             sampler.start()
             try:
                 stats, record.timed_out, record.plateau = _wait_settled(
@@ -260,6 +261,7 @@ def _run_trial(ksm, workload, state: _Run, index: int, block: int, arm: str, kno
             pids = running.pids()
             process = process_totals(pids, ksm.procfs) if pids else None
             _fill_counters(record, stats, t_end - t0, cpu, process)
+            record.take_true_saving()       # saved_bytes: the true saving's change (records.py)
             outside = {k: [a, b] for k, (a, b) in ksm.changed_since(applied).items()}
             if outside:
                 # another tool wrote KSM knobs mid-trial: its numbers measure something else

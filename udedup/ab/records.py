@@ -35,7 +35,11 @@ class TrialRecord:
     general_profit: int | None = None
     rmap_items: int | None = None
     saved_pages: int | None = None
-    saved_bytes: int | None = None
+    saved_bytes: int | None = None     # the true saving's change over the trial (take_true_saving)
+    counter_saved_bytes: int | None = None  # the kernel's figure (general_profit), saved_bytes before
+    true_saved_bytes: int | None = None     # = saved_bytes where the true saving could be read
+    zero_mapped_pages: int | None = None    # change of mergeable pages on the zero page outside KSM
+    plateau: dict | None = None        # where and how the trial settled (ksm.settle.Plateau)
     ksmd_cpu_seconds: float | None = None
     saved_mib_per_cpu_second: float | None = None
     process: dict | None = None        # ksm_stat summed over the workload's processes
@@ -58,7 +62,59 @@ class TrialRecord:
     @classmethod
     def from_dict(cls, d: Mapping) -> "TrialRecord":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        record = cls(**{k: v for k, v in d.items() if k in names})
+        if record.series:   # a report written before a column existed: that column reads as empty
+            n = len(record.series.get("t", []))
+            record.series = {**{c: [None] * n for c in _series_columns()}, **record.series}
+        return record
+
+    def take_true_saving(self) -> None:
+        """Make ``saved_bytes`` the change of the true saving over the trial (the sampler's
+        ``true_saved_bytes``), taken over the plateau where the trial settled on one (the median
+        of the samples in its window of full scans, as the counters are), else the last sample.
+        The kernel's figure moves to ``counter_saved_bytes``. Exact: the baseline is read before
+        ksmd starts, so pages read but never written before the trial cancel out. A trial without
+        true samples keeps the counters' figure."""
+        rows = plateau_rows(self.series, self.plateau)
+        true = [self.series["true_saved_bytes"][i] for i in rows]
+        if not true:
+            return
+        zero = [self.series.get("zero_mapped_pages", [None] * (max(rows) + 1))[i] for i in rows]
+        self.counter_saved_bytes = self.saved_bytes
+        self.true_saved_bytes = self.saved_bytes = int(_median(true))
+        self.zero_mapped_pages = int(_median(zero)) if None not in zero else None
+        cpu = self.ksmd_cpu_seconds
+        if cpu:
+            self.saved_mib_per_cpu_second = round(self.saved_bytes / 2**20 / cpu, 2)
+
+
+def plateau_rows(series: Mapping[str, list], plateau: Mapping | None) -> list[int]:
+    """Indexes of the samples with a true saving inside the plateau's window of full scans
+    (``plateau["scans"] - plateau["scan_span"]`` to ``plateau["scans"]`` since the first sample)
+    and the last one; without a plateau (a timeout, exact settling not recorded), the last."""
+    values = series.get("true_saved_bytes") or []
+    have = [i for i, v in enumerate(values) if v is not None]
+    if not have:
+        return []
+    scans = series.get("full_scans") or []
+    if plateau and len(scans) == len(values) and scans and scans[0] is not None:
+        hi = plateau.get("scans")
+        lo = hi - plateau.get("scan_span", 0) if hi is not None else None
+        inside = [i for i in have if lo is not None and lo <= scans[i] - scans[0] <= hi]
+        if inside:
+            return sorted(set(inside) | {have[-1]})
+    return [have[-1]]
+
+
+def _median(values):
+    s = sorted(values)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def _series_columns():
+    from .sampler import SERIES_COLUMNS   # here: the sampler imports the KSM layer, records not
+    return SERIES_COLUMNS
 
 
 @dataclass
