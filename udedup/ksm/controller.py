@@ -145,20 +145,7 @@ class Ksm:
 
     def _thp_spec(self, name: str) -> KnobSpec:
         knobs, read_only = self._scan_thp()
-        if name not in knobs:
-            if name in read_only:
-                raise KsmValueError(f"{name} is read-only, not a knob; THP knobs here: "
-                                    f"{thp.describe(knobs)}", knob=name)
-            if not os.path.isdir(self.thp_root):
-                raise KsmUnavailableError(
-                    f"{self.thp_root} does not exist: this kernel has no transparent huge pages "
-                    f"(CONFIG_TRANSPARENT_HUGEPAGE), so no {name}", knob=name, path=self.thp_root)
-            known = thp.known_specs().get(name)
-            if known is not None:
-                raise KsmUnavailableError(
-                    f"this kernel has no THP knob {name!r} (added in Linux {known.since}; running "
-                    f"{os.uname().release})", knob=name)
-            raise KsmValueError(thp.unknown_message(name, knobs, self.thp_root), knob=name)
+        thp.check_name(name, knobs, read_only, self.thp_root)
         pmd = thp.pmd_pages(self.sysfs, self.thp_root, self.page_size)
         spec = self._specs[name] = thp.spec_for(name, self.read_raw(name), pmd)
         return spec
@@ -265,12 +252,7 @@ class Ksm:
     def validate(self, knobs: Mapping[str, object]) -> dict[str, object]:
         """Parse every value; raise on the first bad one before anything is written."""
         typed = {name: self.parse(name, value) for name, value in knobs.items()}
-        spelled = {}
-        for name in typed:
-            other = spelled.setdefault(thp.canonical(name), name)
-            if other != name:
-                raise KsmValueError(f"{other} and {name} name the same knob: give it once",
-                                    knob=name)
+        thp.check_spellings(typed)
         if "pages_to_scan" in typed:
             mode = typed.get("advisor_mode")
             if mode is None and "advisor_mode" in self.knob_names():
@@ -320,19 +302,8 @@ class Ksm:
         """
         typed = self.validate(knobs)
         self._recover_once()
-        with self._journaled():
+        with journals.stretch(self.journal):
             return self._apply(typed, allow_unmerge)
-
-    @contextlib.contextmanager
-    def _journaled(self) -> Iterator[None]:
-        if self.journal is None:
-            yield
-            return
-        self.journal.begin()
-        try:
-            yield
-        finally:
-            self.journal.end()
 
     def _apply(self, typed: Mapping[str, object], allow_unmerge: bool) -> KnobSnapshot:
         """:meth:`apply` of values :meth:`validate` already returned."""
@@ -404,7 +375,7 @@ class Ksm:
                 "change of them only with no KSM page on the machine, so applying and restoring them "
                 "unmerges everything", knob=busy[0])
         self._recover_once()
-        with self._journaled():
+        with journals.stretch(self.journal):
             yield from self._settings_block(typed, allow_unmerge)
 
     def _settings_block(self, typed, allow_unmerge: bool):

@@ -16,6 +16,7 @@ Pure bookkeeping: the values are typed (JSON: bool, int, str) and written back t
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -113,6 +114,19 @@ class Journal:
             self._broken = True
             log.warning("cannot write the knob journal %s (%s): if this process is killed before "
                         "it restores the knobs, nothing will put them back", self.path, err)
+
+
+@contextlib.contextmanager
+def stretch(journal: Journal | None):
+    """``journal.begin()`` .. ``journal.end()`` around the block; nothing for no journal."""
+    if journal is None:
+        yield
+        return
+    journal.begin()
+    try:
+        yield
+    finally:
+        journal.end()
 
 
 @dataclass

@@ -18,6 +18,7 @@ import difflib
 import fnmatch
 import os
 
+from ..errors import KsmUnavailableError, KsmValueError
 from .knobs import U32, KnobSpec, spec_from_raw
 
 DEFAULT_ROOT = "/sys/kernel/mm/transparent_hugepage"
@@ -64,6 +65,15 @@ def canonical(name: str) -> str:
     if not is_thp(name):
         return name
     return PREFIX + name[len(PREFIX):].replace(".", "/").strip("/")
+
+
+def check_spellings(names) -> None:
+    """KsmValueError when two of ``names`` spell one knob (``thp.a.b`` and ``thp.a/b``)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(canonical(name), name)
+        if other != name:
+            raise KsmValueError(f"{other} and {name} name the same knob: give it once", knob=name)
 
 
 def relpath(name: str) -> str:
@@ -132,3 +142,22 @@ def unknown_message(name: str, knobs: list[str], root: str = DEFAULT_ROOT) -> st
     hint = f" (did you mean {near[0]}?)" if near else ""
     return (f"unknown THP knob {name!r}{hint}; a THP knob is thp. + a file under "
             f"{root}; THP knobs here: {describe(knobs)}")
+
+
+def check_name(name: str, knobs: list[str], read_only: list[str], root: str) -> None:
+    """Raise the one-line error for a ``thp.*`` name that is not a knob of ``root``: read-only
+    (exit 6), no THP at all or a knob this kernel is too old for (exit 3), unknown (exit 6)."""
+    if name in knobs:
+        return
+    if name in read_only:
+        raise KsmValueError(f"{name} is read-only, not a knob; THP knobs here: {describe(knobs)}",
+                            knob=name)
+    if not os.path.isdir(root):
+        raise KsmUnavailableError(f"{root} does not exist: this kernel has no transparent huge "
+                                  f"pages (CONFIG_TRANSPARENT_HUGEPAGE), so no {name}",
+                                  knob=name, path=root)
+    spec = known_specs().get(name)
+    if spec is not None:
+        raise KsmUnavailableError(f"this kernel has no THP knob {name!r} (added in Linux "
+                                  f"{spec.since}; running {os.uname().release})", knob=name)
+    raise KsmValueError(unknown_message(name, knobs, root), knob=name)
