@@ -28,6 +28,7 @@ How ksmd's speed is chosen:
 from __future__ import annotations
 
 from ..ksm.knobs import pages_to_scan_ignored
+from ..ksm.settle import DEFAULT_TOLERANCE, SettleTracker
 from ..units import mib
 from .config import Config
 from .model import (PRIOR_SECONDS_PER_PAGE, Decision, EstimateResult, Observation, Plan,
@@ -38,8 +39,8 @@ from .registration import classify
 
 #: Knob writes within this relative distance of the current value are skipped (no flapping).
 HYSTERESIS = 0.2
-#: Saving growth below this fraction over one full scan counts as "not growing".
-SETTLE_TOLERANCE = 0.01
+#: The settle detector's tolerance (:mod:`udedup.ksm.settle`): its default, one for every caller.
+SETTLE_TOLERANCE = DEFAULT_TOLERANCE
 #: ksmd keeps at least this share of the CPU budget, whatever the daemon itself used.
 KSMD_BUDGET_FLOOR = 0.25
 #: One joint estimate may read up to this many seconds of the estimator budget in advance (it is
@@ -71,8 +72,7 @@ class Policy:
         self.mode_reason = ""
         self._mode_tag = ""
         self._prev: Observation | None = None
-        self._change_scan = 0                       # full_scans when the registered set last grew
-        self._scan_saved: dict[int, int] = {}       # full_scans value -> saved pages then
+        self._settle: SettleTracker | None = None   # since the registered set last grew
         self._managed_keys: set = set()
         self._knob_mode = None                      # mode the current knob values were chosen for
         self._advisor_logged = False
@@ -160,15 +160,11 @@ class Policy:
     def _measure(self, obs: Observation, plan: Plan) -> None:
         prev = self._prev
         scans = int(obs.counters.get("full_scans", 0))
-        saved_pages = int(obs.counters.get("pages_sharing", 0)) + int(obs.counters.get("ksm_zero_pages", 0))
-        if prev is not None and scans < int(prev.counters.get("full_scans", 0)):
-            # run=2 resets full_scans: start the settle tracking over
-            self._scan_saved.clear()
-            self._change_scan = 0
-        # the last value seen while full_scans had this count: the saving at the end of that scan
-        self._scan_saved[scans] = saved_pages
-        for old in [k for k in self._scan_saved if k < scans - 8]:
-            del self._scan_saved[old]
+        if self._settle is not None:
+            if prev is not None and scans < int(prev.counters.get("full_scans", 0)):
+                self._restart_settle(obs)   # run=2 unmerged everything: merging starts over
+            else:
+                self._settle.add(scans, _saved_pages(obs), t=obs.now)
         if prev is None:
             return
         dt = obs.now - prev.now
@@ -231,19 +227,23 @@ class Policy:
         plan.decisions.append(Decision("estimate", "estimate", f"pids {names}: {mib(cost)} to read "
                                        f"({e.passes} passes)"))
 
+    def _restart_settle(self, obs: Observation) -> None:
+        self._settle = SettleTracker(None, stable_scans=1, min_scans=self.cfg.ksmd.settle_scans,
+                                     tolerance=SETTLE_TOLERANCE)
+        self._settle.add(int(obs.counters.get("full_scans", 0)), _saved_pages(obs), t=obs.now)
+
     def _settled(self, obs: Observation) -> tuple[bool, str]:
-        scans = int(obs.counters.get("full_scans", 0))
-        since = scans - self._change_scan
-        if since < self.cfg.ksmd.settle_scans:
+        t = self._settle
+        since = t.scans_done if t is not None else 0
+        if t is None or since < t.min_scans:
             return False, f"{since} full scans since the last registration"
-        prev_scans = [k for k in self._scan_saved if k < scans]
-        if not prev_scans:
-            return False, "no earlier full scan seen yet"
-        before = self._scan_saved[max(prev_scans)]
-        now = self._scan_saved[scans]
-        if abs(now - before) > max(16, SETTLE_TOLERANCE * now):
-            return False, f"saved pages still moving ({before} -> {now} over the last full scan)"
-        return True, f"saved pages steady over the last full scan, {since} full scans since the last registration"
+        if not t.settled:
+            if t.trend is None or not t.covered:
+                return False, "no earlier full scan seen yet"
+            return False, (f"saved pages still moving ({t.trend:+.0f} pages per full scan, "
+                           f"steady is within ±{t.band:.0f})")
+        return True, (f"saved pages steady over the last full scans ({t.trend:+.0f} pages per scan), "
+                      f"{since} full scans since the last registration")
 
     def _choose_mode(self, obs: Observation, plan: Plan, pressure_reason: str) -> None:
         cfg, k = self.cfg, self.cfg.ksmd
@@ -254,10 +254,7 @@ class Policy:
         keys = set(managed_by_key)
         if keys - self._managed_keys:
             # new memory to merge: it needs settle_scans full scans of its own before "settled"
-            self._change_scan = int(obs.counters.get("full_scans", 0))
-            self._scan_saved.clear()
-            self._scan_saved[self._change_scan] = (int(obs.counters.get("pages_sharing", 0))
-                                                   + int(obs.counters.get("ksm_zero_pages", 0)))
+            self._restart_settle(obs)
         self._managed_keys = keys
         # memory being registered right now counts already: the knobs are for the next minutes
         registered_pages = sum(self._pending_bytes(p) if (p.registered_at is not None
@@ -395,3 +392,7 @@ class Policy:
         if p.worthwhile or p.info.registered:
             return self.cfg.daemon.interval
         return self.cfg.estimate.reestimate_seconds
+
+
+def _saved_pages(obs: Observation) -> int:
+    return int(obs.counters.get("pages_sharing", 0)) + int(obs.counters.get("ksm_zero_pages", 0))
