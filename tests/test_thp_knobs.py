@@ -418,3 +418,36 @@ def test_real_sigkill_is_restored_by_the_next_udedup_command(thp_restored):
     assert "thp.enabled" in proc.stderr and "use_zero_pages" in proc.stderr
     assert Ksm().snapshot().as_dict() == before.as_dict()
     assert time.monotonic() - t0 < 30
+
+
+def test_ctrl_c_inside_settings_restores_thp_knobs_and_removes_the_journal(trees, kernel, tmp_path):
+    jdir = tmp_path / "journal"
+    ksm = fake_ksm(trees, kernel, journal_dir=jdir)
+    before = read_thp(trees / "transparent_hugepage")
+    with pytest.raises(KeyboardInterrupt):
+        with ksm.settings(**{"thp.enabled": "never", "thp.khugepaged/defrag": 0}):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert read_thp(trees / "transparent_hugepage") == before and os.listdir(jdir) == []
+
+
+@pytest.mark.ksm
+def test_real_ab_with_thp_arms_and_a_thp_fixed_knob_restores_them(thp_restored):
+    from udedup.ab.engine import run_ab
+    from udedup.ab.synthetic import SyntheticSpec
+    from udedup.ab.workloads import SyntheticWorkload
+
+    ksm = Ksm()
+    before = ksm.snapshot()
+    spec = SyntheticSpec(size=4 << 20, zero=0.4, duplicate=0.3, unique=0.3, volatile=0.0,
+                         group_sizes=(2, 8), seed=3, name="thp")
+    defrag = _other(before["thp.defrag"], ("never", "madvise"))
+    result = run_ab(SyntheticWorkload(spec), trials=1, seed=5, settle_timeout=30, cow_sample=64,
+                    arms={"madvise": {"thp.enabled": "madvise"}, "never": {"thp.enabled": "never"}},
+                    fixed={"advisor_mode": "none", "pages_to_scan": 5000, "sleep_millisecs": 5,
+                           "smart_scan": 0, "thp.khugepaged.defrag": 0, "thp.defrag": defrag})
+    assert [t.status for t in result.trials] == ["ok", "ok"]
+    assert {t.arm: t.knobs["thp.enabled"] for t in result.trials} == {"madvise": "madvise",
+                                                                       "never": "never"}
+    assert all(t.knobs["thp.khugepaged.defrag"] is False for t in result.trials)
+    assert ksm.snapshot().as_dict() == before.as_dict()
