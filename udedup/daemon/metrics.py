@@ -71,6 +71,16 @@ class DaemonCollector:
                      int(s.identity.dry_run))
         yield _gauge("udedup_saved_bytes", "memory KSM saves now, kernel figure (general_profit)",
                      r.saved_bytes)
+        if r.true_saved_bytes is not None:
+            yield _gauge("udedup_true_saved_bytes",
+                         "memory the host really gets back: (pages_sharing + ksm_zero_pages + "
+                         "mergeable pages on the zero page outside KSM) x page size",
+                         r.true_saved_bytes)
+            yield _gauge("udedup_zero_mapped_pages",
+                         "mergeable pages on the zero page outside KSM's counters (zero subpages "
+                         "of split THPs; pages read but never written too)", r.zero_mapped_pages)
+            yield _gauge("udedup_true_savings_read_seconds",
+                         "time the last round took to read the true saving", r.true_read_seconds)
         counters = r.counters
         for name in NAMED_COUNTERS:
             if name in counters:

@@ -1,5 +1,6 @@
 """What the daemon sees each round: candidate processes (/proc), their smaps figures, KSM's
-counters and knobs, ksmd's and its own CPU time, memory pressure.
+counters and knobs, the true saving (:mod:`udedup.ksm.truth`, read once per round), ksmd's and its
+own CPU time, memory pressure.
 
 Every /proc read goes through :class:`~udedup.host.fs.ProcFs` and the parsers of
 :mod:`udedup.host.parse`; the root is ``daemon.procfs``. A walk of /proc skips processes that
@@ -11,17 +12,27 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from ..errors import KernelThreadError, KsmError, ProcessAccessError, ProcessNotFoundError
+from ..errors import (KernelThreadError, KsmError, ProcessAccessError, ProcessNotFoundError,
+                      UdedupError)
 from ..host.fs import DEFAULT_PROCFS, ProcFs, as_procfs
 from ..host.maps import read_mappings
 from ..host.parse import status_ids, status_kib
+from ..ksm.truth import TrueSavings, TrueSavingsReader
 from .candidates import match_process
 from .config import Config
 from .model import Memory, Observation, ProcessInfo
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundObservation(Observation):
+    """An :class:`Observation` with the round's true saving: the counters plus the zero-page
+    mappings of mergeable memory outside them (None if it could not be read)."""
+
+    true_savings: TrueSavings | None = None
 
 
 def process_start_time(pid: int, procfs: ProcFs | str = DEFAULT_PROCFS) -> int | None:
@@ -99,6 +110,12 @@ class Observer:
         self._mappings: dict = {}       # key -> (ProcessInfo with smaps figures, when, mappings, round)
         self._unreadable: set = set()   # candidates we were refused: reported once
         self._memory_missing_said = False
+        # one read per round; it keeps each process's mg ranges between rounds (smaps again only
+        # when a process's maps or KSM flags change)
+        self.truth = TrueSavingsReader(ksm, self.procfs, clock=clock)
+        self._truth_failed_said = False
+        self._truth: TrueSavings | None = None
+        self._truth_round: int | None = None
 
     def mappings_by_pid(self) -> dict:
         """{pid: mappings} read this round or recently (the screen does not read them again)."""
@@ -137,6 +154,7 @@ class Observer:
                     procs.append(detailed)
         self._mappings = seen
         stats = self.ksm.stats()
+        truth = self._true_savings(stats, round_number)
         try:
             ksmd_cpu = self.ksm.ksmd_cpu_seconds()
         except KsmError as err:
@@ -148,7 +166,26 @@ class Observer:
             self._memory_missing_said = True
             log.warning("no MemTotal in %s: memory pressure is not detected",
                         self.procfs.path(None, "meminfo"))
-        return Observation(now=now, processes=tuple(procs), counters=dict(stats.counters),
-                           knobs=self.ksm.knobs(), saved_bytes=stats.saved_bytes,
-                           page_size=stats.page_size, ksmd_cpu_seconds=ksmd_cpu,
-                           daemon_cpu_seconds=time.process_time(), memory=memory)
+        return RoundObservation(now=now, processes=tuple(procs), counters=dict(stats.counters),
+                                knobs=self.ksm.knobs(), saved_bytes=stats.saved_bytes,
+                                page_size=stats.page_size, ksmd_cpu_seconds=ksmd_cpu,
+                                daemon_cpu_seconds=time.process_time(), memory=memory,
+                                true_savings=truth)
+
+    def _true_savings(self, stats, round_number: int) -> TrueSavings | None:
+        # A round may observe up to three times (estimates or registrations coming back): the
+        # pagemap walk is paid once per round, later observations take its zero-page part with
+        # their fresh counters.
+        if self._truth_round == round_number:
+            last = self._truth
+            return replace(last, stats=stats) if last is not None else None
+        self._truth_round = round_number
+        try:
+            self._truth = self.truth.read(stats)
+        except (UdedupError, OSError) as err:
+            self._truth = None
+            if not self._truth_failed_said:
+                self._truth_failed_said = True
+                log.warning("the true saving cannot be read (%s): only KSM's counters are reported",
+                            err)
+        return self._truth

@@ -67,6 +67,11 @@ class Round:
     predicted_bytes: int
     realized_bytes: int
     unrealized_bytes: int
+    # the true saving (udedup.ksm.truth): counters plus the zero-page mappings of mergeable memory
+    # outside them; None where it could not be read
+    true_saved_bytes: int | None = None
+    zero_mapped_pages: int | None = None     # mergeable pages on the zero page outside KSM
+    true_read_seconds: float | None = None   # what that read cost this round
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,9 @@ class RoundSnapshot:
             out.update({"saved_bytes": r.saved_bytes, "predicted_bytes": r.predicted_bytes,
                         "realized_bytes": r.realized_bytes, "unrealized_bytes": r.unrealized_bytes,
                         "pressure": r.pressure, "ksmd_cpu_percent": r.ksmd_cpu_percent,
-                        "daemon_cpu_percent": r.daemon_cpu_percent})
+                        "daemon_cpu_percent": r.daemon_cpu_percent,
+                        "true_saved_bytes": r.true_saved_bytes,
+                        "zero_mapped_pages": r.zero_mapped_pages})
         return out
 
     def status_line(self) -> str:
@@ -124,7 +131,8 @@ class RoundSnapshot:
         if r is None:
             return "starting"
         cpu = f", ksmd {r.ksmd_cpu_percent:.0f}% CPU" if r.ksmd_cpu_percent is not None else ""
-        return (f"{self.mode}: saved {gib(r.saved_bytes)}, predicted {gib(r.predicted_bytes)} "
+        really = f" (really {gib(r.true_saved_bytes)})" if r.true_saved_bytes is not None else ""
+        return (f"{self.mode}: saved {gib(r.saved_bytes)}{really}, predicted {gib(r.predicted_bytes)} "
                 f"in {self.managed_processes} processes{cpu}")
 
 
@@ -154,6 +162,7 @@ def round_figures(plan: Plan, obs: Observation, dry_run: bool) -> Round:
     knobs = dict(obs.knobs)
     if not dry_run:
         knobs.update(plan.knobs)   # what they are after this round's writes
+    truth = getattr(obs, "true_savings", None)   # observe.RoundObservation carries it
     return Round(saved_bytes=obs.saved_bytes, counters=_frozen(obs.counters), knobs=_frozen(knobs),
                  ksmd_cpu_seconds=obs.ksmd_cpu_seconds, daemon_cpu_seconds=obs.daemon_cpu_seconds,
                  ksmd_cpu_percent=plan.ksmd_cpu_percent, daemon_cpu_percent=plan.daemon_cpu_percent,
@@ -161,7 +170,10 @@ def round_figures(plan: Plan, obs: Observation, dry_run: bool) -> Round:
                  target_pages_per_second=plan.target_pages_per_second,
                  budget_pages_per_second=plan.budget_pages_per_second, pressure=plan.pressure,
                  bursting=plan.bursting, predicted_bytes=plan.predicted_bytes,
-                 realized_bytes=plan.realized_bytes, unrealized_bytes=plan.unrealized_bytes)
+                 realized_bytes=plan.realized_bytes, unrealized_bytes=plan.unrealized_bytes,
+                 true_saved_bytes=truth.saved_bytes if truth is not None else None,
+                 zero_mapped_pages=truth.zero_mapped_pages if truth is not None else None,
+                 true_read_seconds=truth.read_seconds if truth is not None else None)
 
 
 def build_snapshot(identity: DaemonIdentity, cfg, policy, *, now_wall: float, rounds: int,
