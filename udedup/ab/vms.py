@@ -268,7 +268,6 @@ class VmWorkload:
         self.image: vmlab.GuestImage | None = None
         self.accel: str | None = None
         self.accel_reason = ""
-        self.boot_seconds: list[float] = []
         self.name = f"{self.spec.guests} VMs x {self.spec.memory // MIB} MiB"
 
     def describe(self) -> dict:
@@ -276,8 +275,7 @@ class VmWorkload:
         return {"kind": self.kind, "name": self.name, "spec": s.as_dict(),
                 "accelerator": self.accel, "accelerator_reason": self.accel_reason,
                 "qemu": self.qemu, "qemu_version": qemu_version(self.qemu) if self.qemu else None,
-                "image": self.image.as_dict() if self.image else None,
-                "boot_seconds_last": self.boot_seconds}
+                "image": self.image.as_dict() if self.image else None}
 
     def preflight(self) -> None:
         self.qemu = shutil.which(QEMU)
@@ -331,8 +329,8 @@ class VmWorkload:
         except BaseException:
             run.stop(grace=0)
             raise
-        self.boot_seconds = [round(g.ready_at - g.started, 2) for g in guests]
-        run.info = {"boot_seconds": self.boot_seconds, "ready": [g.ready_line for g in guests]}
+        run.info = {"boot_seconds": [round(g.ready_at - g.started, 2) for g in guests],
+                    "ready": [g.ready_line for g in guests]}
         return run
 
     def _wait_ready(self, run: VmRunning) -> None:

@@ -1,6 +1,6 @@
 """Workloads for the A/B harness: what gets merged while a knob is compared.
 
-Three kinds, one interface (``preflight()``, ``describe()``, ``start(seed) -> Running``):
+Four kinds, one interface (``preflight()``, ``describe()``, ``start(seed) -> Running``):
 
 - :class:`SyntheticWorkload`: a child process (:mod:`udedup.ab.child`, ``synthetic``) that fills a
   :class:`~udedup.ksm.memory.MergeableBuffer` with a known mix of zero, duplicate, unique and
@@ -10,8 +10,11 @@ Three kinds, one interface (``preflight()``, ``describe()``, ``start(seed) -> Ru
 - :class:`CommandWorkload`: any program, started through the child's ``exec`` mode, which sets
   ``PR_SET_MEMORY_MERGE`` (every VMA mergeable, inherited by exec) and a parent-death signal before
   exec, like ``udedup run``; optional readiness wait (a file appearing, or a delay).
-- :class:`PidWorkload`: processes that already run with mergeable memory. Never written to, never
-  stopped.
+- :class:`PidWorkload`: processes that already run with mergeable memory (running VMs: QEMU
+  registers guest RAM itself). Never written to, never stopped: every trial unmerges (run=2), sets
+  the arm, merges and measures them as they are.
+- :class:`~udedup.ab.vms.VmWorkload` (:mod:`udedup.ab.vms`): the VM lab, N QEMU guests from an image
+  built on first use (:mod:`udedup.ab.vmlab`).
 
 Every child runs in its own session (process group): stopping kills the whole group, and
 ``PR_SET_PDEATHSIG`` kills the direct child if the harness itself is killed (:mod:`.running`).
@@ -30,6 +33,7 @@ from ..host.fs import DEFAULT_PROCFS, ProcFs, as_procfs
 from ..ksm.process import process_ksm
 from .running import Running, child_argv, spawn
 from .synthetic import KIND_NAMES, PAGE_SIZE, SyntheticSpec, expected_counters, make_layout
+from .vms import VmSpec, VmWorkload  # noqa: F401  (one of the workloads, chosen here by kind)
 
 
 class SyntheticWorkload:
@@ -162,18 +166,26 @@ class PidWorkload:
         self.name = "pid " + ",".join(map(str, self.pids))
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "name": self.name, "pids": self.pids}
+        return {"kind": self.kind, "name": self.name, "pids": self.pids,
+                "comms": [self.procfs.comm(p, default="?") for p in self.pids]}
 
     def preflight(self) -> None:
         for pid in self.pids:
             # ProcessNotFoundError for a PID that does not exist
             if not process_ksm(pid, procfs=self.procfs).registered:
+                qemu = (self.procfs.comm(pid, default="") or "").startswith("qemu")
+                hint = (" (QEMU registers guest RAM unless started with -machine mem-merge=off)"
+                        if qemu else "")
                 raise WorkloadError(f"process {pid} has no mergeable memory (no 'mg' VMA and no "
-                                    "process-wide merging): start it with 'udedup run' or enable KSM "
-                                    "in it first", pid=pid)
+                                    f"process-wide merging){hint}: start it with 'udedup run' or "
+                                    "enable KSM in it first", pid=pid)
 
     def start(self, seed: int = 0) -> Running:
         for pid in self.pids:
             if not self.procfs.exists(pid):
                 raise WorkloadError(f"process {pid} is gone", pid=pid)
         return Running(None, self.name, pids=self.pids, owned=False, procfs=self.procfs)
+
+
+#: Every workload kind, by the ``kind`` its ``describe()`` records.
+KINDS = {cls.kind: cls for cls in (SyntheticWorkload, CommandWorkload, PidWorkload, VmWorkload)}

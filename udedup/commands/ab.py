@@ -27,13 +27,23 @@ workloads (one of):
   --zero/--dup/--unique/--volatile FRACTION, --groups 2,4,16, --volatile-hz HZ   tune the built-in
   --cmd "PROG ARGS"                any command, run with process-wide merging (like 'udedup run');
                                    --ready-file PATH or --ready-delay SEC says when it has its memory
-  --pid PID[,PID...]               processes already running with mergeable memory (observed only)
+  --pid PID[,PID...]               processes already running with mergeable memory, e.g. running
+                                   VMs (each trial unmerges, sets the arm, merges and measures them;
+                                   never written to, never stopped)
+  --preset vms, --vms N            the VM lab: N QEMU guests (default 2) from a minimal image built
+                                   on first use from Debian packages (linux-image-amd64,
+                                   busybox-static; cached); --vm-memory and the guest content
+                                   options size them; KVM when it runs guests, else TCG (said in the
+                                   report)
 
 examples:
   udedup ab
   udedup ab --preset vm-like --size 1G --trials 5 --out report/
   udedup ab --size 64M --arm slow:pages_to_scan=1000 --arm fast:pages_to_scan=8000 --fix sleep_millisecs=20
   udedup ab --cmd "python3 myapp.py" --ready-file /tmp/ready --trials 4 --json
+  udedup ab --preset vms --trials 3
+  udedup ab --vms 4 --vm-memory 256M --vm-shared 64M --trials 5
+  udedup ab --pid $(pgrep -d, qemu-system) --trials 4
 
 exit codes: 0 done; 2 bad arguments; 3 no KSM; 4 not root; 6 bad knob value; 11 a workload failed
 or died (trials finished so far are still written); 130 interrupted (likewise).
@@ -42,11 +52,15 @@ ORDER = 30
 
 log = logging.getLogger(__name__)
 
+#: The preset that boots the VM lab's guests instead of the synthetic workload.
+VM_PRESET = "vms"
+
 
 def add_arguments(parser) -> None:
     w = parser.add_argument_group("workload")
-    w.add_argument("--preset", default=None, help="built-in workload mix (default: mixed)")
-    w.add_argument("--size", default="256M", help="built-in workload size (default: 256M)")
+    w.add_argument("--preset", default=None,
+                   help="built-in workload mix (default: mixed), or vms for the VM lab")
+    w.add_argument("--size", default=None, help="built-in workload size (default: 256M)")
     w.add_argument("--zero", type=float, help="fraction of zero pages")
     w.add_argument("--dup", type=float, help="fraction of duplicate pages")
     w.add_argument("--unique", type=float, help="fraction of unique pages (default: the rest)")
@@ -56,11 +70,31 @@ def add_arguments(parser) -> None:
     w.add_argument("--cmd", help="run this command as the workload (process-wide merging)")
     w.add_argument("--ready-file", help="with --cmd: the command creates this file when ready")
     w.add_argument("--ready-delay", type=float, default=None,
-                   help="with --cmd: seconds to wait after start (default 1, or 0 with --ready-file)")
-    w.add_argument("--ready-timeout", type=float, default=120.0,
-                   help="seconds a workload may take to become ready (default 120)")
+                   help="with --cmd: seconds to wait after start (default 1, or 0 with --ready-file); "
+                        "with VMs: instead of the ready marker (for a --vm-initrd without it)")
+    w.add_argument("--ready-timeout", type=float, default=None,
+                   help="seconds a workload may take to become ready (default 120; VMs 300)")
     w.add_argument("--pid", action="append", default=[],
                    help="observe these already-mergeable processes (repeat or comma-separate)")
+    v = parser.add_argument_group("virtual machines (--preset vms, --vms N)")
+    v.add_argument("--vms", type=int, default=None, metavar="N",
+                   help="boot N guests of the VM lab (--preset vms: 2)")
+    v.add_argument("--vm-memory", default="384M", help="RAM per guest (default 384M)")
+    v.add_argument("--vm-shared", default="96M",
+                   help="files every guest holds, byte for byte (default 96M)")
+    v.add_argument("--vm-unique", default="48M", help="data unique to each guest (default 48M)")
+    v.add_argument("--vm-zero", default="32M",
+                   help="memory each guest writes and frees, left zero (default 32M; the initrd the "
+                        "guest frees after unpacking it is zeroed too)")
+    v.add_argument("--vm-volatile", default="1M",
+                   help="memory each guest rewrites every second (default 1M)")
+    v.add_argument("--vm-accel", default="auto", choices=("auto", "kvm", "tcg"),
+                   help="accelerator (default auto: KVM if a probe guest boots under it, else TCG)")
+    v.add_argument("--vm-kernel", metavar="PATH",
+                   help="boot this kernel instead of Debian's (fetched from linux-image-amd64)")
+    v.add_argument("--vm-initrd", metavar="PATH",
+                   help="boot this initramfs; its init prints UDEDUP-VM-READY on the serial "
+                        "console when ready, or give --ready-delay")
     a = parser.add_argument_group("arms and knobs")
     a.add_argument("--arm", action="append", default=[], metavar="NAME:KNOB=V[,KNOB=V]",
                    help="an arm; give two or more (default: off:use_zero_pages=0 on:use_zero_pages=1)")
@@ -74,6 +108,9 @@ def add_arguments(parser) -> None:
     r.add_argument("--seed", type=int, default=None, help="seed of the arm order (default: random)")
     r.add_argument("--settle-timeout", type=float, default=60.0,
                    help="seconds to wait for merging to settle per trial (default 60)")
+    r.add_argument("--settle-tolerance", type=float, default=None, metavar="FRACTION",
+                   help="how much the saving may still move per full scan, as a fraction of it, for "
+                        "a trial to count as settled (default: the settle detector's, 0.002)")
     r.add_argument("--sample-interval", type=float, default=0.1,
                    help="seconds between counter samples (default 0.1)")
     r.add_argument("--cow-sample", type=int, default=4096,
@@ -129,22 +166,31 @@ def build_workload(args):
     from ..ab.workloads import CommandWorkload, PidWorkload, SyntheticWorkload
 
     custom = [args.zero, args.dup, args.unique, args.volatile, args.groups, args.volatile_hz]
-    chosen = [bool(args.cmd), bool(args.pid), bool(args.preset) or any(v is not None for v in custom)]
+    vms = args.preset == VM_PRESET or args.vms is not None
+    synthetic = (bool(args.preset) and not vms) or args.size is not None or any(
+        v is not None for v in custom)
+    chosen = [bool(args.cmd), bool(args.pid), synthetic, vms]
     if sum(chosen) > 1:
         raise UsageError("choose one workload: the built-in one (--preset/--size/fractions), --cmd, "
-                         "or --pid")
-    if (args.ready_file or args.ready_delay is not None) and not args.cmd:
-        raise UsageError("--ready-file and --ready-delay apply to --cmd only")
+                         "--pid, or VMs (--preset vms / --vms N)")
+    if args.ready_file and not args.cmd:
+        raise UsageError("--ready-file applies to --cmd only")
+    if args.ready_delay is not None and not (args.cmd or vms):
+        raise UsageError("--ready-delay applies to --cmd and VMs only")
+    timeout = args.ready_timeout
+    if vms:
+        return build_vm_workload(args)
+    timeout = 120.0 if timeout is None else timeout
     if args.cmd:
         delay = args.ready_delay if args.ready_delay is not None else (0.0 if args.ready_file else 1.0)
         return CommandWorkload(args.cmd, ready_file=args.ready_file, ready_delay=delay,
-                               ready_timeout=args.ready_timeout)
+                               ready_timeout=timeout)
     if args.pid:
         from .scan import parse_pids
         return PidWorkload(parse_pids(p for item in args.pid for p in item.split(",")))
     name = args.preset or "mixed"
     if name not in PRESETS:
-        raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}, {VM_PRESET}")
     params = dict(PRESETS[name])
     if any(v is not None for v in custom):
         name = f"{name}+custom"
@@ -162,8 +208,48 @@ def build_workload(args):
                 raise UsageError(f"--groups {args.groups!r}: expected sizes like 2,4,16") from None
         if args.volatile_hz is not None:
             params["volatile_hz"] = args.volatile_hz
-    spec = SyntheticSpec(size=parse_size(args.size), name=name, **params)
-    return SyntheticWorkload(spec, ready_timeout=args.ready_timeout)   # it validates the spec
+    spec = SyntheticSpec(size=parse_size(args.size or "256M"), name=name, **params)
+    return SyntheticWorkload(spec, ready_timeout=timeout)   # it validates the spec
+
+
+def _vm_size(text: str, option: str, unit: int) -> int:
+    from ..units import parse_size as parse_bytes
+    try:
+        value = parse_bytes(text)
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not a size; write e.g. 384M or 1G") from None
+    if value % unit:
+        raise UsageError(f"{option} {text!r}: give a whole number of {'MiB' if unit >> 20 else 'KiB'}")
+    return value
+
+
+def build_vm_workload(args):
+    """The VM lab from ``--preset vms`` / ``--vms N`` and the ``--vm-*`` options."""
+    from ..ab.vms import VmSpec, VmWorkload
+
+    mib = 1 << 20
+    spec = VmSpec(guests=2 if args.vms is None else args.vms,
+                  memory=_vm_size(args.vm_memory, "--vm-memory", mib),
+                  shared=_vm_size(args.vm_shared, "--vm-shared", 4096),
+                  unique=_vm_size(args.vm_unique, "--vm-unique", mib),
+                  zero=_vm_size(args.vm_zero, "--vm-zero", mib),
+                  volatile=_vm_size(args.vm_volatile, "--vm-volatile", 1024),
+                  accel=args.vm_accel, kernel=args.vm_kernel, initrd=args.vm_initrd)
+    timeout = 300.0 if args.ready_timeout is None else args.ready_timeout
+    return VmWorkload(spec, ready_timeout=timeout, ready_delay=args.ready_delay)   # validates
+
+
+def describe_vms(result) -> str | None:
+    """One line on the guests: which accelerator ran and why, the kernel, boot-to-ready times."""
+    workload = result.config.get("workload", {})
+    if workload.get("kind") != "vms":
+        return None
+    image = workload.get("image") or {}
+    kernel = image.get("kernel_package") or image.get("kernel")
+    boot = [t.populate_seconds for t in result.trials if t.populate_seconds is not None]
+    span = f"{min(boot):.1f}-{max(boot):.1f} s" if boot else "-"
+    return (f"VM lab: accelerator {workload.get('accelerator')} ({workload.get('accelerator_reason')}); "
+            f"kernel {kernel}; all guests ready in {span} per trial")
 
 
 def run(args) -> int:
@@ -181,6 +267,12 @@ def run(args) -> int:
     for item in args.fix:
         fixed_extra.update(parse_knobs(item, "--fix"))
     workload = build_workload(args)
+    tolerance = {}
+    if args.settle_tolerance is not None:
+        if not 0 <= args.settle_tolerance < 1:
+            raise UsageError(f"--settle-tolerance {args.settle_tolerance:g}: give a fraction in [0, 1) "
+                             "of the saving per full scan, e.g. 0.002")
+        tolerance["settle_tolerance"] = args.settle_tolerance
     ksm = Ksm()   # no KSM: one line, exit 3, before anything starts
     if args.no_default_fix:
         fixed = fixed_extra
@@ -203,7 +295,7 @@ def run(args) -> int:
         result = run_ab(workload, arms=arms, fixed=fixed, trials=args.trials, seed=args.seed,
                         settle_timeout=args.settle_timeout, sample_interval=args.sample_interval,
                         cow_sample=args.cow_sample, ksm=ksm, progress=progress.update,
-                        on_trial=on_trial)
+                        on_trial=on_trial, **tolerance)
     except ABInterrupted as err:
         interrupted, result = err, err.result
     finally:
@@ -217,6 +309,9 @@ def run(args) -> int:
         print_json(doc)
     elif not args.quiet:
         print(describe_run(result))
+        vm_line = describe_vms(result)
+        if vm_line:
+            print(vm_line)
         print(format_table(result))
         if paths:
             print(f"report: {out}/ ({', '.join(os.path.basename(p) for p in paths.values())})")
