@@ -259,7 +259,7 @@ def test_settings_journals_the_originals_and_removes_the_journal(trees, kernel, 
         files = os.listdir(jdir)
         assert len(files) == 1 and files[0].startswith(f"knobs-journal-{os.getpid()}-")
         doc = json.loads((jdir / files[0]).read_text())
-        assert doc["knobs"] == {"use_zero_pages": False, "thp.enabled": "madvise"}
+        assert doc["knobs"] == {"use_zero_pages": False, "thp.enabled": "madvise", "run": 0}
         assert doc["pid"] == os.getpid() and doc["ksm_root"] == str(trees / "ksm")
         ksm.set("thp.khugepaged/defrag", 0)     # a write inside the block is journaled too
         doc = json.loads((jdir / files[0]).read_text())

@@ -308,6 +308,9 @@ class Ksm:
     def _apply(self, typed: Mapping[str, object], allow_unmerge: bool) -> KnobSnapshot:
         """:meth:`apply` of values :meth:`validate` already returned."""
         before = self.snapshot()
+        if self.journal is not None:     # one journal write for all (run: an unmerge writes it)
+            self.journal.note_many({n: before[n] for n in map(thp.canonical, [*typed, "run"])
+                                    if n in before})
         try:
             # a Ctrl-C held during the writes is delivered when they end, and lands in the
             # rollback below like any other failure

@@ -75,6 +75,13 @@ class Journal:
         self.knobs[name] = value
         self._write()
 
+    def note_many(self, values) -> None:
+        """:meth:`note` of several knobs, in one write."""
+        new = {name: value for name, value in values.items() if name not in self.knobs}
+        if self.active and new:
+            self.knobs.update(new)
+            self._write()
+
     def fail(self) -> None:
         """A restore failed: the file outlives the stretch (replayed once this process is gone)."""
         self.dirty = True
@@ -100,10 +107,12 @@ class Journal:
         pid = os.getpid()
         if self.path is None:
             self.path = os.path.join(self.directory, f"{_PREFIX}{pid}-{next(_SEQ)}.json")
-            self.created = time.time()
-        doc = {"version": 1, "pid": pid, "start_time": _start_time(self.procfs, pid) or 0,
-               "boot_id": boot_id(self.procfs), "created": self.created,
-               "command": self.procfs.cmdline(pid), **self.roots, "knobs": self.knobs}
+            # what names this process: read once per file (a fork gets a file of its own)
+            self._who = {"version": 1, "pid": pid,
+                         "start_time": _start_time(self.procfs, pid) or 0,
+                         "boot_id": boot_id(self.procfs), "created": time.time(),
+                         "command": self.procfs.cmdline(pid), **self.roots}
+        doc = {**self._who, "knobs": self.knobs}
         tmp = self.path + ".tmp"
         try:
             os.makedirs(self.directory, mode=0o755, exist_ok=True)
