@@ -173,10 +173,9 @@ def build_workload(args):
     if sum(chosen) > 1:
         raise UsageError("choose one workload: the built-in one (--preset/--size/fractions), --cmd, "
                          "--pid, or VMs (--preset vms / --vms N)")
-    if args.ready_file and not args.cmd:
-        raise UsageError("--ready-file applies to --cmd only")
-    if args.ready_delay is not None and not (args.cmd or vms):
-        raise UsageError("--ready-delay applies to --cmd and VMs only")
+    if (args.ready_file and not args.cmd) or (args.ready_delay is not None and not (args.cmd or vms)):
+        raise UsageError("--ready-file and --ready-delay apply to --cmd only (and --ready-delay to "
+                         "VMs: --preset vms, --vms N)")
     timeout = args.ready_timeout
     if vms:
         return build_vm_workload(args)
