@@ -132,17 +132,23 @@ def test_bad_arguments():
 
 
 # --- recorded from live memory ------------------------------------------------------------------
-def test_live_series_settles_within_a_few_scans_and_equality_never():
-    t, f, s, _ = live()
+# settle_live.csv: two processes rewriting 50 random pages/s each (scripts/record_settle_series.py);
+# settle_vms_*.csv: `udedup ab` on two QEMU guests with exact settling, timed out after 60 s
+LIVE = ["settle_live.csv", "settle_vms_off.csv", "settle_vms_on.csv"]
+
+
+@pytest.mark.parametrize("name", LIVE)
+def test_live_series_settles_within_a_few_scans_and_equality_never(name):
+    t, f, s, _ = live(name)
     final = s[-1]
     merged = next(i for i, v in enumerate(s) if v >= 0.99 * final)     # the merge is done
     p = settle_point(t, f, s)
     assert p is not None
     assert p.scans - (f[merged] - f[0]) <= 4, p         # within 4 full scans of the merge
-    assert p.seconds < t[merged] + 4.0
+    assert t[merged] < p.seconds < t[-1] / 2
     plateau = s[merged:]
     assert min(plateau) <= p.saved_pages <= max(plateau)
-    assert abs(p.saved_pages - sorted(plateau)[len(plateau) // 2]) <= 10
+    assert abs(p.saved_pages - sorted(plateau)[len(plateau) // 2]) <= 0.002 * p.saved_pages
     # the counters never repeat over 3 full scans: exact equality waits forever
     assert settle_point(t, f, s, tolerance=0) is None
     assert max(plateau) - min(plateau) > 0
