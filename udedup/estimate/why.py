@@ -77,13 +77,18 @@ def mapping_reasons(report: MappingReport | None, mapping: Mapping, page_size: i
     if report.zero_mapped_pages:
         out.append(("already map the kernel's zero page: free, nothing to merge",
                     report.zero_mapped_pages, None))
-    if report.zero_pages:
+    back = report.thp_zero_pages[int(bool(use_zero_pages))]
+    if back:
+        out.append(("zero subpages of THPs ksmd will split (predicted): the split maps them to "
+                    "the zero page, outside every KSM counter", back, None))
+    small_zero = report.zero_pages - back
+    if small_zero:
         if use_zero_pages:
             out.append(("zero pages: will be mapped to the kernel's zero page "
-                        "(use_zero_pages=1)", report.zero_pages, None))
+                        "(use_zero_pages=1)", small_zero, None))
         else:
             out.append(("zero pages: merge into shared KSM pages (use_zero_pages=0)",
-                        report.zero_pages, "use_zero_pages=1 maps them to the zero page instead: "
+                        small_zero, "use_zero_pages=1 maps them to the zero page instead: "
                         "no KSM page, and they leave ksmd's rmap tracking"))
     if report.duplicate_pages:
         out.append(("duplicate content: merges", report.duplicate_pages, None if
