@@ -26,9 +26,11 @@ with ``scripts/thp_ksm_probe.py``):
   tree (pages_volatile). Pins cannot be seen from user space: the estimator assumes splits succeed
   and says so; :func:`thp_outcome` takes the failing THPs as an input.
 
-Measured (9 kinds x 8 THPs, both use_zero_pages values, ``scripts/thp_ksm_probe.py``): splits,
-zero pages handed back, pages_shared, pages_sharing, pages_unshared, ksm_zero_pages and rmap
-items exactly as this model says.
+Measured (``docs/results/thp_estimate/``): on 9 kinds x 8 synthetic THPs
+(``scripts/thp_ksm_probe.py``) splits, zero pages handed back and every counter as this model says
+(use_zero_pages=0: one THP off, the last zero page has no partner left once the others are handed
+back); on two live TCG guests (``scripts/thp_vm_check.py``) the huge pages lost exactly, the zero
+pages handed back within 0.02 %, the counters within 1.5 %, the real saving within 0.4 %.
 """
 from __future__ import annotations
 
