@@ -128,6 +128,35 @@ def test_prediction_without_thp_unchanged():
     assert est.as_dict()["thp"] is None and est.as_dict()["thp_known"] is True
 
 
+def test_unknown_thp_part_is_said():
+    est = _estimate(zero=10, dup_groups=[3], unique=5, thp=ThpSummary(False, 0, 0, {}))
+    p = est.predicted(False)
+    assert p.thp_zero_pages == 0 and p.pages_sharing == 11
+    d = est.as_dict()
+    assert d["thp_known"] is False and d["thp"]["known"] is False
+
+
+def test_scope_without_pfns_marks_thp_unknown(monkeypatch):
+    from udedup.estimate import passes
+
+    def no_flags(pfns, procfs):
+        raise passes.ProcessError("kpageflags: permission denied")
+    monkeypatch.setattr(passes, "read_kpageflags", no_flags)
+    mm, off = _thp_buffer(1)
+    try:
+        arr = np.frombuffer(mm, dtype=np.uint64, count=SUB * PS // 8, offset=off)
+        arr[:] = 1
+        from udedup.estimate import estimate
+        est = estimate([memoryview(arr)], all_eligible=True, passes=2, interval=0.0)
+        if not any(r.mapping.anon_huge for r in est.mappings):
+            pytest.skip("the kernel gave no THP")
+        assert est.thp_known is False
+        assert any(n.startswith("THP part unknown") for n in est.notes)
+        del arr
+    finally:
+        mm.close()
+
+
 def _thp_buffer(nthp):
     """A 2 MiB-aligned MADV_HUGEPAGE private anonymous buffer of ``nthp`` THPs, or skip."""
     if os.geteuid() != 0:

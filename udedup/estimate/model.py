@@ -235,7 +235,7 @@ class Estimate:
         t = self.thp
         handed = frozen_zero = thps = split = 0
         frozen = np.empty(0, dtype=np.int64)
-        if t is not None:
+        if t is not None and t.outcomes:
             out = t.outcomes[k]
             handed, thps, split = out.zero_pages_handed_back, out.thps, out.thps_split
             frozen, frozen_zero = t.frozen_sizes, t.zero_frozen

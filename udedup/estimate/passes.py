@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from ..errors import ProcessNotFoundError, UsageError
+from ..errors import ProcessError, ProcessNotFoundError, UsageError
 from ..host.fs import ProcFs
 from ..host.maps import read_mappings
 from ..host.pagemap import (KPF_THP, PM_PFN_MASK, open_pagemap, present_offsets,
@@ -87,15 +87,16 @@ def read_scope(targets: list, all_eligible: bool, procfs: ProcFs) -> Scope:
                 thp = bool(m.anon_huge) and bool(zero_pfns)
                 pageset, runs = _present(fd, t.pid, lo, hi, zero_pfns, rep, thp, procfs)
                 if pageset.size:
-                    scope.add_segment(ti, rep, lo, pageset, runs)
-                if m.anon_huge and not zero_pfns:
+                    scope.add_segment(ti, rep, lo, pageset, runs or ())
+                if m.anon_huge and (not zero_pfns or runs is None):
                     scope.thp_known = False
         finally:
             os.close(fd)
     if not scope.thp_known:
-        scope.notes.append("THP part unknown: page frame numbers are hidden (not root), so the "
-                           "subpages of transparent huge pages cannot be found; they are predicted "
-                           "as small pages (no split, no zero subpages handed back)")
+        scope.notes.append("THP part unknown: page frame numbers are hidden (not root) or "
+                           "/proc/kpageflags is unreadable, so the subpages of transparent huge "
+                           "pages cannot be found; they are predicted as small pages (no split, no "
+                           "zero subpages handed back)")
     scope.seal()
     return scope
 
@@ -119,7 +120,12 @@ def _present(fd, pid, lo, hi, zero_pfns, rep, thp: bool, procfs):
     runs = []
     if thp and offsets.size:
         pfn = np.concatenate(pfns)
-        runs = thp_runs(offsets, pfn, read_kpageflags(pfn, procfs))
+        try:
+            flags = read_kpageflags(pfn, procfs)
+        except ProcessError:      # no /proc/kpageflags, or not readable: THPs unknown
+            runs = None
+        else:
+            runs = thp_runs(offsets, pfn, flags)
     rep.zero_mapped_pages = counts.get("zero_page", 0)
     rep.swapped_pages = counts.get("swapped", 0)
     rep.present_pages = pageset.size + rep.zero_mapped_pages
