@@ -15,8 +15,8 @@ import pytest
 from udedup.ab.engine import run_ab
 from udedup.errors import KsmTimeout, KsmValueError, UsageError
 from udedup.ksm import Ksm, KsmStats
-from udedup.ksm.settle import (DEFAULT_FLOOR_PAGES, DEFAULT_TOLERANCE, SettleTracker, settle_point,
-                               theil_sen)
+from udedup.ksm.settle import (DEFAULT_FLOOR_PAGES, DEFAULT_TOLERANCE, MAX_WINDOW_READS,
+                               SettleTracker, settle_point, theil_sen)
 
 from fake_sysfs import make_fake_ksm
 from test_policy import PS, MiB, estimated_round, proc
@@ -105,6 +105,14 @@ def test_no_full_scan_advancing_never_settles():
     f2 = [2] * len(f2)
     assert settle_point(t + t2, f + f2, s + s2) is None
     assert settle_point(t + t2, f + f2, s + s2, tolerance=0) is None
+
+
+def test_the_window_stays_bounded_while_ksmd_does_not_advance():
+    tracker = SettleTracker(None)
+    for i in range(3 * MAX_WINDOW_READS):
+        tracker.add(7, 1000 + i % 3)
+    assert len(tracker.window) <= MAX_WINDOW_READS and tracker.window[0].index == 0
+    assert not tracker.settled
 
 
 def test_scans_faster_than_the_reads():

@@ -50,6 +50,9 @@ from .stats import KsmStats
 DEFAULT_TOLERANCE = 0.002
 #: Absolute part of the band, in pages per full scan: jitter of small savings.
 DEFAULT_FLOOR_PAGES = 32
+#: A window holding more reads (ksmd stopped or scanning slowly, a long-running daemon) keeps every
+#: other one between its first and its last: memory stays bounded, the medians barely move.
+MAX_WINDOW_READS = 4096
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,9 @@ class SettleTracker:
         limit = self.scans - self.span
         while len(self.window) >= 2 and self.window[1].x <= limit:
             self.window.popleft()
+        if len(self.window) > MAX_WINDOW_READS:
+            reads = list(self.window)
+            self.window = deque([reads[0], *reads[1:-1:2], reads[-1]])
         if advanced:
             self.plateau = self._judge()
         elif self.plateau is not None and not self._still(read):
