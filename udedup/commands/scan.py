@@ -133,7 +133,7 @@ def print_estimate(est, top: int = 5) -> None:
     if est.thp is not None and est.thp.thps:
         print(f"  {'THPs split':<16}" + "".join(
             f"{f'{p.thps_split} of {p.thps}':>24}" for p in preds))
-        print(f"  {'THP zero handed':<16}" + "".join(
+        print(f"  {'split zero pages':<16}" + "".join(
             f"{human_bytes(p.thp_zero_pages * ps):>24}" for p in preds))
         print("  (predicted: ksmd splits a THP when it merges one of its subpages; the split maps "
               "its zero\n   subpages to the zero page outside every KSM counter: 'real saving' "
