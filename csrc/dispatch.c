@@ -1,5 +1,7 @@
 /* Run-time selection of the kernel table: probe the CPU once, honour UDEDUP_ISA (cap the level:
- * portable, sse4.2, avx2, avx512) and UDEDUP_CRC32C (sw forces the table-driven CRC). */
+ * portable, sse4.2, avx2, avx512) and UDEDUP_CRC32C (sw forces the table-driven CRC, sse4.2 the
+ * crc32 instruction where the level would fold by carry-less multiplication). One table per level,
+ * and at the avx2 level a second one (avx2c) for CPUs with VPCLMULQDQ but no AVX-512. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -13,13 +15,26 @@ uint64_t ud_hash_keys[UD_NKEYS];
 
 static const ud_kernels *active = &ud_kernels_portable;
 static int active_level = UD_ISA_PORTABLE;
-static int hw_crc = 0;
+static int hw_crc = UD_CRC_OFF;
 
-static const ud_kernels *table_for(int level)
+static int has_vpclmul256(void)
+{
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("vpclmulqdq");
+#else
+    return 0;
+#endif
+}
+
+/* The table for a level and CRC mode: the carry-less-multiplication one where the CPU has it,
+ * unless the crc32 instruction is asked for. */
+static const ud_kernels *table_for(int level, int crc_mode)
 {
     switch (level) {
     case UD_ISA_SSE42: return &ud_kernels_sse42;
-    case UD_ISA_AVX2: return &ud_kernels_avx2;
+    case UD_ISA_AVX2:
+        return crc_mode != UD_CRC_INSN && has_vpclmul256() ? &ud_kernels_avx2c : &ud_kernels_avx2;
     case UD_ISA_AVX512: return &ud_kernels_avx512;
     default: return &ud_kernels_portable;
     }
@@ -49,22 +64,40 @@ int ud_isa_select(int level)
 {
     if (level < UD_ISA_PORTABLE || level > ud_isa_supported())
         return -1;
-    active = table_for(level);
+    if (table_for(level, hw_crc)->crc32c_hw == 0)
+        hw_crc = UD_CRC_OFF;
+    if (hw_crc == UD_CRC_INSN && level == UD_ISA_AVX512)
+        hw_crc = UD_CRC_BEST; /* the avx512 table has no crc32-instruction-only variant */
+    active = table_for(level, hw_crc);
     active_level = level;
-    if (active->crc32c_hw == 0)
-        hw_crc = 0;
     return 0;
 }
 
 int ud_crc32c_hw_supported(void) { return active->crc32c_hw != 0; }
 int ud_crc32c_hw_active(void) { return hw_crc; }
 
-int ud_crc32c_select_hw(int on)
+int ud_crc32c_select_hw(int mode)
 {
-    if (on && active->crc32c_hw == 0)
+    if (mode < UD_CRC_OFF || mode > UD_CRC_INSN)
         return -1;
-    hw_crc = on != 0;
+    if (mode != UD_CRC_OFF && active->crc32c_hw == 0)
+        return -1;
+    if (mode == UD_CRC_INSN && active_level == UD_ISA_AVX512)
+        return -1;
+    hw_crc = mode;
+    active = table_for(active_level, hw_crc);
     return 0;
+}
+
+int ud_crc32c_kind(void)
+{
+    if (hw_crc == UD_CRC_OFF)
+        return UD_CRC_KIND_SW;
+    if (active == &ud_kernels_avx512)
+        return UD_CRC_KIND_VPCLMUL512;
+    if (active == &ud_kernels_avx2c)
+        return UD_CRC_KIND_VPCLMUL256;
+    return UD_CRC_KIND_INSN;
 }
 
 int ud_abi_version(void) { return UD_ABI_VERSION; }
@@ -101,7 +134,13 @@ __attribute__((constructor)) static void ud_init(void)
         level = cap;
     ud_isa_select(level);
     const char *crc = getenv("UDEDUP_CRC32C");
-    ud_crc32c_select_hw(!(crc && !strcmp(crc, "sw")));
+    int mode = UD_CRC_BEST;
+    if (crc && !strcmp(crc, "sw"))
+        mode = UD_CRC_OFF;
+    else if (crc && (!strcmp(crc, "sse4.2") || !strcmp(crc, "sse42")))
+        mode = UD_CRC_INSN;
+    if (ud_crc32c_select_hw(mode) != 0)
+        ud_crc32c_select_hw(UD_CRC_BEST);
 }
 
 uint32_t ud_crc32c(uint32_t crc, const void *buf, size_t len)

@@ -5,6 +5,7 @@
 #define UD_HWCRC 1
 #define UD_CLMUL512 1
 #define UD_VEC512 1
+#define UD_VEC256 1 /* the ymm hash state of the crc32-instruction fallback */
 #include "kernels.h"
 #else
 #include "udedup.h"

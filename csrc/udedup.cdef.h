@@ -1,12 +1,25 @@
 /* Declarations read by cffi's cdef (udedup/_build.py). No preprocessor logic here: the real
  * header udedup.h includes this file, so the C compiler checks these against the definitions. */
 
-#define UD_ABI_VERSION 3
+#define UD_ABI_VERSION 4
 
 #define UD_ISA_PORTABLE 0
 #define UD_ISA_SSE42 1
 #define UD_ISA_AVX2 2
 #define UD_ISA_AVX512 3
+
+/* ud_crc32c_select_hw modes (ud_crc32c_hw_active returns the one in use): the table CRC, the
+ * fastest hardware CRC, the crc32 instruction only */
+#define UD_CRC_OFF 0
+#define UD_CRC_BEST 1
+#define UD_CRC_INSN 2
+
+/* ud_crc32c_kind: what the page kernels' CRC runs on (VPCLMUL256: crc32c_pages folds 256 bits at a
+ * time, the fused scan interleaves the crc32 instruction with the vector hash) */
+#define UD_CRC_KIND_SW 0
+#define UD_CRC_KIND_INSN 1
+#define UD_CRC_KIND_VPCLMUL256 2
+#define UD_CRC_KIND_VPCLMUL512 3
 
 /* Build and dispatch */
 int ud_abi_version(void);
@@ -15,7 +28,8 @@ int ud_isa_active(void);
 int ud_isa_select(int level);
 int ud_crc32c_hw_supported(void);
 int ud_crc32c_hw_active(void);
-int ud_crc32c_select_hw(int on);
+int ud_crc32c_select_hw(int mode);
+int ud_crc32c_kind(void);
 
 /* Page kernels: buf holds npages contiguous pages of page_size bytes (a multiple of 64). */
 uint32_t ud_crc32c(uint32_t crc, const void *buf, size_t len);

@@ -20,6 +20,7 @@ typedef struct {
 extern const ud_kernels ud_kernels_portable;
 extern const ud_kernels ud_kernels_sse42;
 extern const ud_kernels ud_kernels_avx2;
+extern const ud_kernels ud_kernels_avx2c;
 extern const ud_kernels ud_kernels_avx512;
 
 /* Hash keys, filled once by ud_keys_init() (dispatch.c). */

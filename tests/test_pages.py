@@ -24,8 +24,20 @@ PS = pages.PAGE_SIZE
 LEVELS = [lv for lv in ("portable", "sse4.2", "avx2", "avx512")
           if list(pages.ISA_NAMES.values()).index(lv)
           <= list(pages.ISA_NAMES.values()).index(pages.ISA_SUPPORTED)]
-# (isa, crc path) pairs: every level with the table CRC, and with the hardware CRC where it has one
-IMPLS = [(lv, "sw") for lv in LEVELS] + [(lv, "hw") for lv in LEVELS if lv != "portable"]
+# (isa, crc path) pairs: every level with the table CRC, and with the hardware CRC where it has one;
+# where the fastest hardware CRC is not the crc32 instruction (carry-less folds at the avx2 level on
+# a CPU with VPCLMULQDQ), with the crc32 instruction too
+
+
+def _crc_differs(lv):
+    with pages.implementation(isa=lv, crc32c="hw"):
+        hw = pages.crc32c_impl()
+    with pages.implementation(isa=lv, crc32c="sse4.2"):
+        return hw != pages.crc32c_impl()
+
+
+IMPLS = ([(lv, "sw") for lv in LEVELS] + [(lv, "hw") for lv in LEVELS if lv != "portable"]
+         + [(lv, "sse4.2") for lv in LEVELS if lv in ("sse4.2", "avx2") and _crc_differs(lv)])
 
 
 @pytest.fixture(params=IMPLS, ids=[f"{lv}-{c}" for lv, c in IMPLS])
@@ -341,9 +353,73 @@ def test_environment_forces_portable_crc():
 
 
 def test_default_path_reports_what_the_environment_asked():
-    want_sw = os.environ.get("UDEDUP_CRC32C") == "sw" or not pages.HAS_HW_CRC32C
-    hw = "vpclmulqdq" if pages.isa() == "avx512" else "sse4.2"
-    assert pages.crc32c_impl() == ("sw" if want_sw else hw)
+    want_sw = (os.environ.get("UDEDUP_CRC32C") == "sw" or not pages.HAS_HW_CRC32C
+               or pages.isa() == "portable")
+    hw = {"avx512": {"vpclmulqdq"}, "avx2": {"sse4.2", "vpclmulqdq256"}}.get(pages.isa(), {"sse4.2"})
+    assert pages.crc32c_impl() in ({"sw"} if want_sw else hw)
+
+
+def test_environment_picks_the_crc32_instruction():
+    code = "from udedup import pages; print(pages.isa(), pages.crc32c_impl())"
+    env = dict(os.environ, UDEDUP_CRC32C="sse4.2")
+    env.pop("UDEDUP_ISA", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    want = "vpclmulqdq" if pages.ISA_SUPPORTED == "avx512" else (
+        "sse4.2" if pages.HAS_HW_CRC32C else "sw")
+    assert out == [pages.ISA_SUPPORTED, want]
+
+
+def test_crc_paths_switch_and_restore():
+    with pages.implementation(isa="portable"):
+        with pytest.raises(UsageError, match="needs SSE4.2"):
+            with pages.implementation(crc32c="sse4.2"):
+                pass
+    for lv in LEVELS[1:]:
+        with pages.implementation(isa=lv, crc32c="hw"):
+            hw = pages.crc32c_impl()
+            assert hw in {"sse4.2", "vpclmulqdq256", "vpclmulqdq"}
+            if lv in ("sse4.2", "avx2"):
+                with pages.implementation(crc32c="sse4.2"):
+                    assert pages.crc32c_impl() == "sse4.2" and pages.isa() == lv
+                assert pages.crc32c_impl() == hw
+
+
+# --- CRC folding constants --------------------------------------------------------------------------
+def _xpow_mod_p(n):
+    # x^n mod P (CRC-32C, P = 0x11EDC6F41), bit-reflected to the kernels' convention, high half of
+    # a qword: folding a 128-bit lane forward D bits multiplies its low qword by x^(64+D-1), its high
+    # qword by x^(D-1) (the -1 for the one-bit shift of a reflected carry-less product)
+    r = 1
+    for _ in range(n):
+        r <<= 1
+        if r >> 32:
+            r ^= 0x11EDC6F41
+    return int(f"{r:032b}"[::-1], 2) << 32
+
+
+def test_fold_constants_are_the_powers_of_x_they_claim():
+    import re
+    src = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "kernels_clmul.h")).read()
+    consts = re.findall(r"#define UD_K(\d+)_(LO|HI) (0x[0-9a-f]+)ull\s+/\* x\^(\d+) mod P", src)
+    assert len(consts) >= 8
+    for dist, half, value, power in consts:
+        assert int(power) == int(dist) - 1 + (64 if half == "LO" else 0)
+        assert int(value, 16) == _xpow_mod_p(int(power)), (dist, half)
+
+
+@pytest.mark.parametrize("npages", [1, 2, 3, 4, 5, 6, 7, 31, 64])
+def test_every_group_and_tail_of_the_interleaved_scan(impl, npages):
+    # the crc32-instruction scan works on groups of three pages with a tail, and prefetches pages
+    # ahead of the group (past the end for the last ones): every count, zero pages at every slot
+    buf = random_pages(npages, 11 + npages)
+    for i in range(0, npages, 3):
+        buf[i * PS:(i + 1) * PS] = 0
+    buf[-1] ^= 1
+    r = pages.scan_pages(buf)
+    assert r.crc.tolist() == py_crc(buf) and r.zero.tolist() == py_zero(buf)
+    assert r.hash.tolist() == scalar_hash(buf).tolist()
+    assert pages.crc32c_pages(buf).tolist() == py_crc(buf)
 
 
 # --- syscalls -----------------------------------------------------------------------------------

@@ -37,17 +37,24 @@ def isa() -> str:
     return ISA_NAMES[lib.ud_isa_active()]
 
 
+_CRC_KINDS = {lib.UD_CRC_KIND_SW: "sw", lib.UD_CRC_KIND_INSN: "sse4.2",
+              lib.UD_CRC_KIND_VPCLMUL256: "vpclmulqdq256", lib.UD_CRC_KIND_VPCLMUL512: "vpclmulqdq"}
+_CRC_MODES = {"sw": lib.UD_CRC_OFF, "hw": lib.UD_CRC_BEST, "sse4.2": lib.UD_CRC_INSN}
+
+
 def crc32c_impl() -> str:
-    """Which CRC-32C path the page kernels use: ``"vpclmulqdq"`` (carry-less-multiply folding, the
-    avx512 level), ``"sse4.2"`` (crc32 instruction) or ``"sw"`` (portable tables)."""
-    if not lib.ud_crc32c_hw_active():
-        return "sw"
-    return "vpclmulqdq" if lib.ud_isa_active() == lib.UD_ISA_AVX512 else "sse4.2"
+    """Which CRC-32C path the page kernels use: ``"vpclmulqdq"`` (carry-less-multiplication folds
+    on zmm, the avx512 level), ``"vpclmulqdq256"`` (the avx2 level on a CPU with VPCLMULQDQ and no
+    AVX-512: crc32c_pages folds on ymm, the fused scan interleaves the crc32 instruction with the
+    vector hash, which measured faster there), ``"sse4.2"`` (crc32 instruction) or ``"sw"``
+    (portable tables)."""
+    return _CRC_KINDS[lib.ud_crc32c_kind()]
 
 
 @contextlib.contextmanager
 def implementation(isa: str | None = None, crc32c: str | None = None):
-    """Temporarily switch kernels: ``isa`` in ISA_NAMES values, ``crc32c`` "hw" or "sw".
+    """Temporarily switch kernels: ``isa`` in ISA_NAMES values, ``crc32c`` "hw" (the fastest
+    hardware path), "sse4.2" (the crc32 instruction, never carry-less folds) or "sw".
 
     Process-wide (the benchmark and the tests use it to measure and check every path)."""
     old_level, old_hw = lib.ud_isa_active(), lib.ud_crc32c_hw_active()
@@ -58,9 +65,12 @@ def implementation(isa: str | None = None, crc32c: str | None = None):
             if lib.ud_isa_select(_ISA_LEVELS[isa]) != 0:
                 raise UsageError(f"this CPU cannot run {isa!r} kernels (best: {ISA_SUPPORTED})")
         if crc32c is not None:
-            if crc32c not in ("hw", "sw"):
-                raise UsageError(f"unknown crc32c path {crc32c!r}; use 'hw' or 'sw'")
-            if lib.ud_crc32c_select_hw(int(crc32c == "hw")) != 0:
+            if crc32c not in _CRC_MODES:
+                raise UsageError(f"unknown crc32c path {crc32c!r}; use one of {sorted(_CRC_MODES)}")
+            if lib.ud_crc32c_select_hw(_CRC_MODES[crc32c]) != 0:
+                if lib.ud_crc32c_hw_supported():
+                    raise UsageError(f"the {ISA_NAMES[lib.ud_isa_active()]} kernels have no "
+                                     f"{crc32c!r} crc32c path; use 'hw'")
                 raise UsageError("hardware crc32c needs SSE4.2 kernels, not available here")
         yield
     finally:

@@ -24,7 +24,7 @@ except ImportError as err:  # pragma: no cover - depends on how the package was 
     ) from err
 
 #: Bumped with csrc/udedup.cdef.h's UD_ABI_VERSION: a stale build fails here, loudly.
-ABI_VERSION = 3
+ABI_VERSION = 4
 if lib.ud_abi_version() != ABI_VERSION:  # pragma: no cover
     raise NativeBuildError(
         f"udedup._native has ABI {lib.ud_abi_version()}, the Python code expects {ABI_VERSION}: "
