@@ -121,8 +121,10 @@ class Journal:
             os.replace(tmp, self.path)
         except OSError as err:
             self._broken = True
-            log.warning("cannot write the knob journal %s (%s): if this process is killed before "
-                        "it restores the knobs, nothing will put them back", self.path, err)
+            # without the right to write /run, the knob write fails next with its own message
+            (log.debug if isinstance(err, PermissionError) else log.warning)(
+                "cannot write the knob journal %s (%s): if this process is killed before it "
+                "restores the knobs, nothing will put them back", self.path, err)
 
 
 @contextlib.contextmanager
