@@ -69,3 +69,31 @@ def test_benchmark_bad_size_is_one_line():
     out = bench("--size", "lots")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "size 'lots' is not a number" in out.stderr
+
+
+def test_all_levels_in_one_run_each_against_its_own_memory_read():
+    out = bench(*TINY, "--all-levels", "--no-python")
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    text = out.stdout
+    for isa in LEVELS:
+        assert f"\nlevel {isa} (crc32c " in text
+    summary = text[text.index("per level, random pages"):]
+    assert [line.split()[0] for line in summary.splitlines()[2:2 + len(LEVELS)]] == LEVELS
+    if "sse4.2" in LEVELS:
+        assert "fused_scan vs memory_read [sse4.2]:" in text and "(target >= 0.7x)" in text
+    if "avx2" in LEVELS:
+        assert "fused_scan vs memory_read [avx2]:" in text and "(target >= 0.85x)" in text
+    rows = json.loads(bench(*TINY, "--all-levels", "--no-python", "--json").stdout)
+    assert {r["isa"] for r in rows} == set(LEVELS)
+    for r in rows:
+        if r["name"] == "memory_read":
+            assert r["ratio_to_memory_read"] == 1.0
+        assert r["crc32c_impl"] in {"sw", "sse4.2", "vpclmulqdq256", "vpclmulqdq"}
+    assert {r["crc32c_impl"] for r in rows if r["isa"] == "portable"} == {"sw"}
+
+
+def test_all_levels_stops_at_the_cap():
+    out = bench(*TINY, "--all-levels", "--no-python", isa="portable")
+    assert out.returncode == 0, out.stderr
+    assert "\nlevel portable (crc32c sw" in out.stdout and "\nlevel sse4.2" not in out.stdout
