@@ -74,10 +74,10 @@ class VmSpec:
                              f"{human_bytes(self.unique)}, zero {human_bytes(self.zero)}) does not "
                              f"fit {human_bytes(self.memory)} of guest RAM: raise --vm-memory or "
                              "lower the content sizes")
-        if self.unique > self.shared * vmlab.UNIQUE_PASSES:
-            raise UsageError(f"--vm-unique may be at most {vmlab.UNIQUE_PASSES} times --vm-shared")
         if self.unique and not self.shared:
             raise UsageError("--vm-unique needs --vm-shared > 0 (unique data is made from it)")
+        if self.unique > self.shared * vmlab.UNIQUE_PASSES:
+            raise UsageError(f"--vm-unique may be at most {vmlab.UNIQUE_PASSES} times --vm-shared")
         return self
 
     def as_dict(self) -> dict:
