@@ -97,3 +97,16 @@ def test_zero_subpages_of_split_thps_count_in_the_truth_and_not_in_the_counters(
             buf.close()
         except BufferInUseError:    # a failure's traceback holds the views: unregister at least
             buf.unmerge()
+
+
+def test_bench_truth_runs_at_a_tiny_size(capsys):
+    """scripts/bench_truth.py (the cost figures in the README) cannot rot."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("bench_truth",
+                                                  os.path.join(root, "scripts", "bench_truth.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--size", "8M", "--repeat", "2", "--no-lock"]) == 0   # ksm mark: lock held
+    out = capsys.readouterr().out
+    assert "cached read" in out and "PAGEMAP_SCAN" in out and out.count("\n") == 2
