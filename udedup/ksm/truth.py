@@ -38,8 +38,9 @@ from .stats import KsmStats
 
 #: What ``breakdown()`` says about the zero-page part, in the words a report needs.
 NEVER_WRITTEN_NOTE = (
-    "includes pages of mergeable memory that were read but never written (they map the zero page "
-    "without ever having cost memory); the change from a baseline taken before KSM ran is exact")
+    "includes zero-page mappings this KSM run did not make: pages read but never written (they "
+    "never cost memory), zero subpages the THP shrinker (shrink_underused) or an earlier KSM run "
+    "handed back; the change from a baseline taken before ksmd ran is exact")
 
 
 @dataclass(frozen=True)
