@@ -20,7 +20,7 @@ import zlib
 
 import pytest
 
-from udedup.ab import vmlab
+from udedup.ab import vmlab, vmpackages
 from udedup.ab.vms import (QEMU_MISSING, VmRunning, VmSpec, VmWorkload, kvm_creates_vm, qemu_argv)
 from udedup.errors import UsageError, WorkloadError
 
@@ -99,9 +99,9 @@ def test_guest_cmdline():
 def test_parse_depends():
     text = ("linux-image-amd64\n  Depends: linux-image-6.1.0-57-amd64\n"
             "  Recommends: firmware-linux-free\n")
-    assert vmlab.parse_depends(text, "linux-image-") == "linux-image-6.1.0-57-amd64"
-    assert vmlab.parse_depends(" |Depends: linux-image-6.9-amd64\n", "linux-image-") == "linux-image-6.9-amd64"
-    assert vmlab.parse_depends("  Depends: libc6\n", "linux-image-") is None
+    assert vmpackages.parse_depends(text, "linux-image-") == "linux-image-6.1.0-57-amd64"
+    assert vmpackages.parse_depends(" |Depends: linux-image-6.9-amd64\n", "linux-image-") == "linux-image-6.9-amd64"
+    assert vmpackages.parse_depends("  Depends: libc6\n", "linux-image-") is None
 
 
 def _bzimage(payload: bytes) -> bytes:
@@ -115,11 +115,11 @@ def _bzimage(payload: bytes) -> bytes:
 def test_bzimage_payload_and_pvh_note():
     note = struct.pack("<III4s", 4, 4, 18, b"Xen\0") + b"\0\0\0\1"
     elf = b"\x7fELF" + b"\0" * 60 + note
-    assert vmlab.bzimage_payload(_bzimage(lzma.compress(elf, format=lzma.FORMAT_XZ))) == elf
-    assert vmlab.bzimage_payload(_bzimage(gzip.compress(elf))) == elf
-    assert vmlab.bzimage_payload(_bzimage(b"\x28\xb5\x2f\xfd zstd")) is None
-    assert vmlab.bzimage_payload(b"not a kernel") is None
-    assert vmlab.has_pvh_note(elf) and not vmlab.has_pvh_note(b"\x7fELF" + b"\0" * 64)
+    assert vmpackages.bzimage_payload(_bzimage(lzma.compress(elf, format=lzma.FORMAT_XZ))) == elf
+    assert vmpackages.bzimage_payload(_bzimage(gzip.compress(elf))) == elf
+    assert vmpackages.bzimage_payload(_bzimage(b"\x28\xb5\x2f\xfd zstd")) is None
+    assert vmpackages.bzimage_payload(b"not a kernel") is None
+    assert vmpackages.has_pvh_note(elf) and not vmpackages.has_pvh_note(b"\x7fELF" + b"\0" * 64)
 
 
 def _elf(*segment_types: int) -> bytes:
@@ -134,17 +134,17 @@ def test_is_static_elf(tmp_path):
     for name, blob, static in (("static", _elf(1, 1), True), ("dynamic", _elf(6, 3, 1), False),
                                ("text", b"#!/bin/sh\n", False)):
         (tmp_path / name).write_bytes(blob)
-        assert vmlab.is_static_elf(str(tmp_path / name)) is static
-    assert not vmlab.is_static_elf(os.path.realpath(sys.executable))      # python is dynamic
-    assert not vmlab.is_static_elf(str(tmp_path / "missing"))
+        assert vmpackages.is_static_elf(str(tmp_path / name)) is static
+    assert not vmpackages.is_static_elf(os.path.realpath(sys.executable))      # python is dynamic
+    assert not vmpackages.is_static_elf(str(tmp_path / "missing"))
 
 
 def test_cache_dir(monkeypatch):
     monkeypatch.setenv("UDEDUP_VM_CACHE", "/x/y")
-    assert vmlab.cache_dir() == "/x/y"
+    assert vmpackages.cache_dir() == "/x/y"
     monkeypatch.delenv("UDEDUP_VM_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", "/c")
-    assert vmlab.cache_dir() == "/c/udedup/vm"
+    assert vmpackages.cache_dir() == "/c/udedup/vm"
 
 
 def _fake_apt(tmp_path, monkeypatch) -> str:
@@ -168,22 +168,22 @@ esac
 
 def test_resolve_runs_apt_get_update_once(tmp_path, monkeypatch):
     log = _fake_apt(tmp_path, monkeypatch)
-    assert vmlab.resolve_package("linux-image-amd64", "linux-image-") == ("linux-image-9.9-amd64", "9.9-1")
+    assert vmpackages.resolve_package("linux-image-amd64", "linux-image-") == ("linux-image-9.9-amd64", "9.9-1")
     assert open(log).read().split("\n").count("update -q") == 1
     cache = str(tmp_path / "cache")
-    assert vmlab.resolve_cached(cache, "linux-image-amd64", "linux-image-")[1] == "9.9-1"
+    assert vmpackages.resolve_cached(cache, "linux-image-amd64", "linux-image-")[1] == "9.9-1"
     os.unlink(tmp_path / "updated")       # apt forgets; the memo still answers until the lists change
-    assert vmlab.resolve_cached(cache, "linux-image-amd64", "linux-image-")[1] == "9.9-1"
+    assert vmpackages.resolve_cached(cache, "linux-image-amd64", "linux-image-")[1] == "9.9-1"
 
 
 def test_unknown_package_says_what_to_do(tmp_path, monkeypatch):
     _fake_apt(tmp_path, monkeypatch)
     (tmp_path / "bin" / "apt-get").write_text("#!/bin/sh\nexit 0\n")     # update learns nothing
     with pytest.raises(WorkloadError, match="--vm-kernel PATH"):
-        vmlab.resolve_package("linux-image-amd64", "linux-image-")
+        vmpackages.resolve_package("linux-image-amd64", "linux-image-")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(WorkloadError, match="apt-cache not found.*--vm-kernel"):
-        vmlab.resolve_package("busybox-static")
+        vmpackages.resolve_package("busybox-static")
 
 
 def test_user_image_paths_are_checked(tmp_path):
@@ -366,7 +366,7 @@ def test_guests_die_with_the_harness(fake_lab, tmp_path):
     script.write_text(f"""
 import sys
 sys.path.insert(0, {package_parent!r})
-from udedup.ab import vmlab
+from udedup.ab import vmlab, vmpackages
 from udedup.ab.vms import VmSpec, VmWorkload
 w = VmWorkload(VmSpec(guests=2, accel="tcg", kernel={str(tmp_path / 'k')!r}, initrd={str(tmp_path / 'i')!r}))
 w.qemu, w.accel = {str(tmp_path / 'qemu-system-x86_64')!r}, "tcg"

@@ -27,7 +27,7 @@ import time
 from ..errors import UsageError, WorkloadError
 from ..host.fs import DEFAULT_PROCFS, ProcFs, as_procfs
 from ..units import human_bytes
-from . import vmlab
+from . import vmlab, vmpackages
 from .running import Running, child_argv, spawn
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def choose_accelerator(requested: str, qemu: str, image: vmlab.GuestImage,
     ok, why = kvm_creates_vm()
     if ok:
         key = json.dumps([_boot_id(procfs), qemu_version(qemu), image.kernel])
-        memo = os.path.join(cache or vmlab.cache_dir(), "kvm-probe.json")
+        memo = os.path.join(cache or vmpackages.cache_dir(), "kvm-probe.json")
         try:
             with open(memo) as f:
                 saved = json.load(f)
@@ -195,7 +195,7 @@ def choose_accelerator(requested: str, qemu: str, image: vmlab.GuestImage,
         else:
             ok, why = probe_kvm(qemu, image, procfs)
             try:
-                vmlab.write_atomic(memo, json.dumps({"key": key, "ok": ok, "why": why}).encode())
+                vmpackages.write_atomic(memo, json.dumps({"key": key, "ok": ok, "why": why}).encode())
             except OSError:
                 pass
     if ok:
@@ -292,7 +292,7 @@ class VmWorkload:
                                 "fewer --vms or a smaller --vm-memory")
         if self.image is None:
             log.info("VM lab: building or finding the guest image in %s",
-                     self.cache or vmlab.cache_dir())
+                     self.cache or vmpackages.cache_dir())
             self.image = vmlab.ensure_image(self.spec.shared, self.spec.shared_seed,
                                             kernel=self.spec.kernel, initrd=self.spec.initrd,
                                             cache=self.cache)

@@ -12,7 +12,9 @@ Four kinds, one interface (``preflight()``, ``describe()``, ``start(seed) -> Run
   exec, like ``udedup run``; optional readiness wait (a file appearing, or a delay).
 - :class:`PidWorkload`: processes that already run with mergeable memory (running VMs: QEMU
   registers guest RAM itself). Never written to, never stopped: every trial unmerges (run=2), sets
-  the arm, merges and measures them as they are.
+  the arm, merges and measures them as they are. Their trials are not independent: a THP that KSM
+  split in one trial stays split after the unmerge (its zero subpages keep mapping the zero page),
+  unless khugepaged collapses it again meanwhile, so the first trial gets most of that saving.
 - :class:`~udedup.ab.vms.VmWorkload` (:mod:`udedup.ab.vms`): the VM lab, N QEMU guests from an image
   built on first use (:mod:`udedup.ab.vmlab`).
 
