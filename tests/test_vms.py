@@ -242,6 +242,16 @@ def test_qemu_missing(monkeypatch, tmp_path):
     assert err.value.exit_code == 11
 
 
+def test_unwritable_cache_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "qemu-system-x86_64").write_text("#!/bin/sh\n")
+    (tmp_path / "qemu-system-x86_64").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(vmlab, "ensure_image", lambda *a, **k: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")))
+    with pytest.raises(WorkloadError, match="cannot build the VM image in /ro.*UDEDUP_VM_CACHE"):
+        VmWorkload(VmSpec(), cache="/ro").preflight()
+
+
 def test_kvm_check_on_a_device_that_is_not_kvm(tmp_path):
     ok, why = kvm_creates_vm(str(tmp_path / "kvm"))
     assert not ok and "No such file" in why

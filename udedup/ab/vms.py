@@ -291,11 +291,15 @@ class VmWorkload:
                                 f"{human_bytes(need)} but only {human_bytes(avail)} are free: use "
                                 "fewer --vms or a smaller --vm-memory")
         if self.image is None:
-            log.info("VM lab: building or finding the guest image in %s",
-                     self.cache or vmpackages.cache_dir())
-            self.image = vmlab.ensure_image(self.spec.shared, self.spec.shared_seed,
-                                            kernel=self.spec.kernel, initrd=self.spec.initrd,
-                                            cache=self.cache)
+            cache = self.cache or vmpackages.cache_dir()
+            log.info("VM lab: building or finding the guest image in %s", cache)
+            try:
+                self.image = vmlab.ensure_image(self.spec.shared, self.spec.shared_seed,
+                                                kernel=self.spec.kernel, initrd=self.spec.initrd,
+                                                cache=cache)
+            except OSError as err:
+                raise WorkloadError(f"cannot build the VM image in {cache}: {err.strerror or err}; "
+                                    "set UDEDUP_VM_CACHE to a writable folder") from err
         if self.accel is None:
             self.accel, self.accel_reason = choose_accelerator(self.spec.accel, self.qemu,
                                                                self.image, self.procfs, self.cache)
