@@ -36,7 +36,7 @@ class TrialRecord:
     rmap_items: int | None = None
     saved_pages: int | None = None
     saved_bytes: int | None = None     # the true saving's change over the trial (take_true_saving)
-    counter_saved_bytes: int | None = None  # the kernel's figure (general_profit), saved_bytes before
+    counter_saved_bytes: int | None = None  # the kernel's figure (general_profit), the old one
     true_saved_bytes: int | None = None     # = saved_bytes where the true saving could be read
     zero_mapped_pages: int | None = None    # change of mergeable pages on the zero page outside KSM
     plateau: dict | None = None        # where and how the trial settled (ksm.settle.Plateau)

@@ -132,7 +132,8 @@ class RoundSnapshot:
             return "starting"
         cpu = f", ksmd {r.ksmd_cpu_percent:.0f}% CPU" if r.ksmd_cpu_percent is not None else ""
         really = f" (really {gib(r.true_saved_bytes)})" if r.true_saved_bytes is not None else ""
-        return (f"{self.mode}: saved {gib(r.saved_bytes)}{really}, predicted {gib(r.predicted_bytes)} "
+        return (f"{self.mode}: saved {gib(r.saved_bytes)}{really}, "
+                f"predicted {gib(r.predicted_bytes)} "
                 f"in {self.managed_processes} processes{cpu}")
 
 

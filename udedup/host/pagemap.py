@@ -223,7 +223,8 @@ def present_pages(pid: int, start: int, end: int, procfs: ProcFs | str = "/proc"
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
 
 
-def zero_page_entries(entries: np.ndarray, zero_pfns: tuple, scratch: np.ndarray | None = None) -> int:
+def zero_page_entries(entries: np.ndarray, zero_pfns: tuple,
+                      scratch: np.ndarray | None = None) -> int:
     """How many of ``entries`` (raw pagemap u64) are present pages on one of the ``zero_pfns``
     ranges (:func:`zero_page_pfns`): the shared zero page or the huge zero page.
 
@@ -266,7 +267,8 @@ def count_zero_mapped(fd: int, pid: int, ranges, zero_pfns: tuple, block: int = 
     hits = 0
     for start, end in ranges:
         for lo in range(start, end, block * ps):
-            entries = read_pagemap(fd, lo, min(end, lo + block * ps), out=out, page_size=ps, pid=pid)
+            entries = read_pagemap(fd, lo, min(end, lo + block * ps), out=out, page_size=ps,
+                                   pid=pid)
             hits += zero_page_entries(entries, zero_pfns, scratch)
     return hits
 
@@ -276,7 +278,7 @@ def count_zero_mapped(fd: int, pid: int, ranges, zero_pfns: tuple, block: int = 
 # cheaper than reading 8 bytes per page (4 GiB of written 4 KiB pages: ~4 ms against ~25 ms for
 # pread + numpy on this machine), and it needs no CAP_SYS_ADMIN (no PFN leaves the kernel).
 PAGEMAP_SCAN = 0xC0606610        # _IOWR('f', 16, struct pm_scan_arg), 96 bytes
-PAGE_IS_PFNZERO = 1 << 5         # the shared zero page or the huge zero page (include/uapi/linux/fs.h)
+PAGE_IS_PFNZERO = 1 << 5         # the (huge) zero page, include/uapi/linux/fs.h
 _SCAN_VEC = 4096                 # page_region entries (24 bytes each) per ioctl
 
 
@@ -285,7 +287,7 @@ def scan_zero_mapped(fd: int, ranges, page_size: int | None = None, pid: int = 0
     PAGEMAP_SCAN ioctl on the pagemap ``fd`` of ``pid``; None where the kernel (or a fake file)
     has no such ioctl: then use :func:`count_zero_mapped`."""
     ps = page_size or lib.PAGE_SIZE
-    vec = np.zeros((_SCAN_VEC, 3), dtype=np.uint64)      # struct page_region {start, end, categories}
+    vec = np.zeros((_SCAN_VEC, 3), dtype=np.uint64)  # struct page_region {start, end, categories}
     arg = np.zeros(12, dtype=np.uint64)                  # struct pm_scan_arg
     raw = memoryview(arg).cast("B")
     pages = 0

@@ -69,7 +69,7 @@ class TrueSavings:
 
     stats: KsmStats                     # the KSM counters read with it
     page_size: int
-    zero_mapped_pages: int              # mergeable pages on the zero page outside KSM, all processes
+    zero_mapped_pages: int              # mergeable pages on the zero page outside KSM (all of them)
     processes: tuple[ProcessZeroPages, ...]
     method: str | None                  # how zero pages were found: "pagemap_scan" (the ioctl),
                                         # "pfn" (pagemap PFNs), None: they cannot be (0 counted)
