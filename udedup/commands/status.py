@@ -79,7 +79,9 @@ def _true_lines(truth) -> list[str]:
             "zero subpages of THPs KSM split; read in "
             f"{truth.read_seconds * 1e3:.1f} ms)",
             "  note: pages read but never written map the zero page too and count here; the change "
-            "from before KSM ran (udedup ab) is exact"]
+            "from before KSM ran (udedup ab) is exact"] + (
+        [f"  {truth.unreadable_processes} processes with mergeable memory could not be read "
+         "(not counted): run as root"] if truth.unreadable_processes else [])
 
 
 def _fmt(value) -> str:
