@@ -238,10 +238,11 @@ def run(size: int, runs: int, contents=("random", "zero"), python_baselines=True
 # per page was dropped: that package already runs at about a third of memory read, so no machine
 # could reach the 30x it asked for).
 TARGETS = [
-    # (description, numerator name, denominator name, content, {level: minimum ratio}); a level
-    # missing from the dict has no target (the portable level's table CRC cannot keep up)
+    # (description, numerator name, denominator name, content, {level: minimum ratio}); issue 13
+    # asks 0.7x at sse4.2 and 0.85x at avx2; the portable level keeps the old 0.8x, which its
+    # table CRC cannot reach (it runs at about a tenth of memory read)
     ("fused_scan vs memory_read", "fused_scan", "memory_read", "random",
-     {"sse4.2": 0.7, "avx2": 0.85, "avx512": 0.8}),
+     {"portable": 0.8, "sse4.2": 0.7, "avx2": 0.85, "avx512": 0.8}),
     ("zero_check vs memory_read (random pages)", "zero_check", "memory_read", "random",
      {"portable": 10.0, "sse4.2": 10.0, "avx2": 10.0, "avx512": 10.0}),
 ]
