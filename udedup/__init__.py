@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "PAGE_SIZE": "native.lib",
     "Ksm": "ksm", "KsmStats": "ksm",
+    "true_savings": "ksm.truth", "TrueSavings": "ksm.truth", "TrueSavingsReader": "ksm.truth",
     "MergeableBuffer": "ksm.memory", "mergeable_array": "ksm.memory",
     "enable_process_merge": "ksm.memory", "disable_process_merge": "ksm.memory",
     "process_merge_enabled": "ksm.memory",
@@ -29,6 +30,7 @@ _LAZY = {
     "run_ab": "ab.engine", "ABResult": "ab.records", "ABInterrupted": "ab.records",
     "SyntheticSpec": "ab.synthetic", "SyntheticWorkload": "ab.workloads",
     "CommandWorkload": "ab.workloads", "PidWorkload": "ab.workloads",
+    "VmWorkload": "ab.vms", "VmSpec": "ab.vms",
 }
 
 __all__ = ["__version__", "estimate", *_LAZY,

@@ -2,3 +2,4 @@
 in :mod:`udedup.ab.workloads` (the workloads) and :mod:`udedup.ab.synthetic` (the built-in mix)."""
 from .ab.synthetic import PRESETS, SyntheticSpec, preset  # noqa: F401
 from .ab.workloads import CommandWorkload, PidWorkload, SyntheticWorkload  # noqa: F401
+from .ab.vms import VmSpec, VmWorkload  # noqa: F401,E402

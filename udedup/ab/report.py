@@ -22,7 +22,9 @@ MIB = 2**20
 
 #: metric -> (label with its unit, unit kind). Kinds pick the formatting.
 LABELS: dict[str, tuple[str, str]] = {
-    "saved_bytes": ("saved, MiB (general_profit)", "bytes"),
+    "saved_bytes": ("saved, MiB (true: change from trial start)", "bytes"),
+    "counter_saved_bytes": ("saved by KSM counters, MiB", "bytes"),
+    "zero_mapped_pages": ("zero pages mapped outside KSM", "count"),
     "saved_pages": ("saved pages (sharing + zero)", "count"),
     "pages_shared": ("pages_shared", "count"),
     "pages_sharing": ("pages_sharing", "count"),
@@ -231,7 +233,10 @@ def plot(result: ABResult, path: str) -> str | None:
         if not ser.get("t"):
             continue
         style = "-" if t.status in ("ok", "timeout") else ":"
-        top.plot(ser["t"], [v / MIB for v in ser["saved_bytes"]], style, color=colors[t.arm],
+        # the headline dot is the true saving: plot its series where the trial recorded one
+        true = ser.get("true_saved_bytes") or []
+        line = true if true and all(v is not None for v in true) else ser["saved_bytes"]
+        top.plot(ser["t"], [v / MIB for v in line], style, color=colors[t.arm],
                  alpha=0.75, lw=1.3)
         if t.settle_seconds is not None and t.saved_bytes is not None:
             top.plot([t.settle_seconds], [t.saved_bytes / MIB], "o", color=colors[t.arm], ms=4)

@@ -8,7 +8,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 #: Metrics summarised per arm and compared between arms, in report order.
-METRICS = ("saved_bytes", "saved_pages", "pages_shared", "pages_sharing", "ksm_zero_pages",
+METRICS = ("saved_bytes", "counter_saved_bytes", "zero_mapped_pages", "saved_pages", "pages_shared", "pages_sharing", "ksm_zero_pages",
            "general_profit", "rmap_items", "settle_seconds", "t99_seconds", "ksmd_cpu_seconds",
            "cpu_t99_seconds", "saved_mib_per_cpu_second", "cow_ns_per_page", "cow_ns_ksm_page",
            "cow_ns_zero_page", "write_ns_per_page")

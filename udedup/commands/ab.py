@@ -122,6 +122,7 @@ def add_arguments(parser) -> None:
 
 
 def parse_knobs(text: str, what: str) -> dict[str, str]:
+    from ..ksm.thp import canonical
     knobs = {}
     for part in text.split(","):
         part = part.strip()
@@ -130,7 +131,8 @@ def parse_knobs(text: str, what: str) -> dict[str, str]:
         name, eq, value = part.partition("=")
         if not eq or not name.strip() or not value.strip():
             raise UsageError(f"{what} {text!r}: expected KNOB=VALUE[,KNOB=VALUE], e.g. use_zero_pages=1")
-        knobs[name.strip()] = value.strip()
+        # one spelling per THP knob (thp.khugepaged.defrag is thp.khugepaged/defrag), as recorded
+        knobs[canonical(name.strip())] = value.strip()
     if not knobs:
         raise UsageError(f"{what} {text!r} sets no knob")
     return knobs

@@ -68,6 +68,11 @@ def _ksmd_cpu(ksm: Ksm, interval: float) -> dict:
         return {"pid": None, "error": str(err)}
 
 
+#: THP knobs the text output always shows
+_THP_SHOWN = ("thp.enabled", "thp.defrag", "thp.shrink_underused", "thp.use_zero_page",
+              "thp.khugepaged/defrag", "thp.khugepaged/max_ptes_none")
+
+
 def _true_lines(truth) -> list[str]:
     counted = (f"KSM counters {human_bytes(truth.ksm_counter_bytes)}")
     if truth.method is None:
@@ -128,8 +133,16 @@ def run(args) -> int:
     state = {0: "stopped (run=0)", 1: "running (run=1)", 2: "stopped, unmerged (run=2)"}
     print(f"KSM: {state.get(knobs.get('run'), knobs.get('run'))}   {ksm.root}")
     print("knobs:")
+    folded = []
     for name, value in knobs.items():
+        # THP has ~30 knobs (per-size folders, shmem, khugepaged): the text shows those that shape
+        # what KSM sees; --json and -v list every one
+        if name.startswith("thp.") and name not in _THP_SHOWN and not args.verbose:
+            folded.append(name)
+            continue
         print(f"  {name:36} {_fmt(value)}")
+    if folded:
+        print(f"  ({len(folded)} more thp.* knobs: -v or --json lists them)")
     print("counters:")
     for name, value in stats.counters.items():
         print(f"  {name:36} {value}")
