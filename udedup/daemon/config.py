@@ -156,6 +156,9 @@ class Metrics:
     address: str = _f("127.0.0.1:9847", "str", "HOST:PORT to serve /metrics on (empty: no metrics)")
     allow_non_loopback: bool = _f(False, "bool", "allow a non-loopback metrics address (exposes process "
                                   "names and memory figures to the network)")
+    max_process_series: int = _f(50, "int", "per-process series at most: the processes with the largest "
+                                 "saving first, the rest summed in one pid=\"other\" series", lo=0,
+                                 hi=100000)
 
 
 @dataclass

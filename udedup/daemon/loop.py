@@ -205,7 +205,8 @@ class Daemon:
         from .metrics import DaemonCollector, MetricsServer
 
         # the collector reads self.latest at scrape time: one reference, replaced whole per round
-        self.metrics = MetricsServer(address, DaemonCollector(lambda: self.latest))
+        self.metrics = MetricsServer(address, DaemonCollector(
+            lambda: self.latest, lambda: self.cfg.metrics.max_process_series))
         self.metrics_url = self.metrics.url
         log.info("metrics on %s", self.metrics_url)
 

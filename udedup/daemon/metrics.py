@@ -4,6 +4,10 @@
 (``source()`` returns the latest :class:`~.snapshot.RoundSnapshot`, or None before the first
 round), it turns that snapshot into metric families at scrape time. The snapshot is immutable, so
 the HTTP thread never touches the daemon's live state or sysfs.
+
+Names follow Prometheus's conventions (``promtool check metrics`` finds nothing): counters end in
+``_total``, sizes in ``_bytes``, durations in ``_seconds``, no type in a name. README's "Metrics"
+table lists them beside node_exporter's ksmd collector, and every rename.
 """
 from __future__ import annotations
 
@@ -24,9 +28,33 @@ log = logging.getLogger(__name__)
 
 MODES = ("fast", "slow", "stopped", "hold")
 
-# counters with their own metric name; the rest of sysfs goes to udedup_ksm_counter{counter=...}
-NAMED_COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
-                  "ksm_zero_pages", "full_scans", "general_profit")
+# KSM's sysfs counters -> (metric name, type, help). node_exporter's ksmd collector has the same
+# names for pages_* and full_scans_total (node_ksmd_*). Files not listed here (a newer kernel's)
+# go to udedup_ksm_sysfs_value{file=...}.
+KSM_COUNTERS = {
+    "pages_shared": ("udedup_ksm_pages_shared", "gauge", "KSM pages in use (pages_shared)"),
+    "pages_sharing": ("udedup_ksm_pages_sharing", "gauge",
+                      "pages merged into a KSM page, i.e. pages saved (pages_sharing)"),
+    "pages_unshared": ("udedup_ksm_pages_unshared", "gauge",
+                       "pages scanned with no twin found yet (pages_unshared)"),
+    "pages_volatile": ("udedup_ksm_pages_volatile", "gauge",
+                       "pages changing too fast to merge (pages_volatile)"),
+    "ksm_zero_pages": ("udedup_ksm_ksm_zero_pages", "gauge",
+                       "pages merged into the zero page (ksm_zero_pages, use_zero_pages=1)"),
+    "full_scans": ("udedup_ksm_full_scans_total", "counter", "full scans ksmd completed (full_scans)"),
+    "pages_scanned": ("udedup_ksm_pages_scanned_total", "counter", "pages ksmd scanned (pages_scanned)"),
+    "pages_skipped": ("udedup_ksm_pages_skipped_total", "counter",
+                      "pages smart_scan skipped (pages_skipped)"),
+    "general_profit": ("udedup_ksm_general_profit_bytes", "gauge",
+                       "the kernel's saving estimate, rmap items paid (general_profit)"),
+    "stable_node_chains": ("udedup_ksm_stable_node_chains", "gauge",
+                           "KSM pages past max_page_sharing, chained (stable_node_chains)"),
+    "stable_node_dups": ("udedup_ksm_stable_node_dups", "gauge",
+                         "duplicate KSM pages in those chains (stable_node_dups)"),
+}
+
+#: pid and name labels of the one series that sums the processes past metrics.max_process_series
+OTHER = "other"
 
 
 def _gauge(name, doc, value):
@@ -36,16 +64,26 @@ def _gauge(name, doc, value):
 
 
 def _counter(name, doc, value):
-    c = CounterMetricFamily(name, doc)
+    c = CounterMetricFamily(name, doc)     # the exposition names it name (_total once)
     c.add_metric([], float(value))
     return c
+
+
+def capped(processes, limit: int) -> tuple[list, list]:
+    """(the ``limit`` processes with the largest saving, realized then predicted then anonymous
+    memory, in that order; the rest)."""
+    ranked = sorted(processes, key=lambda p: (p.realized_saved_bytes, p.predicted_saved_bytes or 0,
+                                              p.anon_rss, -p.pid), reverse=True)
+    return ranked[:limit], ranked[limit:]
 
 
 class DaemonCollector:
     """A prometheus_client collector over the snapshot ``source()`` returns at scrape time."""
 
-    def __init__(self, source: Callable[[], RoundSnapshot | None]):
+    def __init__(self, source: Callable[[], RoundSnapshot | None],
+                 max_process_series: Callable[[], int] = lambda: 50):
         self.source = source
+        self.max_process_series = max_process_series     # read at scrape time: SIGHUP may change it
 
     def describe(self):
         return []   # names depend on the kernel's counters: no up-front description
@@ -60,13 +98,13 @@ class DaemonCollector:
         yield from self._ksm(s)
         yield from self._cpu(s)
         yield from self._savings(s)
-        yield from self._processes(s)
+        yield from self._processes(s, max(0, int(self.max_process_series())))
         yield from self._activity(s)
 
     @staticmethod
     def _ksm(s: RoundSnapshot):
         r = s.last
-        yield _counter("udedup_rounds", "policy rounds run", s.rounds)
+        yield _counter("udedup_rounds_total", "policy rounds run", s.rounds)
         yield _gauge("udedup_dry_run", "1 when the daemon only decides and logs",
                      int(s.identity.dry_run))
         yield _gauge("udedup_saved_bytes", "memory KSM saves now, kernel figure (general_profit)",
@@ -82,29 +120,34 @@ class DaemonCollector:
             yield _gauge("udedup_true_savings_read_seconds",
                          "time the last round took to read the true saving", r.true_read_seconds)
         counters = r.counters
-        for name in NAMED_COUNTERS:
-            if name in counters:
-                yield _gauge(f"udedup_ksm_{name}", f"/sys/kernel/mm/ksm/{name}", counters[name])
-        if "pages_scanned" in counters:
-            yield _counter("udedup_ksm_pages_scanned", "pages ksmd scanned (pages_scanned)",
-                           counters["pages_scanned"])
-        other = GaugeMetricFamily("udedup_ksm_counter", "other KSM counters", labels=["counter"])
-        for name, value in sorted(counters.items()):
-            if name not in NAMED_COUNTERS and name != "pages_scanned":
-                other.add_metric([name], float(value))
+        for file, (name, kind, doc) in KSM_COUNTERS.items():
+            if file in counters:
+                make = _counter if kind == "counter" else _gauge
+                yield make(name, f"{doc}, /sys/kernel/mm/ksm/{file}", counters[file])
+        other = GaugeMetricFamily("udedup_ksm_sysfs_value",
+                                  "other read-only files of /sys/kernel/mm/ksm, as the kernel shows "
+                                  "them", labels=["file"])
+        for file, value in sorted(counters.items()):
+            if file not in KSM_COUNTERS:
+                other.add_metric([file], float(value))
         yield other
-        knob = GaugeMetricFamily("udedup_ksm_knob", "numeric KSM knobs", labels=["knob"])
+        knob = GaugeMetricFamily("udedup_ksm_knob", "numeric KSM knobs, as the kernel shows them "
+                                 "(sleep_millisecs in milliseconds)", labels=["knob"])
         for name, value in sorted(r.knobs.items()):
             if isinstance(value, (bool, int, float)):
                 knob.add_metric([name], float(value))
         yield knob
+        if isinstance(r.knobs.get("sleep_millisecs"), (int, float)):
+            yield _gauge("udedup_ksm_sleep_seconds", "ksmd's sleep between batches "
+                         "(sleep_millisecs / 1000)", r.knobs["sleep_millisecs"] / 1000.0)
 
     @staticmethod
     def _cpu(s: RoundSnapshot):
         r = s.last
-        yield _counter("udedup_ksmd_cpu_seconds", "CPU time of ksmd since it started",
+        yield _counter("udedup_ksmd_cpu_seconds_total", "CPU time of ksmd since it started",
                        r.ksmd_cpu_seconds)
-        yield _counter("udedup_daemon_cpu_seconds", "CPU time of the daemon", r.daemon_cpu_seconds)
+        yield _counter("udedup_daemon_cpu_seconds_total", "CPU time of the daemon",
+                       r.daemon_cpu_seconds)
         if r.ksmd_cpu_percent is not None:
             yield _gauge("udedup_ksmd_cpu_percent",
                          "ksmd CPU over the last round, percent of one CPU", r.ksmd_cpu_percent)
@@ -140,7 +183,9 @@ class DaemonCollector:
                      r.unrealized_bytes)
 
     @staticmethod
-    def _processes(s: RoundSnapshot):
+    def _processes(s: RoundSnapshot, limit: int):
+        """One series per candidate for the ``limit`` largest; the rest summed under
+        pid="other", name="other" (its registered/worthwhile values count processes)."""
         pred = GaugeMetricFamily("udedup_process_predicted_saved_bytes",
                                  "estimator's predicted saving per candidate", labels=["pid", "name"])
         real = GaugeMetricFamily("udedup_process_realized_saved_bytes",
@@ -150,32 +195,44 @@ class DaemonCollector:
                                 labels=["pid", "name"])
         worth = GaugeMetricFamily("udedup_process_worthwhile",
                                   "1 when the prediction clears the thresholds", labels=["pid", "name"])
-        for p in s.processes:
+        shown, rest = capped(s.processes, limit)
+        for p in shown:
             labels = [str(p.pid), p.name]
             if p.predicted_saved_bytes is not None:
                 pred.add_metric(labels, float(p.predicted_saved_bytes))
             real.add_metric(labels, float(p.realized_saved_bytes))
             reg.add_metric(labels, 1.0 if p.registered else 0.0)
             worth.add_metric(labels, 1.0 if p.worthwhile else 0.0)
+        if rest:
+            labels = [OTHER, OTHER]
+            pred.add_metric(labels, float(sum(p.predicted_saved_bytes or 0 for p in rest)))
+            real.add_metric(labels, float(sum(p.realized_saved_bytes for p in rest)))
+            reg.add_metric(labels, float(sum(1 for p in rest if p.registered)))
+            worth.add_metric(labels, float(sum(1 for p in rest if p.worthwhile)))
         yield pred
         yield real
         yield reg
         yield worth
+        yield _gauge("udedup_candidate_processes", "candidate processes the daemon tracks",
+                     len(s.processes))
+        yield _gauge("udedup_process_series_folded",
+                     'candidates summed in the pid="other" series (metrics.max_process_series)',
+                     len(rest))
 
     @staticmethod
     def _activity(s: RoundSnapshot):
-        yield _counter("udedup_estimate_bytes", "bytes the estimator was budgeted to read",
+        yield _counter("udedup_estimate_bytes_total", "bytes the estimator was budgeted to read",
                        s.estimated_bytes_total)
         yield _gauge("udedup_estimate_budget_bytes_per_second", "estimator read budget",
                      s.scan_budget)
         yield _gauge("udedup_estimate_budget_tokens_bytes",
                      "estimator budget left (negative: in debt)", s.estimate_tokens)
-        dec = CounterMetricFamily("udedup_decisions", "decisions taken, by kind", labels=["kind"])
+        dec = CounterMetricFamily("udedup_decisions_total", "decisions taken, by kind", labels=["kind"])
         for kind, n in sorted(s.decisions_total.items()):
             dec.add_metric([kind], float(n))
         yield dec
-        yield _counter("udedup_knob_writes", "knob writes by the daemon", s.knob_writes)
-        yield _counter("udedup_external_knob_changes", "knob changes by someone else, detected",
+        yield _counter("udedup_knob_writes_total", "knob writes by the daemon", s.knob_writes)
+        yield _counter("udedup_external_knob_changes_total", "knob changes by someone else, detected",
                        s.external_changes)
 
 
