@@ -206,20 +206,31 @@ def write_study(results: dict, huge: dict, out: str, meta: dict, figure: bool = 
                 w.writerows(rows)
     first = next(iter(results.values()))
     a = meta["args"]
+    made = "; ".join(
+        f"`scripts/ab_vms.py --guests {n} --trials {r.config['trials_per_arm']} --vm-memory "
+        f"{r.config['workload']['spec']['memory'] // MIB}M --thp {','.join(thps)} --seed {a['seed']}"
+        + (f" --stable-scans {r.config['stable_scans']}" if r.config.get("stable_scans", 2) != 2
+           else "") + "`" for n, r in results.items())
     lines = ["# use_zero_pages x THP on live VMs: the study", "",
-             f"Made by `scripts/ab_vms.py --guests {','.join(map(str, results))} --trials "
-             f"{a['trials']} --vm-memory {a['vm_memory']} --thp {','.join(thps)} --seed {a['seed']}` "
-             f"in {meta['seconds'] / 60:.1f} minutes ({meta.get('finished', '')}).", "",
+             f"Made by {made} ({meta['seconds'] / 60:.1f} minutes in all, last {meta.get('finished', '')}).",
+             ""]
+    findings = os.path.join(out, "findings.md")    # hand-written, kept across re-renders
+    if os.path.exists(findings):
+        with open(findings) as f:
+            lines += [f.read().rstrip(), ""]
+    lines += [
              "Method: per guest count, one `run_ab` of the VM lab (`udedup.ab.vms.VmWorkload`: TCG "
              "guests, Debian kernel, busybox initramfs whose tmpfs holds files common to every guest, "
              "unique data, zero-filled freed memory and 1 MiB rewritten every second; QEMU registers "
              "guest RAM with KSM and asks for THP) with four arms, use_zero_pages 0/1 x "
              "thp.enabled, interleaved in seeded random order. Each trial unmerges everything, sets "
              "the arm's knobs with ksmd stopped, boots fresh guests under them, starts ksmd and waits "
-             "for the plateau (no trend over two full scans), then kills the guests. *Real saving* is "
-             "the change of the true saving (KSM counters plus mergeable pages mapped to the zero "
-             "page outside KSM) from the trial's start, taken over the plateau; *counters* is "
-             "general_profit. *Huge pages lost*: the guests' AnonHugePages (smaps of their "
+             "for the plateau (no trend of the KSM counters over `stable_scans` full scans), then "
+             "kills the guests. *Real saving* is the change of the true saving (KSM counters plus "
+             "mergeable pages mapped to the zero page outside KSM) from the trial's start, the "
+             "median of the samples of the last `stable_scans` full scans; *KSM counters* is "
+             "(pages_sharing + ksm_zero_pages) x page size at the plateau, general_profit the "
+             "same less 64 B per rmap item. *Huge pages lost*: the guests' AnonHugePages (smaps of their "
              "mergeable mappings) when ready minus once settled, in 2 MiB pages. No COW cost: the "
              "harness does not write guest memory.", "",
              f"Machine: kernel {first.config['kernel']}, {first.config['cpus']} CPUs, page size "
@@ -271,7 +282,11 @@ def overview_figure(results: dict, huge: dict, thps, path: str) -> None:
         log.warning("matplotlib is not installed: skipping overview.png")
         return
     panels = [m for m in CELL_METRICS if m[0] != "thp_before"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 4.2), layout="constrained")
+    cols = (len(panels) + 1) // 2
+    fig, grid = plt.subplots(2, cols, figsize=(3.6 * cols, 7.4), layout="constrained")
+    axes = list(grid.flat)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     labels, x = [], 0
     for n, r in results.items():
         for arm in study_arms(thps):
@@ -283,7 +298,7 @@ def overview_figure(results: dict, huge: dict, thps, path: str) -> None:
                 if ys:
                     ys.sort()
                     ax.plot([x - 0.3, x + 0.3], [ys[len(ys) // 2]] * 2, color="0.1", lw=1.5)
-            labels.append(f"{n}g {arm.split('-')[1]}\nuzp{arm[3]}")
+            labels.append(f"{n}g\n{arm.split('-')[1][:4]}\nuzp{arm[3]}")
             x += 1
     for ax, (_, label, _, _) in zip(axes, panels):
         ax.set_xticks(range(len(labels)), labels, fontsize=7)
@@ -310,6 +325,8 @@ def parse_args(argv):
     ap.add_argument("--settle-timeout", type=float, default=120.0)
     ap.add_argument("--settle-tolerance", type=float, default=None,
                     help="see `udedup ab --settle-tolerance` (default: the engine's)")
+    ap.add_argument("--stable-scans", type=int, default=2,
+                    help="full scans the plateau must hold (default 2, as `udedup ab`)")
     ap.add_argument("--fix", action="append", default=[], metavar="KNOB=V",
                     help="override a pinned knob (default: the engine's pins)")
     ap.add_argument("--out", default=None, help="report folder (default ./ab-vms-<time>)")
@@ -334,6 +351,8 @@ def parse_args(argv):
         ap.error(f"--thp {args.thp!r}: give distinct settings among {', '.join(THP_SETTINGS)}")
     if args.trials < 1:
         ap.error("--trials must be at least 1")
+    if args.stable_scans < 1:
+        ap.error("--stable-scans must be at least 1")
     try:
         args.memory = parse_size(args.vm_memory)
         args.overrides = {}
@@ -393,7 +412,8 @@ def run_one(n: int, k: int, args, out: str, lock_path: str | None):
     with experiment_lock(lock_path, enabled=lock_path is not None):
         try:
             result = run_ab(workload, arms=arms, fixed=fixed, trials=args.trials, seed=args.seed + k,
-                            settle_timeout=args.settle_timeout, ksm=ksm, **extra)
+                            settle_timeout=args.settle_timeout, ksm=ksm,
+                            stable_scans=args.stable_scans, **extra)
         except ABInterrupted as err:
             result, interrupted = err.result, True
     seeds = {e["seed"]: e for e in workload.entries}
@@ -452,7 +472,7 @@ def main(argv=None) -> int:
         meta = {"guests": list(results), "seconds": time.monotonic() - started + prior.get("seconds", 0),
                 "finished": time.strftime("%Y-%m-%d %H:%M"), "notes": prior.get("notes", []),
                 "args": {"trials": args.trials, "vm_memory": args.vm_memory, "thp": args.thps,
-                         "seed": args.seed}}
+                         "seed": args.seed, "stable_scans": args.stable_scans}}
         write_study(results, huge, out, meta, figure=not args.no_figure)
         log.info("report: %s/", out)
     return status

@@ -86,7 +86,8 @@ def _fake_study(folder, module):
                         "after": (150 if thp else 0) * 2 * MIB}
     config = {"arms": arms, "fixed": {"pages_to_scan": 4000}, "seed": 1, "stable_scans": 2,
               "page_size": 4096, "kernel": "test", "cpus": 2, "trials_per_arm": 3,
-              "workload": {"kind": "vms", "name": "2 VMs", "spec": {"guests": 2}, "accelerator": "tcg"}}
+              "workload": {"kind": "vms", "name": "2 VMs", "spec": {"guests": 2, "memory": 384 * MIB},
+                           "accelerator": "tcg"}}
     result = ABResult(config=config, trials=trials)
     result.summarize()
     sub = folder / "2guests"
