@@ -1,0 +1,47 @@
+"""Each process's mergeable (VM_MERGEABLE, smaps ``mg``) address ranges, kept between reads.
+
+smaps walks every page table entry of the process (tens of ms for a few GiB, more for a Python
+process with hundreds of mappings), while ``/proc/PID/maps`` is cheap: the ranges are re-read from
+smaps only when the maps text or the process's ksm_stat flags change, or after ``refresh_seconds``
+(a madvise that registers a whole mapping changes neither the maps text nor, after the first, the
+flags)."""
+from __future__ import annotations
+
+import time
+
+from ..host.fs import ProcFs
+from ..host.maps import parse_smaps
+
+
+def has_mergeable(stat: dict) -> bool:
+    """A parsed ksm_stat says the process has mergeable memory (kernels before 6.6 have no
+    flags: then a process KSM tracks pages of has some)."""
+    if "ksm_mergeable" in stat or "ksm_merge_any" in stat:
+        return stat.get("ksm_mergeable") is True or stat.get("ksm_merge_any") is True
+    return int(stat.get("ksm_rmap_items", 0) or 0) > 0
+
+
+class MergeableRanges:
+    """``ranges(pid, stat)``: the ``[(start, end)]`` of the process's mg mappings, cached."""
+
+    def __init__(self, procfs: ProcFs, refresh_seconds: float = 5.0, clock=time.monotonic):
+        self.procfs = procfs
+        self.refresh_seconds = refresh_seconds
+        self.clock = clock
+        self._kept: dict = {}       # pid -> (key, when, ranges)
+        self._seen: dict = {}
+
+    def ranges(self, pid: int, stat: dict) -> tuple:
+        key = (self.procfs.read_bytes(pid, "maps"), stat.get("ksm_mergeable"),
+               stat.get("ksm_merge_any"))
+        now = self.clock()
+        kept = self._kept.get(pid)
+        if kept is None or kept[0] != key or now - kept[1] >= self.refresh_seconds:
+            smaps = parse_smaps(self.procfs.read_text(pid, "smaps"))
+            kept = (key, now, tuple((m.start, m.end) for m in smaps if m.registered))
+        self._seen[pid] = kept
+        return kept[2]
+
+    def forget_others(self) -> None:
+        """Drop the processes not asked about since the last call (they exited or left KSM)."""
+        self._kept, self._seen = self._seen, {}
