@@ -31,6 +31,7 @@ import logging
 import os
 import statistics
 import sys
+import textwrap
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,6 +62,21 @@ CELL_METRICS = (("saved_bytes", "real saving, MiB", 1 / MIB, "{:.1f}"),
                 ("settle_seconds", "time to settle, s", 1, "{:.1f}"),
                 ("thp_before", "guests' THPs before merging", 1, "{:,.0f}"),
                 ("thp_lost", "huge pages lost (THPs split)", 1, "{:,.0f}"))
+#: The method paragraph of the study's README.
+METHOD = textwrap.dedent("""\
+    Method: per guest count, one `run_ab` of the VM lab (`udedup.ab.vms.VmWorkload`: TCG guests,
+    Debian kernel, busybox initramfs whose tmpfs holds files common to every guest, unique data,
+    zero-filled freed memory and 1 MiB rewritten every second; QEMU registers guest RAM with KSM
+    and asks for THP) with four arms, use_zero_pages 0/1 x thp.enabled, interleaved in seeded
+    random order. Each trial unmerges everything, sets the arm's knobs with ksmd stopped, boots
+    fresh guests under them, starts ksmd and waits for the plateau (no trend of the KSM counters
+    over `stable_scans` full scans), then kills the guests. *Real saving* is the change of the
+    true saving (KSM counters plus mergeable pages mapped to the zero page outside KSM) from the
+    trial's start, the median of the samples of the last `stable_scans` full scans; *KSM
+    counters* is (pages_sharing + ksm_zero_pages) x page size at the plateau, general_profit the
+    same less 64 B per rmap item. *Huge pages lost*: the guests' AnonHugePages (smaps of their
+    mergeable mappings) when ready minus once settled, in 2 MiB pages. No COW cost: the harness
+    does not write guest memory.""")
 #: per trial in overview.csv only: the engine's saved_bytes (its plateau median; see plateau_truth)
 EXTRA_METRICS = (("engine_saved_bytes", "engine's saved_bytes, MiB", 1 / MIB, "{:.1f}"),)
 
@@ -125,7 +141,8 @@ def plateau_truth(trial, stable_scans: int = 2) -> tuple[int | None, int | None]
     merge during their first full scan that median falls in the growth (see the study's notes)."""
     s = trial.series or {}
     true, scans = s.get("true_saved_bytes") or [], s.get("full_scans") or []
-    rows = [i for i, v in enumerate(true) if v is not None and i < len(scans) and scans[i] is not None]
+    rows = [i for i, v in enumerate(true)
+            if v is not None and i < len(scans) and scans[i] is not None]
     if not rows:
         return trial.saved_bytes, trial.zero_mapped_pages
     last = scans[rows[-1]]
@@ -208,31 +225,19 @@ def write_study(results: dict, huge: dict, out: str, meta: dict, figure: bool = 
     a = meta["args"]
     made = "; ".join(
         f"`scripts/ab_vms.py --guests {n} --trials {r.config['trials_per_arm']} --vm-memory "
-        f"{r.config['workload']['spec']['memory'] // MIB}M --thp {','.join(thps)} --seed {a['seed']}"
+        f"{r.config['workload']['spec']['memory'] // MIB}M --thp {','.join(thps)} "
+        f"--seed {a['seed']}"
         + (f" --stable-scans {r.config['stable_scans']}" if r.config.get("stable_scans", 2) != 2
            else "") + "`" for n, r in results.items())
     lines = ["# use_zero_pages x THP on live VMs: the study", "",
-             f"Made by {made} ({meta['seconds'] / 60:.1f} minutes in all, last {meta.get('finished', '')}).",
+             f"Made by {made} ({meta['seconds'] / 60:.1f} minutes in all, last "
+             f"{meta.get('finished', '')}).",
              ""]
     findings = os.path.join(out, "findings.md")    # hand-written, kept across re-renders
     if os.path.exists(findings):
         with open(findings) as f:
             lines += [f.read().rstrip(), ""]
-    lines += [
-             "Method: per guest count, one `run_ab` of the VM lab (`udedup.ab.vms.VmWorkload`: TCG "
-             "guests, Debian kernel, busybox initramfs whose tmpfs holds files common to every guest, "
-             "unique data, zero-filled freed memory and 1 MiB rewritten every second; QEMU registers "
-             "guest RAM with KSM and asks for THP) with four arms, use_zero_pages 0/1 x "
-             "thp.enabled, interleaved in seeded random order. Each trial unmerges everything, sets "
-             "the arm's knobs with ksmd stopped, boots fresh guests under them, starts ksmd and waits "
-             "for the plateau (no trend of the KSM counters over `stable_scans` full scans), then "
-             "kills the guests. *Real saving* is the change of the true saving (KSM counters plus "
-             "mergeable pages mapped to the zero page outside KSM) from the trial's start, the "
-             "median of the samples of the last `stable_scans` full scans; *KSM counters* is "
-             "(pages_sharing + ksm_zero_pages) x page size at the plateau, general_profit the "
-             "same less 64 B per rmap item. *Huge pages lost*: the guests' AnonHugePages (smaps of their "
-             "mergeable mappings) when ready minus once settled, in 2 MiB pages. No COW cost: the "
-             "harness does not write guest memory.", "",
+    lines += [METHOD, "",
              f"Machine: kernel {first.config['kernel']}, {first.config['cpus']} CPUs, page size "
              f"{first.config['page_size']} B; accelerator "
              f"{first.config['workload'].get('accelerator')}; pinned knobs: "
@@ -245,9 +250,10 @@ def write_study(results: dict, huge: dict, out: str, meta: dict, figure: bool = 
     for c in cells:
         vals = [f"{_fmt(c[k + '_median'], s, f)} [{_fmt(c[k + '_min'], s, f)} - "
                 f"{_fmt(c[k + '_max'], s, f)}]" for k, _, s, f in CELL_METRICS]
-        lines.append(f"| {c['guests']} | {c['thp']} | {c['use_zero_pages']} | {c['n']}/{c['trials']} | "
-                     + " | ".join(vals) + " |")
-    lines += ["", "## Contrasts: difference of medians [bootstrap 95 % CI] (* the CI excludes 0; no "
+        lines.append(f"| {c['guests']} | {c['thp']} | {c['use_zero_pages']} | "
+                     f"{c['n']}/{c['trials']} | " + " | ".join(vals) + " |")
+    lines += ["", "## Contrasts: difference of medians [bootstrap 95 % CI] "
+              "(* the CI excludes 0; no "
               "CI under 3 trials a side)", "",
               "| guests | contrast | " + " | ".join(lbl for _, lbl, *_ in CELL_METRICS) + " |",
               "|" + "---|" * (2 + len(CELL_METRICS))]
@@ -310,10 +316,11 @@ def overview_figure(results: dict, huge: dict, thps, path: str) -> None:
     plt.close(fig)
 
 
-# --- running ----------------------------------------------------------------------------------------
+# --- running -------------------------------------------------------------------------------------
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--guests", default="2", help="comma-separated guest counts (default 2), e.g. 2,4")
+    ap.add_argument("--guests", default="2",
+                    help="comma-separated guest counts (default 2), e.g. 2,4")
     ap.add_argument("--trials", type=int, default=3, help="trials per cell (default 3)")
     ap.add_argument("--thp", default="madvise,never",
                     help="comma-separated thp.enabled settings, the first the baseline "
@@ -335,7 +342,8 @@ def parse_args(argv):
                     help=f"flock held around each run (default {LOCK_PATH}, the experiment lock)")
     ap.add_argument("--no-lock", action="store_true",
                     help="do not take the lock (the caller holds it, e.g. a test marked ksm)")
-    ap.add_argument("--plan", action="store_true", help="print the cells and trial order; boot nothing")
+    ap.add_argument("--plan", action="store_true",
+                    help="print the cells and trial order; boot nothing")
     ap.add_argument("--rerender", metavar="DIR",
                     help="no run: rewrite DIR's README.md, CSVs and overview.png from its files")
     args = ap.parse_args(argv)
@@ -411,8 +419,8 @@ def run_one(n: int, k: int, args, out: str, lock_path: str | None):
     interrupted = False
     with experiment_lock(lock_path, enabled=lock_path is not None):
         try:
-            result = run_ab(workload, arms=arms, fixed=fixed, trials=args.trials, seed=args.seed + k,
-                            settle_timeout=args.settle_timeout, ksm=ksm,
+            result = run_ab(workload, arms=arms, fixed=fixed, trials=args.trials,
+                            seed=args.seed + k, settle_timeout=args.settle_timeout, ksm=ksm,
                             stable_scans=args.stable_scans, **extra)
         except ABInterrupted as err:
             result, interrupted = err.result, True
@@ -421,7 +429,8 @@ def run_one(n: int, k: int, args, out: str, lock_path: str | None):
     for t in result.trials:   # the engine starts trial i's workload with seed + 1000 * (i + 1)
         e = seeds.get(result.config["seed"] + 1000 * (t.index + 1))
         if e is not None:
-            trials[str(t.index)] = {"arm": t.arm, "before": e.get("before"), "after": e.get("after")}
+            trials[str(t.index)] = {"arm": t.arm, "before": e.get("before"),
+                                    "after": e.get("after")}
     huge = {"pmd_bytes": pmd, "trials": trials}
     sub = os.path.join(out, f"{n}guests")
     write_report(result, sub, figure=not args.no_figure)
@@ -469,7 +478,8 @@ def main(argv=None) -> int:
                     huge[n] = json.load(f)
         results = dict(sorted(results.items()))
         huge = {n: huge[n] for n in results}
-        meta = {"guests": list(results), "seconds": time.monotonic() - started + prior.get("seconds", 0),
+        seconds = time.monotonic() - started + prior.get("seconds", 0)
+        meta = {"guests": list(results), "seconds": seconds,
                 "finished": time.strftime("%Y-%m-%d %H:%M"), "notes": prior.get("notes", []),
                 "args": {"trials": args.trials, "vm_memory": args.vm_memory, "thp": args.thps,
                          "seed": args.seed, "stable_scans": args.stable_scans}}

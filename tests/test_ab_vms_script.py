@@ -86,7 +86,8 @@ def _fake_study(folder, module):
                         "after": (150 if thp else 0) * 2 * MIB}
     config = {"arms": arms, "fixed": {"pages_to_scan": 4000}, "seed": 1, "stable_scans": 2,
               "page_size": 4096, "kernel": "test", "cpus": 2, "trials_per_arm": 3,
-              "workload": {"kind": "vms", "name": "2 VMs", "spec": {"guests": 2, "memory": 384 * MIB},
+              "workload": {"kind": "vms", "name": "2 VMs",
+                           "spec": {"guests": 2, "memory": 384 * MIB},
                            "accelerator": "tcg"}}
     result = ABResult(config=config, trials=trials)
     result.summarize()
@@ -104,7 +105,8 @@ def test_rerender_takes_the_saving_over_the_last_scans_and_the_huge_pages_lost(t
     _fake_study(tmp_path, module)
     out = run("--rerender", str(tmp_path), "--no-figure")
     assert out.returncode == 0, out.stderr
-    rows = {(r["thp"], r["use_zero_pages"]): r for r in csv.DictReader(open(tmp_path / "overview.csv"))}
+    with open(tmp_path / "overview.csv") as f:
+        rows = {(r["thp"], r["use_zero_pages"]): r for r in csv.DictReader(f)}
     mad = rows[("madvise", "0")]
     # the plateau over the last two full scans, not the growth of scan 1 (the engine's figure)
     assert float(mad["saved_bytes_median"]) == pytest.approx(150 * MIB, abs=3 * MIB)
