@@ -12,8 +12,14 @@ DESCRIPTION = """\
 Run in the foreground (systemd Type=notify): discover candidate processes, estimate what KSM would
 save for them, register the worthwhile ones, and set ksmd's speed from measured yield: fast while
 predicted saving is unrealized, slow once it is realized, stopped when nothing is worth merging,
-faster under memory pressure, always within a CPU budget. Every decision is logged with its reason
-at INFO level: run it with -v (as contrib/udedup.service does) to see them.
+faster under memory pressure, always within a CPU budget.
+
+Logging (stderr, the journal under systemd): every decision with its reason at the daemon's default
+level, INFO: registrations (which process, the predicted saving, how), skips and why, ksmd's speed
+(run, pages_to_scan, sleep_millisecs and why), knobs changed by someone else (WARNING). A decision is
+logged when it changes, and one subject at most once a minute (the latest one when the minute ends;
+the others at DEBUG). -q: warnings and errors only; -v: detail (DEBUG: estimate timings, held-back
+decisions).
 
 Configuration: /etc/udedup/udedup.toml (or --config), then UDEDUP_<SECTION>_<KEY> environment
 variables, then --set SECTION.KEY=VALUE; udedup.toml.example lists every key at its default.
@@ -27,8 +33,8 @@ startup self-test writes each knob to its current value); 10 bad configuration; 
 runs or the state file is unusable.
 
 examples:
-  udedup daemon --dry-run --once -v          # what would it do here, now?
-  udedup daemon -v --set candidates.names='qemu-*' --set registration.allow_injection=true
+  udedup daemon --dry-run --once             # what would it do here, now?
+  udedup daemon --set candidates.names='qemu-*' --set registration.allow_injection=true
 """
 ORDER = 70
 
@@ -74,7 +80,25 @@ def _overrides(args) -> dict:
     return out
 
 
+def log_level(args) -> int:
+    """The daemon's own default: its decisions show without -v (other commands warn only)."""
+    if getattr(args, "quiet", False):
+        return logging.WARNING
+    return logging.DEBUG if getattr(args, "verbose", 0) else logging.INFO
+
+
 def run(args) -> int:
+    # on the "udedup" logger, put back afterwards: the CLI's handler passes what this level lets by
+    logger = logging.getLogger("udedup")
+    before = logger.level
+    logger.setLevel(log_level(args))
+    try:
+        return _run(args)
+    finally:
+        logger.setLevel(before)
+
+
+def _run(args) -> int:
     from ..daemon.config import load_config
     from ..daemon.loop import Daemon, Options
 

@@ -219,19 +219,20 @@ class Actor:
         results = screen_processes(plan.estimate, cfg, obs.now, seed=seed, mappings=mappings)
         full = [i for i in plan.estimate if i.key not in results]
         if len(full) < len(plan.estimate):
-            log.info("screened %d processes in %.2f s (%.2f CPU-s): %d ruled out by their sample",
+            log.debug("screened %d processes in %.2f s (%.2f CPU-s): %d ruled out by their sample",
                      len(plan.estimate), time.monotonic() - t0, time.process_time() - cpu0,
                      len(results))
         if full:
             t1, cpu1 = time.monotonic(), time.process_time()
             results.update(self.estimator(full, cfg, use_zero, obs.now))
-            log.info("estimated %d processes in %.2f s (%.2f CPU-s)", len(full),
+            log.debug("estimated %d processes in %.2f s (%.2f CPU-s)", len(full),
                      time.monotonic() - t1, time.process_time() - cpu1)
         for key, result in results.items():
             if isinstance(result, EstimateResult):
                 self.policy.record_estimate(key, result, now=obs.now)
             else:
-                log.info("pid %d: estimate failed: %s", key[0], result)
+                # the policy reports it as a skip with this reason (registration.classify)
+                log.debug("pid %d: estimate failed: %s", key[0], result)
                 self.policy.record_estimate(key, None, error=result, now=obs.now)
 
     def register(self, cfg: Config, plan: Plan) -> None:

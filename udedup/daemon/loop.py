@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from ..errors import KsmError, ProcessError, UdedupError
 from .act import Actor, estimate_processes, register_process, restore_knobs, self_test
 from .config import Config
+from .decisionlog import DecisionLog
 from .observe import Observer, process_start_time
 from .policy import Policy
 from .snapshot import DaemonIdentity, RoundSnapshot, build_snapshot, round_figures
@@ -85,6 +86,7 @@ class Daemon:
         self.latest: RoundSnapshot | None = None   # the last completed round: what metrics read
         self._estimator, self._registrar = estimator, registrar
         self._dry_logged: dict = {}
+        self.decisions = DecisionLog(log, clock=clock)     # INFO, at most once a minute per subject
         self.ksm = None
         if ksm is not None:
             self.attach(ksm)
@@ -286,6 +288,7 @@ class Daemon:
         return self.latest.status_line() if self.latest is not None else "starting"
 
     def _log(self, plan, knobs: bool = True) -> None:
+        self.decisions.flush()
         for d in plan.decisions:
             if d.kind == "knobs" and not knobs:
                 continue
@@ -293,7 +296,6 @@ class Daemon:
                 if self._dry_logged.get("knobs") == plan.knobs:
                     continue
                 self._dry_logged["knobs"] = dict(plan.knobs)
-                log.info("dry run: would %s", d)
+                self.decisions.emit(d, "dry run: would ")
                 continue
-            level = logging.WARNING if d.kind == "external" else logging.INFO
-            log.log(level, "%s", d)
+            self.decisions.emit(d)
