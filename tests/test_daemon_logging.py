@@ -88,6 +88,12 @@ def test_a_flapping_decision_is_held_back_then_caught_up(caplog):
     assert decision_lines(caplog)[-1] == "fast: reason fast (2 more like it held back)"
     dl.emit(Decision("mode", "stopped", "idle"))    # a new decision is never held
     assert decision_lines(caplog)[-1] == "stopped: idle"
+    # knob writes: the same values again are held, other values are a speed change
+    dl.emit(Decision("knobs", "set", "run=1, sleep_millisecs=0 (fast: a)"))
+    dl.emit(Decision("knobs", "set", "run=1, sleep_millisecs=200 (slow: b)"))
+    dl.emit(Decision("knobs", "set", "run=1, sleep_millisecs=0 (fast: c)"))
+    assert decision_lines(caplog)[-2:] == ["set: run=1, sleep_millisecs=0 (fast: a)",
+                                           "set: run=1, sleep_millisecs=200 (slow: b)"]
 
 
 def run_daemon(tmp_path, *flags) -> str:

@@ -4,7 +4,7 @@ The policy reports a decision when it changes, not every round (:meth:`.model.Tr
 what can still repeat is a decision that flaps: ksmd's mode and knobs while bursts start and end, a
 process that keeps changing its mind. :class:`DecisionLog` logs each decision at INFO (a knob changed
 by someone else at WARNING), the same action about the same subject (one process, or host-wide:
-mode, knobs, estimate) at most once per ``repeat_seconds``. A repeat within the window goes to DEBUG
+mode, knobs, estimate; for knobs, the same values written) at most once per ``repeat_seconds``. A repeat within the window goes to DEBUG
 (``-v``) and is held; a different decision about the subject supersedes it, else the latest held
 one is logged at INFO once its window ends, with how many were held back: the log always catches
 up with what the daemon does now.
@@ -23,6 +23,12 @@ def subject(d) -> tuple:
     return (d.kind, d.pid)
 
 
+def action(d) -> str:
+    """What counts as the same decision again: the action; for knob writes, the values written
+    (a write of other values is a speed change, always worth its line)."""
+    return f"set {d.reason.split(' (', 1)[0]}" if d.kind == "knobs" else d.action
+
+
 class DecisionLog:
     def __init__(self, logger: logging.Logger, clock=time.monotonic,
                  repeat_seconds: float = REPEAT_SECONDS):
@@ -39,14 +45,15 @@ class DecisionLog:
         if d.kind == "external":
             self.log.warning("%s", text)
             return
-        last = self._seen.get((key, d.action))
+        what = action(d)
+        last = self._seen.get((key, what))
         if last is not None and now - last < self.repeat_seconds:
             _, _, n = self._held.get(key, (None, None, 0))
-            self._held[key] = (d.action, text, n + 1)
+            self._held[key] = (what, text, n + 1)
             self.log.debug("%s", text)
             return
         self._held.pop(key, None)   # superseded by this newer decision
-        self._seen[(key, d.action)] = now
+        self._seen[(key, what)] = now
         self.log.info("%s", text)
 
     def flush(self) -> None:
