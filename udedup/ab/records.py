@@ -90,7 +90,8 @@ class TrialRecord:
 
 def plateau_rows(series: Mapping[str, list], plateau: Mapping | None) -> list[int]:
     """Indexes of the samples with a true saving inside the plateau's window of full scans
-    (``plateau["scans"] - plateau["scan_span"]`` to ``plateau["scans"]`` since the first sample)
+    (after ``plateau["scans"] - plateau["scan_span"]``, up to ``plateau["scans"]`` full scans since
+    the first sample)
     and the last one; without a plateau (a timeout, exact settling not recorded), the last."""
     values = series.get("true_saved_bytes") or []
     have = [i for i, v in enumerate(values) if v is not None]
@@ -100,7 +101,9 @@ def plateau_rows(series: Mapping[str, list], plateau: Mapping | None) -> list[in
     if plateau and len(scans) == len(values) and scans and scans[0] is not None:
         hi = plateau.get("scans")
         lo = hi - plateau.get("scan_span", 0) if hi is not None else None
-        inside = [i for i in have if lo is not None and lo <= scans[i] - scans[0] <= hi]
+        # the window's first full-scan count holds reads from before the plateau (on guests most
+        # merging happens during it): only the later counts are the plateau
+        inside = [i for i in have if lo is not None and lo < scans[i] - scans[0] <= hi]
         if inside:
             return sorted(set(inside) | {have[-1]})
     return [have[-1]]
