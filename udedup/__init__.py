@@ -17,6 +17,8 @@ _LAZY = {
     "PAGE_SIZE": "native.lib",
     "Ksm": "ksm", "KsmStats": "ksm",
     "true_savings": "ksm.truth", "TrueSavings": "ksm.truth", "TrueSavingsReader": "ksm.truth",
+    "attribute": "ksm.attribution", "AttributionReader": "ksm.attribution",
+    "Attribution": "ksm.attribution",
     "MergeableBuffer": "ksm.memory", "mergeable_array": "ksm.memory",
     "enable_process_merge": "ksm.memory", "disable_process_merge": "ksm.memory",
     "process_merge_enabled": "ksm.memory",

@@ -32,8 +32,8 @@ from typing import Iterable
 
 from ..errors import UdedupError
 from ..host.fs import DEFAULT_PROCFS, ProcFs, as_procfs
-from ..host.maps import parse_smaps
 from ..host.pagemap import count_zero_mapped, scan_zero_mapped, zero_page_pfns
+from .mgranges import MergeableRanges, has_mergeable
 from .stats import KsmStats
 
 #: What ``breakdown()`` says about the zero-page part, in the words a report needs.
@@ -120,13 +120,6 @@ class TrueSavings:
     _asdict = as_dict
 
 
-def _mergeable(stat: dict) -> bool:
-    if "ksm_mergeable" in stat or "ksm_merge_any" in stat:
-        return stat.get("ksm_mergeable") is True or stat.get("ksm_merge_any") is True
-    # kernels before 6.6 say nothing: a process KSM tracks pages of has mergeable memory
-    return int(stat.get("ksm_rmap_items", 0) or 0) > 0
-
-
 class TrueSavingsReader:
     """Reads :class:`TrueSavings` again and again (a sampler, the daemon), keeping each process's
     ``mg`` ranges between reads: smaps is re-read only when ``/proc/PID/maps`` or the process's
@@ -146,9 +139,7 @@ class TrueSavingsReader:
         root = procfs if procfs is not None else (ksm.procfs if ksm is not None else DEFAULT_PROCFS)
         self.procfs = as_procfs(root)
         self.pids = pids if pids is None or callable(pids) else tuple(int(p) for p in pids)
-        self.refresh_seconds = refresh_seconds
-        self.clock = clock
-        self._ranges: dict = {}     # pid -> (key, when, comm, ranges)
+        self._ranges = MergeableRanges(self.procfs, refresh_seconds, clock)
         self._scan_works: bool | None = None    # PAGEMAP_SCAN answered (None: not tried yet)
         self._zero_pfns = zero_pfns             # None: found on first use (host.pagemap)
 
@@ -161,21 +152,21 @@ class TrueSavingsReader:
                 self.ksm = Ksm(procfs=self.procfs)
             stats = self.ksm.stats()
         page_size = stats.page_size or os.sysconf("SC_PAGE_SIZE")
-        procs, unreadable, seen = [], 0, {}
+        procs, unreadable = [], 0
         pids = self.pids() if callable(self.pids) else self.pids
         for pid in (pids if pids is not None else self.procfs.pids()):
             stat = self.procfs.maybe_ksm_stat(pid)
-            if not stat or not _mergeable(stat):
+            if not stat or not has_mergeable(stat):
                 continue
             try:
-                entry = self._process(pid, stat, page_size, seen)
+                entry = self._process(pid, stat, page_size)
             except UdedupError:     # exited (then it saves nothing), or we may not read it
                 if self.procfs.exists(pid):
                     unreadable += 1
                 continue
             if entry is not None:
                 procs.append(entry)
-        self._ranges = seen
+        self._ranges.forget_others()
         outside = sum(p.outside_ksm_pages for p in procs)
         method = "pagemap_scan" if self._scan_works else ("pfn" if self._zero() else None)
         return TrueSavings(stats=stats, page_size=page_size, zero_mapped_pages=outside,
@@ -190,11 +181,11 @@ class TrueSavingsReader:
                 self._zero_pfns = ()
         return self._zero_pfns
 
-    def _process(self, pid: int, stat: dict, page_size: int,
-                 seen: dict) -> ProcessZeroPages | None:
-        comm, ranges = self._mg_ranges(pid, stat, seen)
+    def _process(self, pid: int, stat: dict, page_size: int) -> ProcessZeroPages | None:
+        ranges = self._ranges.ranges(pid, stat)
         if not ranges:
             return None
+        comm = self.procfs.comm(pid, default="?")
         fd = self.procfs.open(pid, "pagemap")
         try:
             hits = None
@@ -209,20 +200,6 @@ class TrueSavingsReader:
                                 mergeable_bytes=sum(end - start for start, end in ranges),
                                 zero_mapped_pages=hits,
                                 ksm_zero_pages=int(stat.get("ksm_zero_pages", 0) or 0))
-
-    def _mg_ranges(self, pid: int, stat: dict, seen: dict) -> tuple[str, tuple]:
-        maps = self.procfs.read_bytes(pid, "maps")
-        key = (maps, stat.get("ksm_mergeable"), stat.get("ksm_merge_any"))
-        now = self.clock()
-        cached = self._ranges.get(pid)
-        if cached is not None and cached[0] == key and now - cached[1] < self.refresh_seconds:
-            seen[pid] = cached
-            return cached[2], cached[3]
-        ranges = tuple((m.start, m.end) for m in parse_smaps(self.procfs.read_text(pid, "smaps"))
-                       if m.registered)
-        comm = self.procfs.comm(pid, default="?")
-        seen[pid] = (key, now, comm, ranges)
-        return comm, ranges
 
 
 def true_savings(ksm=None, procfs: ProcFs | str | None = None, pids: Iterable[int] | None = None,
