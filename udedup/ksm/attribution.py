@@ -36,7 +36,7 @@ from ..host.fs import DEFAULT_PROCFS, ProcFs, as_procfs
 from ..host.pagemap import (KPF_KSM, PAGEMAP_BLOCK, read_pagemap, read_pfn_tables,
                             shared_anon_pfns, zero_page_entries, zero_page_pfns)
 from ..host.parse import status_ids
-from .mgranges import MergeableRanges, has_mergeable
+from .mgranges import MergeableRanges, visit_mergeable
 from .stats import KsmStats
 from .truth import ProcessZeroPages, TrueSavings
 
@@ -214,21 +214,9 @@ class AttributionReader:
                 self.ksm = Ksm(procfs=self.procfs)
             stats = self.ksm.stats()
         page_size = stats.page_size or os.sysconf("SC_PAGE_SIZE")
-        found, parts, unreadable = [], [], 0
-        pids = self.pids() if callable(self.pids) else self.pids
-        for pid in (pids if pids is not None else self.procfs.pids()):
-            stat = self.procfs.maybe_ksm_stat(pid)
-            if not stat or not has_mergeable(stat):
-                continue
-            try:
-                got = self._process(int(pid), stat, page_size)
-            except UdedupError:     # exited (then it saves nothing), or we may not read it
-                if self.procfs.exists(pid):
-                    unreadable += 1
-                continue
-            if got is not None:
-                found.append(got[0])
-                parts.append(got[1])
+        got, unreadable = visit_mergeable(
+            self.procfs, self.pids, lambda pid, stat: self._process(pid, stat, page_size))
+        found, parts = [g[0] for g in got], [g[1] for g in got]
         self.mg.forget_others()
         procs = _with_ksm_part(found, parts, self.procfs)
         zero = tuple(ProcessZeroPages(p.pid, p.comm, p.mergeable_bytes, p.zero_mapped_pages,

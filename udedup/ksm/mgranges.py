@@ -8,7 +8,9 @@ flags)."""
 from __future__ import annotations
 
 import time
+from typing import Callable
 
+from ..errors import UdedupError
 from ..host.fs import ProcFs
 from ..host.maps import parse_smaps
 
@@ -45,3 +47,24 @@ class MergeableRanges:
     def forget_others(self) -> None:
         """Drop the processes not asked about since the last call (they exited or left KSM)."""
         self._kept, self._seen = self._seen, {}
+
+
+def visit_mergeable(procfs: ProcFs, pids, visit: Callable[[int, dict], object]) -> tuple[list, int]:
+    """``visit(pid, ksm_stat)`` for every process with mergeable memory among ``pids`` (None:
+    all, or a callable returning them): ``(the results that are not None, how many processes
+    could not be read)``. A process that exits meanwhile saves nothing and is not counted."""
+    pids = pids() if callable(pids) else pids
+    results, unreadable = [], 0
+    for pid in (pids if pids is not None else procfs.pids()):
+        stat = procfs.maybe_ksm_stat(pid)
+        if not stat or not has_mergeable(stat):
+            continue
+        try:
+            got = visit(int(pid), stat)
+        except UdedupError:     # exited, or we may not read it
+            if procfs.exists(pid):
+                unreadable += 1
+            continue
+        if got is not None:
+            results.append(got)
+    return results, unreadable

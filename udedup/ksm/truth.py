@@ -33,7 +33,7 @@ from typing import Iterable
 from ..errors import UdedupError
 from ..host.fs import DEFAULT_PROCFS, ProcFs, as_procfs
 from ..host.pagemap import count_zero_mapped, scan_zero_mapped, zero_page_pfns
-from .mgranges import MergeableRanges, has_mergeable
+from .mgranges import MergeableRanges, visit_mergeable
 from .stats import KsmStats
 
 #: What ``breakdown()`` says about the zero-page part, in the words a report needs.
@@ -152,20 +152,8 @@ class TrueSavingsReader:
                 self.ksm = Ksm(procfs=self.procfs)
             stats = self.ksm.stats()
         page_size = stats.page_size or os.sysconf("SC_PAGE_SIZE")
-        procs, unreadable = [], 0
-        pids = self.pids() if callable(self.pids) else self.pids
-        for pid in (pids if pids is not None else self.procfs.pids()):
-            stat = self.procfs.maybe_ksm_stat(pid)
-            if not stat or not has_mergeable(stat):
-                continue
-            try:
-                entry = self._process(pid, stat, page_size)
-            except UdedupError:     # exited (then it saves nothing), or we may not read it
-                if self.procfs.exists(pid):
-                    unreadable += 1
-                continue
-            if entry is not None:
-                procs.append(entry)
+        procs, unreadable = visit_mergeable(
+            self.procfs, self.pids, lambda pid, stat: self._process(pid, stat, page_size))
         self._ranges.forget_others()
         outside = sum(p.outside_ksm_pages for p in procs)
         method = "pagemap_scan" if self._scan_works else ("pfn" if self._zero() else None)
