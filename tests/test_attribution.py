@@ -20,7 +20,7 @@ from udedup.ksm import attribution as attr
 from udedup.ksm.attribution import NEEDS_ROOT, attribute
 
 from fake_sysfs import make_fake_ksm
-from test_truth import BASE, HUGE, PS, ZERO, ZERO_PFNS, present, stats, write_proc
+from test_truth import HUGE, PS, ZERO, ZERO_PFNS, present, stats, write_proc
 
 KSM_A, KSM_B, KSM_C = 0x5000, 0x5100, 0x9000    # fake KSM frames (C: far away, another span
 PLAIN = 0x7000                                  # ordinary frames

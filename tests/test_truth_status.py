@@ -3,7 +3,6 @@ memory outside KSM) with its breakdown, and keeps the kernel's general_profit be
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 

@@ -8,7 +8,7 @@ pages or 4 per scattered page, whichever is smaller.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
