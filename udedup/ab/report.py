@@ -23,7 +23,7 @@ MIB = 2**20
 #: metric -> (label with its unit, unit kind). Kinds pick the formatting.
 LABELS: dict[str, tuple[str, str]] = {
     "saved_bytes": ("saved, MiB (true: change from trial start)", "bytes"),
-    "counter_saved_bytes": ("saved by KSM counters, MiB", "bytes"),
+    "counter_saved_bytes": ("saved by KSM counters (general_profit), MiB", "bytes"),
     "zero_mapped_pages": ("zero pages mapped outside KSM", "count"),
     "saved_pages": ("saved pages (sharing + zero)", "count"),
     "pages_shared": ("pages_shared", "count"),
