@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from statistics import median
 from typing import Mapping
 
 from .stats import summarize
@@ -81,8 +82,8 @@ class TrialRecord:
             return
         zero = [self.series.get("zero_mapped_pages", [None] * (max(rows) + 1))[i] for i in rows]
         self.counter_saved_bytes = self.saved_bytes
-        self.true_saved_bytes = self.saved_bytes = int(_median(true))
-        self.zero_mapped_pages = int(_median(zero)) if None not in zero else None
+        self.true_saved_bytes = self.saved_bytes = int(median(true))
+        self.zero_mapped_pages = int(median(zero)) if None not in zero else None
         cpu = self.ksmd_cpu_seconds
         if cpu:
             self.saved_mib_per_cpu_second = round(self.saved_bytes / 2**20 / cpu, 2)
@@ -107,12 +108,6 @@ def plateau_rows(series: Mapping[str, list], plateau: Mapping | None) -> list[in
         if inside:
             return sorted(set(inside) | {have[-1]})
     return [have[-1]]
-
-
-def _median(values):
-    s = sorted(values)
-    mid = len(s) // 2
-    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
 def _series_columns():
