@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from udedup import pages
 
 from udedup.host.fs import ProcFs  # noqa: E402
+from udedup.host.parse import parse_status, status_kib  # noqa: E402
 from udedup.host.pagemap import present_pages, zero_page_pfns  # noqa: E402
 from udedup.host.remote import RemoteReader, page_runs, read_ahead  # noqa: E402
 from udedup.units import parse_size  # noqa: E402
@@ -93,19 +94,12 @@ def estimate_child(pid: int, max_page_sharing: int | None, threads: int | None) 
     from udedup.estimate import default_threads, estimate
     zero_page_pfns()          # one-time probes, not part of the scan's memory
     with open("/proc/self/status") as f:
-        before = _status_kb(f.read(), "VmRSS")
+        before = status_kib(parse_status(f.read()), "VmRSS")
     est = estimate(pid, max_page_sharing=max_page_sharing, threads=threads)
     with open("/proc/self/status") as f:
-        peak = _status_kb(f.read(), "VmHWM")
+        peak = status_kib(parse_status(f.read()), "VmHWM")
     print(json.dumps({"rss_before": before, "peak": peak, "estimate": est.as_dict(),
                       "threads": threads or default_threads()}))
-
-
-def _status_kb(text: str, key: str) -> int:
-    for line in text.splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 # --- measurements ---------------------------------------------------------------------------------
