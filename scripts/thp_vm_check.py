@@ -27,18 +27,16 @@ from udedup.ab import vmlab
 from udedup.ab.vms import VmSpec, qemu_argv
 from udedup.estimate import estimate
 from udedup.host.maps import read_mappings
+from udedup.host.parse import parse_meminfo
 from udedup.ksm import Ksm, experiment_lock
 from udedup.ksm.truth import true_savings
 
 MIB = 1 << 20
 
 
-def anon_pages_kb() -> int:
+def anon_pages_bytes() -> int:
     with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("AnonPages:"):
-                return int(line.split()[1])
-    return 0
+        return parse_meminfo(f.read()).get("AnonPages", 0)
 
 
 def boot(spec: VmSpec, image, tmp: str, timeout: float = 300) -> list:
@@ -85,7 +83,7 @@ def phase(uzp: int, spec: VmSpec, image, settle_wait: float, ksm: Ksm) -> dict:
                 with ksm.settings(run=0, use_zero_pages=uzp, pages_to_scan=10000,
                                   sleep_millisecs=0, smart_scan=0):
                     ksm.unmerge_all()
-                    anon0 = anon_pages_kb()
+                    anon0 = anon_pages_bytes()
                     base = true_savings(ksm, pids=pids)
                     out["before"] = per_process(pids)
                     est = estimate(pids, passes=2, interval=1.0, all_eligible=True)
@@ -104,7 +102,7 @@ def phase(uzp: int, spec: VmSpec, image, settle_wait: float, ksm: Ksm) -> dict:
                     out["merge_seconds"] = round(time.monotonic() - t1, 1)
                     st = ksm.stats()
                     after = true_savings(ksm, pids=pids, stats=st)
-                    anon1 = anon_pages_kb()
+                    anon1 = anon_pages_bytes()
                     out["after"] = per_process(pids)
                     out["others_registered_after"] = others(pids)
                     ps = est.page_size
@@ -114,7 +112,7 @@ def phase(uzp: int, spec: VmSpec, image, settle_wait: float, ksm: Ksm) -> dict:
                         "general_profit": st.general_profit, "rmap_items": st.rmap_items,
                         "zero_mapped_outside_ksm": after.zero_mapped_pages - base.zero_mapped_pages,
                         "true_saved_bytes": after.saved_bytes - base.saved_bytes,
-                        "anon_pages_drop_bytes": (anon0 - anon1) * 1024}
+                        "anon_pages_drop_bytes": anon0 - anon1}
                     m = out["measured"]
                     mine = out["after"]
                     m["guests_merging_pages"] = sum(g["ksm_merging_pages"] for g in mine)
