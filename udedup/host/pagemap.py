@@ -15,7 +15,6 @@ import numpy as np
 from ..errors import ProcessNotFoundError
 from ..native import lib
 from .fs import ProcFs, as_procfs, process_error
-from .remote import page_runs
 
 # pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
 PM_PFN_MASK = (1 << 55) - 1
@@ -71,37 +70,14 @@ def read_kpageflags(pfns, procfs: ProcFs | str = "/proc") -> np.ndarray:
     """/proc/kpageflags entries (uint64, one per PFN of ``pfns``, in that order): test a bit with
     ``(flags >> KPF_KSM) & 1``. Needs CAP_SYS_ADMIN (ProcessAccessError without it); ProcessError
     on a kernel without the file. A PFN past the last frame reads as 0 (no flags)."""
-    return _read_pfn_table("kpageflags", pfns, procfs)
+    return read_pfn_tables(pfns, ("kpageflags",), procfs)[0]
 
 
 def read_kpagecount(pfns, procfs: ProcFs | str = "/proc") -> np.ndarray:
     """/proc/kpagecount entries (uint64): how many times each frame of ``pfns`` is mapped (a KSM
     page: by how many pages; the zero page reads 0 or the kernel's own count). Errors as
     :func:`read_kpageflags`."""
-    return _read_pfn_table("kpagecount", pfns, procfs)
-
-
-def _read_pfn_table(name: str, pfns, procfs) -> np.ndarray:
-    # Both files are arrays of u64 indexed by PFN. Reading each run of consecutive PFNs in one
-    # pread keeps a THP (512 frames in a row) or a long physically contiguous buffer to few calls.
-    pfns = np.asarray(pfns, dtype=np.uint64).ravel()
-    if pfns.size == 0:
-        return np.zeros(0, dtype=np.uint64)
-    uniq, inverse = np.unique(pfns, return_inverse=True)
-    values = np.zeros(uniq.size, dtype=np.uint64)
-    starts, counts = page_runs(uniq, 1)   # runs of frames, as runs of 1-byte "pages"
-    fd = as_procfs(procfs).open_global(name)
-    try:
-        pos = 0   # index in uniq of the run's first frame
-        for first, count in zip(starts.tolist(), counts.tolist()):
-            for k in range(0, count, PAGEMAP_BLOCK):
-                chunk = values[pos + k:pos + min(count, k + PAGEMAP_BLOCK)]
-                # a short read is the end of the table (frames past the last): those stay 0
-                pread_full(fd, memoryview(chunk).cast("B"), (first + k) * 8, None, name)
-            pos += count
-    finally:
-        os.close(fd)
-    return values[inverse.ravel()]
+    return read_pfn_tables(pfns, ("kpagecount",), procfs)[0]
 
 
 #: frames between two wanted PFNs up to which :func:`read_pfn_tables` reads the gap too (one pread
