@@ -26,6 +26,7 @@ PM_PRESENT = 1 << 63
 PAGEMAP_BLOCK = 64 << 10
 
 # /proc/kpageflags bits (include/uapi/linux/kernel-page-flags.h)
+KPF_COMPOUND_HEAD = 15
 KPF_KSM = 21
 KPF_THP = 22
 KPF_ZERO_PAGE = 24
