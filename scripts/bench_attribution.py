@@ -14,25 +14,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
 import numpy as np
 
+from udedup.bench import median_ms as _ms
 from udedup.ksm import Ksm, experiment_lock
 from udedup.ksm.attribution import AttributionReader, attribute
 from udedup.ksm.memory import MergeableBuffer
 from udedup.units import parse_size
-
-
-def _ms(fn, repeat: int):
-    times, result = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, result
 
 
 def measure(size: int, repeat: int, timeout: float) -> dict:

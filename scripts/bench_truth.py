@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
-
+from udedup.bench import median_ms
 from udedup.host import pagemap as pm
 from udedup.ksm import Ksm, experiment_lock
 from udedup.ksm.memory import MergeableBuffer
@@ -24,12 +22,7 @@ from udedup.units import parse_size
 
 
 def _ms(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return median_ms(fn, repeat)[0]
 
 
 def measure(size: int, hugepages: bool, repeat: int) -> dict:

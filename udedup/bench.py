@@ -34,6 +34,16 @@ QUICK_SIZE = 64 << 20
 PYTHON_BASELINE_MAX = 64 << 20
 
 
+def median_ms(fn, repeat: int) -> tuple[float, object]:
+    """Call ``fn()`` ``repeat`` times: the median wall time in ms and the last call's result."""
+    times, result = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, result
+
+
 def _parse_size(text: str) -> int:
     try:
         return parse_size(text)
