@@ -38,7 +38,7 @@ from ..host.pagemap import (KPF_KSM, PAGEMAP_BLOCK, read_pagemap, read_pfn_table
 from ..host.parse import status_ids
 from .mgranges import MergeableRanges, visit_mergeable
 from .stats import KsmStats
-from .truth import ProcessZeroPages, TrueSavings
+from .truth import ProcessZeroPages, TrueSavings, read_counters
 
 #: the groupings of :meth:`Attribution.groups` and the JSON key naming each group
 GROUPINGS = {"cgroup": "cgroup", "uid": "uid", "process": "pid"}
@@ -209,10 +209,7 @@ class AttributionReader:
         _check_root(self.procfs, self.zero_pfns)
         reread = stats is None
         if reread:
-            if self.ksm is None:
-                from .controller import Ksm
-                self.ksm = Ksm(procfs=self.procfs)
-            stats = self.ksm.stats()
+            stats = read_counters(self)
         page_size = stats.page_size or os.sysconf("SC_PAGE_SIZE")
         got, unreadable = visit_mergeable(
             self.procfs, self.pids, lambda pid, stat: self._process(pid, stat, page_size))

@@ -120,6 +120,15 @@ class TrueSavings:
     _asdict = as_dict
 
 
+def read_counters(reader) -> KsmStats:
+    """The KSM counters now, from ``reader.ksm`` (a Ksm on ``reader.procfs``, made on first use):
+    what the readers of the true saving and of the attribution read before their walk."""
+    if reader.ksm is None:
+        from .controller import Ksm
+        reader.ksm = Ksm(procfs=reader.procfs)
+    return reader.ksm.stats()
+
+
 class TrueSavingsReader:
     """Reads :class:`TrueSavings` again and again (a sampler, the daemon), keeping each process's
     ``mg`` ranges between reads: smaps is re-read only when ``/proc/PID/maps`` or the process's
@@ -147,10 +156,7 @@ class TrueSavingsReader:
         """One read. ``stats``: counters already read (else read here, first)."""
         t0 = time.perf_counter()
         if stats is None:
-            if self.ksm is None:
-                from .controller import Ksm
-                self.ksm = Ksm(procfs=self.procfs)
-            stats = self.ksm.stats()
+            stats = read_counters(self)
         page_size = stats.page_size or os.sysconf("SC_PAGE_SIZE")
         procs, unreadable = visit_mergeable(
             self.procfs, self.pids, lambda pid, stat: self._process(pid, stat, page_size))
