@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from udedup.estimate.model import Estimate, ThpSummary
-from udedup.estimate.passes import KPF_COMPOUND_HEAD, thp_runs
+from udedup.estimate.passes import thp_runs
 from udedup.estimate.thp import ThpLayout, counters, per_thp_sum, thp_outcome
-from udedup.host.pagemap import KPF_THP
+from udedup.host.pagemap import KPF_COMPOUND_HEAD, KPF_THP
 
 PS = 4096
 SUB = 512

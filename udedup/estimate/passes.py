@@ -18,17 +18,13 @@ import numpy as np
 from ..errors import ProcessError, ProcessNotFoundError, UsageError
 from ..host.fs import ProcFs
 from ..host.maps import read_mappings
-from ..host.pagemap import (KPF_THP, PM_PFN_MASK, open_pagemap, present_offsets,
-                            read_kpageflags, read_pagemap, zero_page_pfns)
+from ..host.pagemap import (KPF_COMPOUND_HEAD, KPF_THP, PM_PFN_MASK, open_pagemap,
+                            present_offsets, read_kpageflags, read_pagemap, zero_page_pfns)
 from ..host.remote import RemoteReader, aligned_buffer, read_ahead
 from ..native import kernels, lib
 from .model import MappingReport
 from .scope import NONE, STEP, UNREADABLE, VOLATILE, ZERO, PageSet, Scope, Target, \
     buffer_range, buffer_targets
-
-
-#: /proc/kpageflags bit of a compound page's head (include/uapi/linux/kernel-page-flags.h)
-KPF_COMPOUND_HEAD = 15
 
 
 # --- the scope -----------------------------------------------------------------------------------
