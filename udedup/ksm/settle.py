@@ -38,6 +38,7 @@ within ±11 pages per scan; a merge still progressing at 1 % per scan (512 pages
 """
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -86,18 +87,9 @@ class _Read:
 
 def theil_sen(points: Sequence[tuple[float, float]]) -> float:
     """Median of the slopes between every two points with different x (0.0 if there is none)."""
-    slopes = sorted((y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points)
-                    for x2, y2 in points[i + 1:] if x2 != x1)
-    if not slopes:
-        return 0.0
-    mid = len(slopes) // 2
-    return slopes[mid] if len(slopes) % 2 else (slopes[mid - 1] + slopes[mid]) / 2
-
-
-def _median(values: Sequence[float]) -> float:
-    s = sorted(values)
-    mid = len(s) // 2
-    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+    slopes = [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points)
+              for x2, y2 in points[i + 1:] if x2 != x1]
+    return statistics.median(slopes) if slopes else 0.0
 
 
 class SettleTracker:
@@ -194,7 +186,7 @@ class SettleTracker:
             levels: dict[int, list[int]] = {}
             for r in reads:
                 levels.setdefault(r.x, []).append(r.saved)
-            points = [(x, _median(v)) for x, v in levels.items()]
+            points = [(x, statistics.median(v)) for x, v in levels.items()]
             median = sorted(saved)[(len(saved) - 1) // 2]       # the lower median: a real read
             median_read = next(r for r in reversed(reads) if r.saved == median)
             self.trend, self.band = theil_sen(points), self._band(median)
