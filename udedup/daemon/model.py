@@ -7,7 +7,10 @@ returns a :class:`Plan`, :mod:`.act` carries the plan out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from ..ksm.truth import TrueSavings
 
 #: ksmd CPU per scanned page before we have measured it (KSM.md: 1-2 us per page on first passes).
 PRIOR_SECONDS_PER_PAGE = 2e-6
@@ -86,6 +89,9 @@ class Observation:
     ksmd_cpu_seconds: float
     daemon_cpu_seconds: float
     memory: Memory | None = None
+    #: the round's true saving: the counters plus the zero-page mappings of mergeable memory
+    #: outside them (None if it could not be read)
+    true_savings: TrueSavings | None = None
 
 
 @dataclass(frozen=True)

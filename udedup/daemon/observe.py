@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from ..errors import (KernelThreadError, KsmError, ProcessAccessError, ProcessNotFoundError,
                       UdedupError)
@@ -25,14 +25,6 @@ from .config import Config
 from .model import Memory, Observation, ProcessInfo
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RoundObservation(Observation):
-    """An :class:`Observation` with the round's true saving: the counters plus the zero-page
-    mappings of mergeable memory outside them (None if it could not be read)."""
-
-    true_savings: TrueSavings | None = None
 
 
 def process_start_time(pid: int, procfs: ProcFs | str = DEFAULT_PROCFS) -> int | None:
@@ -166,11 +158,11 @@ class Observer:
             self._memory_missing_said = True
             log.warning("no MemTotal in %s: memory pressure is not detected",
                         self.procfs.path(None, "meminfo"))
-        return RoundObservation(now=now, processes=tuple(procs), counters=dict(stats.counters),
-                                knobs=self.ksm.knobs(), saved_bytes=stats.saved_bytes,
-                                page_size=stats.page_size, ksmd_cpu_seconds=ksmd_cpu,
-                                daemon_cpu_seconds=time.process_time(), memory=memory,
-                                true_savings=truth)
+        return Observation(now=now, processes=tuple(procs), counters=dict(stats.counters),
+                           knobs=self.ksm.knobs(), saved_bytes=stats.saved_bytes,
+                           page_size=stats.page_size, ksmd_cpu_seconds=ksmd_cpu,
+                           daemon_cpu_seconds=time.process_time(), memory=memory,
+                           true_savings=truth)
 
     def _true_savings(self, stats, round_number: int) -> TrueSavings | None:
         # A round may observe up to three times (estimates or registrations coming back): the

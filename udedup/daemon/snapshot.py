@@ -163,7 +163,7 @@ def round_figures(plan: Plan, obs: Observation, dry_run: bool) -> Round:
     knobs = dict(obs.knobs)
     if not dry_run:
         knobs.update(plan.knobs)   # what they are after this round's writes
-    truth = getattr(obs, "true_savings", None)   # observe.RoundObservation carries it
+    truth = obs.true_savings
     return Round(saved_bytes=obs.saved_bytes, counters=_frozen(obs.counters), knobs=_frozen(knobs),
                  ksmd_cpu_seconds=obs.ksmd_cpu_seconds, daemon_cpu_seconds=obs.daemon_cpu_seconds,
                  ksmd_cpu_percent=plan.ksmd_cpu_percent, daemon_cpu_percent=plan.daemon_cpu_percent,
