@@ -321,8 +321,8 @@ class Policy:
                 # theirs to keep, not ours to undo
                 self.written[name] = value
                 continue
-            if (name == "pages_to_scan" and mode == self._knob_mode and current
-                    and abs(value - current) <= HYSTERESIS * current):
+            if (name in ("pages_to_scan", "sleep_millisecs") and mode == self._knob_mode
+                    and current and abs(value - current) <= HYSTERESIS * current):
                 continue  # same mode, small drift of the measured cost: not worth a write
             plan.knobs[name] = value
         if plan.knobs:
