@@ -93,3 +93,11 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def exec_defaults() -> None:
+    """Before exec: Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec, so the
+    command would inherit them; give it the defaults."""
+    for name in ("SIGPIPE", "SIGXFSZ"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)

@@ -28,6 +28,7 @@ from ..host.fs import DEFAULT_PROCFS, ProcFs, as_procfs
 from ..host.pagemap import KPF_KSM, PM_PFN_MASK, PM_PRESENT, read_kpageflags, read_pagemap, zero_page_pfns
 from ..ksm.memory import MADV_NOHUGEPAGE, MergeableBuffer, enable_process_merge
 from ..native import syscalls
+from ..signals import exec_defaults
 from .channel import PARENT_ENV, LineBuffer, write_message
 from .synthetic import (DUPLICATE, KIND_NAMES, PAGE_SIZE, PRESETS, UNIQUE, VOLATILE, ZERO, Layout,
                         SyntheticSpec, make_layout, parse_size, preset)
@@ -244,10 +245,7 @@ def exec_main(argv: Sequence[str], merge: bool = True) -> int:
         except UdedupError as err:
             print(f"udedup: error: {err}", file=sys.stderr)
             return 126
-    # Python ignores SIGPIPE and SIGXFSZ; ignored signals survive exec: give the command the defaults
-    for name in ("SIGPIPE", "SIGXFSZ"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    exec_defaults()
     sys.stderr.flush()
     try:
         os.execvp(argv[0], list(argv))

@@ -5,11 +5,11 @@ import argparse
 import errno
 import logging
 import os
-import signal
 import sys
 
 from ..errors import KsmUnavailableError, UdedupError, UsageError
 from ..ksm.memory import enable_process_merge, kernel_version
+from ..signals import exec_defaults
 
 NAME = "run"
 HELP = "run a command with KSM enabled for all its memory (prctl PR_SET_MEMORY_MERGE + exec)"
@@ -54,10 +54,7 @@ def run(args) -> int:
             f"kernel {os.uname().release} drops PR_SET_MEMORY_MERGE at exec (inherited from Linux "
             f"6.7): {cmd[0]} would run without KSM; use a newer kernel, or --force if the fix is "
             "backported")
-    # Python ignores SIGPIPE and SIGXFSZ; ignored signals survive exec, so give CMD the defaults
-    for name in ("SIGPIPE", "SIGXFSZ"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    exec_defaults()
     sys.stdout.flush()
     sys.stderr.flush()
     try:
