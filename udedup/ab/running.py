@@ -41,22 +41,6 @@ def spawn(argv: list[str], stdin_pipe: bool) -> tuple[subprocess.Popen, object]:
     return proc, stderr_file
 
 
-def descendants(pid: int, procfs: str | ProcFs = DEFAULT_PROCFS) -> list[int]:
-    """Every process below ``pid`` (children, their children...), from the ppid of each process."""
-    fs = as_procfs(procfs)
-    children: dict[int, list[int]] = {}
-    for p in fs.pids():
-        st = fs.maybe_stat(p)
-        if st is not None:
-            children.setdefault(st.ppid, []).append(p)
-    found, todo = [], list(children.get(pid, ()))
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        todo.extend(children.get(p, ()))
-    return found
-
-
 class Running:
     """A started workload. ``stop()`` is idempotent and kills the whole process group."""
 
@@ -83,7 +67,7 @@ class Running:
         if self.proc is None or self.proc.poll() is not None:
             return []
         try:
-            return [self.proc.pid] + descendants(self.proc.pid, self.procfs)
+            return [self.proc.pid] + self.procfs.descendants(self.proc.pid)
         except OSError:   # /proc unlistable: the child alone
             return [self.proc.pid]
 

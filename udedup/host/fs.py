@@ -187,6 +187,20 @@ class ProcFs:
         except OSError:
             return []
 
+    def descendants(self, pid) -> list[int]:
+        """Every process below ``pid`` (children, their children...), from each one's ppid."""
+        children: dict[int, list[int]] = {}
+        for p in self.pids():
+            st = self.maybe_stat(p)
+            if st is not None:
+                children.setdefault(st.ppid, []).append(p)
+        found, todo = [], list(children.get(int(pid), ()))
+        while todo:
+            p = todo.pop()
+            found.append(p)
+            todo.extend(children.get(p, ()))
+        return found
+
     # parsed files
     def stat(self, pid, tid=None) -> parse.ProcStat:
         text = self.read_text(pid, "stat", tid)
