@@ -165,3 +165,8 @@ class DaemonError(UdedupError, RuntimeError):
     """The daemon cannot start or go on: another instance runs, its state file is unusable..."""
 
     exit_code = 12
+
+
+#: ``udedup audit`` exits with this code when it finds KSM pages mapped from two trust domains (a
+#: finding, not an error: the audit itself worked). Listed in README.md's exit code table.
+AUDIT_FINDINGS_EXIT = 13

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from ..units import mib
-from .config import Config, glob_match, regex_search
+from .config import Config
+from .configvalues import glob_match, regex_search
 from .model import ProcessInfo
 
 

@@ -9,17 +9,13 @@ must not pass silently); a bad value raises :class:`ConfigError` naming where it
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import ipaddress
 import logging
-import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError
-from ..units import parse_size
+from .configvalues import convert, is_loopback, parse_address
 
 try:  # Python 3.11+
     import tomllib as _toml
@@ -159,6 +155,28 @@ class Metrics:
     max_process_series: int = _f(50, "int", "per-process series at most: the processes with the largest "
                                  "saving first, the rest summed in one pid=\"other\" series", lo=0,
                                  hi=100000)
+    per_cgroup: bool = _f(False, "bool", "export the exact saving per cgroup every round "
+                          "(udedup_cgroup_saved_bytes; needs root: reads pagemap and kpageflags)")
+    max_cgroup_series: int = _f(50, "int", "per-cgroup series at most: the cgroups saving most first, "
+                                "the rest summed in one cgroup=\"other\" series", lo=0, hi=100000)
+
+
+@dataclass
+class Security:
+    """Trust domains: KSM merges any identical registered pages, and a page shared by two tenants is
+    a copy-on-write timing side channel between them. With domains on, the daemon registers only
+    pages whose identical twins are in the same domain (see the README's threat model)."""
+
+    trust_domains: str = _f(
+        "none", "choice", "none: merge across everything; cgroup: a domain per cgroup v2 path (cut "
+        "at cgroup_depth); uid: a domain per effective uid", choices=("none", "cgroup", "uid"))
+    cgroup_depth: int = _f(
+        0, "int", "with trust_domains = cgroup, the domain is the first this many components of the "
+        "cgroup path (0: the whole path; e.g. 3 gives one domain per pod under "
+        "/kubepods.slice/kubepods-burstable.slice/...)", lo=0, hi=64)
+    zero_pages_across_domains: bool = _f(
+        True, "bool", "zero-filled pages may merge across domains (they carry no tenant data; the "
+        "kernel's zero page is shared by everyone anyway); false treats them like any content")
 
 
 @dataclass
@@ -178,7 +196,7 @@ class Daemon:
 
 SECTIONS: dict[str, type] = {"candidates": Candidates, "registration": Registration,
                              "estimate": Estimate, "ksmd": Ksmd, "pressure": Pressure,
-                             "metrics": Metrics, "daemon": Daemon}
+                             "metrics": Metrics, "security": Security, "daemon": Daemon}
 
 
 @dataclass
@@ -189,6 +207,7 @@ class Config:
     ksmd: Ksmd = field(default_factory=Ksmd)
     pressure: Pressure = field(default_factory=Pressure)
     metrics: Metrics = field(default_factory=Metrics)
+    security: Security = field(default_factory=Security)
     daemon: Daemon = field(default_factory=Daemon)
     #: where each value came from (``"section.key" -> "file /etc/...``"), for messages and status
     sources: dict = field(default_factory=dict, compare=False, repr=False)
@@ -206,111 +225,6 @@ def _field(section: str, key: str) -> dataclasses.Field | None:
     if cls is None:
         return None
     return {f.name: f for f in dataclasses.fields(cls)}.get(key)
-
-
-# --- value parsing --------------------------------------------------------------------------------
-def _as_bool(value, from_text: bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    if from_text and isinstance(value, str):
-        low = value.strip().lower()
-        if low in ("1", "true", "yes", "on", "y"):
-            return True
-        if low in ("0", "false", "no", "off", "n"):
-            return False
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-def _as_list(value, from_text: bool) -> list:
-    if isinstance(value, list):
-        return value
-    if from_text and isinstance(value, str):
-        # environment and --set: comma-separated; empty string = empty list
-        return [item.strip() for item in value.split(",") if item.strip()]
-    raise ValueError(f"expected a list such as [\"a\", \"b\"], got {value!r}")
-
-
-def _as_number(value, from_text: bool, parse: Callable, types: tuple, what: str):
-    """``value`` as one of ``types`` (text parsed with ``parse`` when ``from_text``); never a bool,
-    never infinite or NaN."""
-    if isinstance(value, str) and from_text:
-        try:
-            value = parse(value.strip())
-        except ValueError:
-            raise ValueError(f"expected {what}, got {value!r}") from None
-    if (isinstance(value, bool) or not isinstance(value, types)
-            or (isinstance(value, float) and not math.isfinite(value))):
-        raise ValueError(f"expected {what}, got {value!r}")
-    return value
-
-
-def convert(f: dataclasses.Field, value, from_text: bool = False):
-    """Check and convert one value for field ``f``; ValueError says what was expected."""
-    meta = f.metadata
-    kind = meta["kind"]
-    if kind == "size":
-        out = parse_size(value)
-    elif kind == "int":
-        out = _as_number(value, from_text, int, (int,), "an integer")
-    elif kind == "float":
-        out = float(_as_number(value, from_text, float, (int, float), "a number"))
-    elif kind == "bool":
-        out = _as_bool(value, from_text)
-    elif kind in ("str", "choice"):
-        if not isinstance(value, str):
-            raise ValueError(f"expected a string, got {value!r}")
-        out = value.strip() if from_text else value
-        if kind == "choice" and out not in meta["choices"]:
-            raise ValueError(f"expected one of {', '.join(meta['choices'])}, got {value!r}")
-    elif kind in ("globs", "regexes"):
-        items = _as_list(value, from_text)
-        for item in items:
-            if not isinstance(item, str) or not item:
-                raise ValueError(f"expected non-empty strings, got {item!r}")
-            if kind == "regexes":
-                try:
-                    re.compile(item)
-                except re.error as err:
-                    raise ValueError(f"bad regular expression {item!r}: {err}") from None
-        out = list(items)
-    elif kind == "uids":
-        items = _as_list(value, from_text)
-        out = []
-        for item in items:
-            try:
-                uid = int(item) if not isinstance(item, bool) else None
-            except (TypeError, ValueError):
-                uid = None
-            if uid is None or uid < 0:
-                raise ValueError(f"expected non-negative integer uids, got {item!r}")
-            out.append(uid)
-    else:  # pragma: no cover - a bug in the field table
-        raise AssertionError(kind)
-    lo, hi = meta["lo"], meta["hi"]
-    if lo is not None and out < lo:
-        raise ValueError(f"must be at least {lo}, got {value!r}")
-    if hi is not None and out > hi:
-        raise ValueError(f"must be at most {hi}, got {value!r}")
-    return out
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[v6]:PORT`` → (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host or int(port) > 65535:
-        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9847, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -415,15 +329,6 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
     return cfg
 
 
-# --- matching helpers used by the policy (pure) ---------------------------------------------------
-def glob_match(patterns, text: str) -> bool:
-    return bool(text) and any(fnmatch.fnmatchcase(text, p) for p in patterns)
-
-
-def regex_search(patterns, text: str) -> bool:
-    return bool(text) and any(re.search(p, text) for p in patterns)
-
-
 # --- the example file -----------------------------------------------------------------------------
 def _toml_value(f: dataclasses.Field, value) -> str:
     kind = f.metadata["kind"]
@@ -451,7 +356,7 @@ def render_example() -> str:
     defaults = Config()
     for section, cls in SECTIONS.items():
         lines.append(f"[{section}]")
-        doc = (cls.__doc__ or "").strip()
+        doc = " ".join((cls.__doc__ or "").split())
         if doc:
             lines.append(f"# {doc}")
         for f in dataclasses.fields(cls):

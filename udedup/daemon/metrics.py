@@ -21,7 +21,7 @@ from typing import Callable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
-from .config import parse_address
+from .configvalues import parse_address
 from .snapshot import RoundSnapshot
 
 log = logging.getLogger(__name__)
