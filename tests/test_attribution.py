@@ -3,12 +3,8 @@ kpageflags and kpagecount written with numpy, cgroup and status files, smaps wit
 on the real kernel with children in two real cgroup v2 groups (marked ``ksm``, root)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,6 +16,7 @@ from udedup.ksm import attribution as attr
 from udedup.ksm.attribution import NEEDS_ROOT, attribute
 
 from fake_sysfs import make_fake_ksm
+from cgroup_fixtures import LayoutChild, cgroups, frame_counts, others_registered
 from test_truth import HUGE, PS, ZERO, ZERO_PFNS, present, stats, write_proc
 
 KSM_A, KSM_B, KSM_C = 0x5000, 0x5100, 0x9000    # fake KSM frames (C: far away, another span
@@ -223,76 +220,6 @@ def test_status_by_without_root_exits_4_with_one_line(tmp_path, monkeypatch, cap
 
 
 # --- the real kernel, in two real cgroup v2 groups ------------------------------------------------
-CHILD = r"""
-import ctypes, json, mmap, sys
-import numpy as np
-ps = mmap.PAGESIZE
-pages = json.loads(sys.argv[1])      # one [kind, index] per page
-buf = mmap.mmap(-1, len(pages) * ps, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-buf.madvise(mmap.MADV_NOHUGEPAGE)
-a = np.frombuffer(buf, dtype=np.uint8).reshape(len(pages), ps)
-for i, (kind, n) in enumerate(pages):
-    seed = {"x": 1, "y": 2, "z": 3, "zero": 4, "unique": 5}[kind]
-    a[i] = np.random.default_rng([seed, n]).integers(0, 256, ps, dtype=np.uint8)
-    if kind == "zero":
-        a[i] = 0                     # written, then zero: KSM maps it to the zero page
-buf.madvise(mmap.MADV_MERGEABLE)
-print(json.dumps({"address": int(a.ctypes.data)}), flush=True)
-sys.stdin.readline()
-"""
-
-
-def cgroup2_mount() -> str | None:
-    """Where cgroup v2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host)."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[:1] == ["cgroup2"]:
-                return left.split()[4]
-    return None
-
-
-@contextlib.contextmanager
-def cgroups(*names):
-    mount = cgroup2_mount()
-    if mount is None:
-        pytest.skip("no cgroup v2 mounted here")
-    made = []
-    try:
-        for name in names:
-            path = os.path.join(mount, name)
-            try:
-                os.mkdir(path)
-            except FileExistsError:
-                pass
-            except OSError as err:
-                pytest.skip(f"cannot create a cgroup v2 group under {mount}: {err.strerror}")
-            made.append(path)
-        yield mount, made
-    finally:
-        for path in made:
-            for _ in range(50):       # rmdir is EBUSY until the killed children are gone
-                try:
-                    os.rmdir(path)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.1)
-
-
-def others_registered(mine) -> list[str]:
-    from udedup.host.fs import ProcFs
-    procfs, out = ProcFs(), []
-    for pid in procfs.pids():
-        stat = procfs.maybe_ksm_stat(pid)
-        if pid not in mine and stat and (stat.get("ksm_mergeable") is True
-                                         or stat.get("ksm_merge_any") is True
-                                         or int(stat.get("ksm_rmap_items", 0) or 0) > 0):
-            out.append(f"{pid} ({procfs.comm(pid, default='?')})")
-    return out
-
-
 # Content: X shared inside /a (a1, a2: k=2), Y across both groups (a1, a2, b1: k=3), Z twice in a1
 # and once in b1 (k=3), unique pages (never merge) and, in b1, zero-filled pages (the zero page,
 # use_zero_pages=1).
@@ -323,13 +250,7 @@ def test_per_cgroup_savings_in_real_cgroups_sum_to_the_true_saving(capsys):
     with cgroups("udedup-test-attr-a", "udedup-test-attr-b") as (mount, (cg_a, cg_b)):
         try:
             for name, layout in LAYOUT.items():
-                p = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(layout)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                children[name] = p
-                with open(os.path.join(cg_a if name[0] == "a" else cg_b, "cgroup.procs"),
-                          "w") as f:
-                    f.write(str(p.pid))
-                children[name].address = json.loads(p.stdout.readline())["address"]
+                children[name] = LayoutChild(layout, cg_a if name[0] == "a" else cg_b)
             pids = {p.pid for p in children.values()}
             others = others_registered(pids)
             if others:
@@ -352,7 +273,6 @@ def test_per_cgroup_savings_in_real_cgroups_sum_to_the_true_saving(capsys):
         finally:
             for p in children.values():
                 p.kill()
-                p.wait()
     rel_a, rel_b = "/" + os.path.relpath(cg_a, mount), "/" + os.path.relpath(cg_b, mount)
     groups = {g.key: g for g in a.groups("cgroup")}
     assert set(groups) == {rel_a, rel_b}
@@ -377,20 +297,6 @@ def test_per_cgroup_savings_in_real_cgroups_sum_to_the_true_saving(capsys):
     assert {g["cgroup"]: g["saved_bytes"] for g in shown["groups"]} == {
         rel_a: round(want_a * PS), rel_b: round(want_b * PS)}
     assert shown["attribution"]["check"]["matches"]
-
-
-def frame_counts(pid, address, n):
-    fd = pm.open_pagemap(pid)
-    try:
-        entries = pm.read_pagemap(fd, address, address + n * PS, pid=pid)
-    finally:
-        os.close(fd)
-    pfns = entries & np.uint64(pm.PM_PFN_MASK)
-    flags, counts = pm.read_pfn_tables(pfns)
-    zero = np.zeros(n, dtype=bool)
-    for first, stop in pm.zero_page_pfns():
-        zero |= (pfns >= first) & (pfns < stop)
-    return ((flags >> np.uint64(pm.KPF_KSM)) & np.uint64(1)).astype(bool), counts, zero
 
 
 @pytest.mark.ksm

@@ -92,6 +92,9 @@ class Observation:
     #: the round's true saving: the counters plus the zero-page mappings of mergeable memory
     #: outside them (None if it could not be read)
     true_savings: TrueSavings | None = None
+    #: the round's exact saving per process (udedup.ksm.attribution.Attribution), read when
+    #: metrics.per_cgroup is on (None otherwise, or if it could not be read)
+    attribution: object | None = None
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,8 @@ class Round:
     true_saved_bytes: int | None = None
     zero_mapped_pages: int | None = None     # mergeable pages on the zero page outside KSM
     true_read_seconds: float | None = None   # what that read cost this round
+    # metrics.per_cgroup: ((cgroup path, saved bytes, processes), ...), largest saving first
+    cgroups: tuple = ()
 
 
 @dataclass(frozen=True)
