@@ -95,6 +95,9 @@ class Observation:
     #: the round's exact saving per process (udedup.ksm.attribution.Attribution), read when
     #: metrics.per_cgroup is on (None otherwise, or if it could not be read)
     attribution: object | None = None
+    #: security.trust_domains on: the round's page-by-page check (udedup.ksm.audit.AuditReport)
+    #: of the KSM frames mapped from two domains (None when domains are off or it failed)
+    audit: object | None = None
 
 
 @dataclass(frozen=True)

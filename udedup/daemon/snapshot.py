@@ -74,6 +74,9 @@ class Round:
     true_read_seconds: float | None = None   # what that read cost this round
     # metrics.per_cgroup: ((cgroup path, saved bytes, processes), ...), largest saving first
     cgroups: tuple = ()
+    # security.trust_domains on: KSM frames found mapped from two domains this round (before the
+    # daemon unregistered the losing side), None when domains are off
+    cross_domain_frames: int | None = None
 
 
 @dataclass(frozen=True)
