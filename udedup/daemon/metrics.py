@@ -53,7 +53,8 @@ KSM_COUNTERS = {
                          "duplicate KSM pages in those chains (stable_node_dups)"),
 }
 
-#: pid and name labels of the one series that sums the processes past metrics.max_process_series
+#: pid and name labels of the one series that sums the processes past metrics.max_process_series,
+#: and the cgroup label of the one summing the cgroups past metrics.max_cgroup_series
 OTHER = "other"
 
 
@@ -99,6 +100,7 @@ class DaemonCollector:
         yield from self._cpu(s)
         yield from self._savings(s)
         yield from self._processes(s, max(0, int(self.max_process_series())))
+        yield from self._domains(s)
         yield from self._activity(s)
 
     @staticmethod
@@ -218,6 +220,37 @@ class DaemonCollector:
         yield _gauge("udedup_process_series_folded",
                      'candidates summed in the pid="other" series (metrics.max_process_series)',
                      len(rest))
+
+    @staticmethod
+    def _domains(s: RoundSnapshot):
+        """Per-cgroup saving (metrics.per_cgroup: the ``max_cgroup_series`` largest, the rest
+        summed under cgroup="other") and the cross-domain KSM frames (trust domains on)."""
+        r = s.last
+        if r.cgroups:
+            limit = max(0, int(s.max_cgroup_series))
+            shown, rest = r.cgroups[:limit], r.cgroups[limit:]
+            saved = GaugeMetricFamily("udedup_cgroup_saved_bytes",
+                                      "exact saving of the processes of a cgroup v2 group (each "
+                                      "mapping of a KSM page mapped k times saves 1 - 1/k pages)",
+                                      labels=["cgroup"])
+            procs = GaugeMetricFamily("udedup_cgroup_processes",
+                                      "processes with mergeable memory in the cgroup",
+                                      labels=["cgroup"])
+            for cgroup, saved_bytes, processes in shown:
+                saved.add_metric([cgroup], float(saved_bytes))
+                procs.add_metric([cgroup], float(processes))
+            if rest:
+                saved.add_metric([OTHER], float(sum(c[1] for c in rest)))
+                procs.add_metric([OTHER], float(sum(c[2] for c in rest)))
+            yield saved
+            yield procs
+            yield _gauge("udedup_cgroup_series_folded",
+                         'cgroups summed in the cgroup="other" series (metrics.max_cgroup_series)',
+                         len(rest))
+        if r.cross_domain_frames is not None:
+            yield _gauge("udedup_cross_domain_ksm_frames",
+                         "KSM frames the round's audit found mapped from two trust domains "
+                         "(before the daemon unregistered the losing side)", r.cross_domain_frames)
 
     @staticmethod
     def _activity(s: RoundSnapshot):

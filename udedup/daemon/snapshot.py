@@ -101,6 +101,7 @@ class RoundSnapshot:
     knob_writes: int
     external_changes: int
     last: Round | None = field(default=None)
+    max_cgroup_series: int = 50         # metrics.max_cgroup_series when the snapshot was built
 
     @property
     def managed_processes(self) -> int:
@@ -127,7 +128,11 @@ class RoundSnapshot:
                         "pressure": r.pressure, "ksmd_cpu_percent": r.ksmd_cpu_percent,
                         "daemon_cpu_percent": r.daemon_cpu_percent,
                         "true_saved_bytes": r.true_saved_bytes,
-                        "zero_mapped_pages": r.zero_mapped_pages})
+                        "zero_mapped_pages": r.zero_mapped_pages,
+                        "cross_domain_frames": r.cross_domain_frames})
+            if r.cgroups:
+                out["cgroups"] = [{"cgroup": c, "saved_bytes": b, "processes": n}
+                                  for c, b, n in r.cgroups]
         return out
 
     def status_line(self) -> str:
@@ -179,7 +184,20 @@ def round_figures(plan: Plan, obs: Observation, dry_run: bool) -> Round:
                  realized_bytes=plan.realized_bytes, unrealized_bytes=plan.unrealized_bytes,
                  true_saved_bytes=truth.saved_bytes if truth is not None else None,
                  zero_mapped_pages=truth.zero_mapped_pages if truth is not None else None,
-                 true_read_seconds=truth.read_seconds if truth is not None else None)
+                 true_read_seconds=truth.read_seconds if truth is not None else None,
+                 cgroups=cgroup_figures(obs.attribution),
+                 cross_domain_frames=len(obs.audit.offenders) if obs.audit is not None else None)
+
+
+def cgroup_figures(attribution) -> tuple:
+    """``((cgroup path, saved bytes, processes), ...)`` of an
+    :class:`~udedup.ksm.attribution.Attribution`, largest saving first (ties: the path); ``()``
+    when there is none. Processes in no cgroup v2 group (path "") are under "/"."""
+    if attribution is None:
+        return ()
+    rows = [(g.key or "/", round(g.saved_pages * attribution.page_size), len(g.processes))
+            for g in attribution.groups("cgroup")]
+    return tuple(sorted(rows, key=lambda r: (-r[1], r[0])))
 
 
 def build_snapshot(identity: DaemonIdentity, cfg, policy, *, now_wall: float, rounds: int,
@@ -196,4 +214,4 @@ def build_snapshot(identity: DaemonIdentity, cfg, policy, *, now_wall: float, ro
         processes=process_entries(policy), decisions_total=_frozen(policy.decision_counts),
         estimated_bytes_total=policy.estimated_bytes_total, estimate_tokens=policy.tokens,
         knob_writes=knob_writes, external_changes=policy.decision_counts.get("external", 0),
-        last=last)
+        last=last, max_cgroup_series=cfg.metrics.max_cgroup_series)

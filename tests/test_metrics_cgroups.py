@@ -1,0 +1,125 @@
+"""Per-cgroup saving and cross-domain KSM frames in the daemon's round, state file and /metrics:
+``Observation.attribution`` becomes ``Round.cgroups`` and ``udedup_cgroup_saved_bytes{cgroup}``
+(capped at metrics.max_cgroup_series, the rest summed as cgroup="other"), ``Observation.audit``
+becomes ``Round.cross_domain_frames`` and ``udedup_cross_domain_ksm_frames``."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+
+from udedup.ksm.attribution import Attribution, ProcessSaving
+
+from test_metrics_promtool import README, busy_round, exposition, families, type_lines
+
+PS = 4096
+
+
+def saving(pid, cgroup, ksm_pages, zero_pages=0):
+    return ProcessSaving(pid=pid, comm=f"p{pid}", uid=0, cgroup=cgroup, mergeable_bytes=1 << 20,
+                         ksm_mappings=int(ksm_pages * 2), ksm_saved_pages=ksm_pages,
+                         zero_mapped_pages=zero_pages, ksm_zero_pages=0)
+
+
+def attribution(*procs) -> Attribution:
+    return Attribution(page_size=PS, processes=tuple(procs), truth=None, unreadable_processes=0,
+                       read_seconds=0.01)
+
+
+def offenders(n):
+    """An AuditReport's shape as the snapshot reads it: ``len(report.offenders)``."""
+    return SimpleNamespace(offenders=[object()] * n)
+
+
+def round_with(tmp_path, attr=None, audit=None, cap=50):
+    """busy_round's daemon, then one more round whose Observation carries ``attr`` and ``audit``
+    (what the Observer fills with metrics.per_cgroup and trust domains on)."""
+    d = busy_round(tmp_path)
+    d.cfg.metrics.max_cgroup_series = cap
+    real = d.observer.observe
+
+    def observe(*args, **kwargs):
+        return dataclasses.replace(real(*args, **kwargs), attribution=attr, audit=audit)
+    d.observer.observe = observe
+    d.run_round()
+    return d
+
+
+FIVE = attribution(saving(1, "/kubepods.slice/a", 100.5), saving(2, "/kubepods.slice/a", 50, 10),
+                   saving(3, "/kubepods.slice/b", 300), saving(4, "/system.slice/c", 2),
+                   saving(5, "", 0, 7), saving(6, "/machine.slice/d", 1))
+
+
+def test_round_and_state_carry_cgroups_largest_first(tmp_path):
+    d = round_with(tmp_path, FIVE, offenders(3))
+    r = d.latest.last
+    # a: 100.5 + 50 + 10 zero pages = 160.5 pages; "" (no cgroup v2 group) is "/"
+    assert r.cgroups == (("/kubepods.slice/b", 300 * PS, 1), ("/kubepods.slice/a", round(160.5 * PS), 2),
+                         ("/", 7 * PS, 1), ("/system.slice/c", 2 * PS, 1),
+                         ("/machine.slice/d", 1 * PS, 1))
+    assert sum(c[1] for c in r.cgroups) == FIVE.saved_bytes      # nothing lost in the mapping
+    assert r.cross_domain_frames == 3
+    state = d.latest.state()
+    assert state["cross_domain_frames"] == 3
+    assert state["cgroups"][0] == {"cgroup": "/kubepods.slice/b", "saved_bytes": 300 * PS,
+                                   "processes": 1}
+
+
+def test_cgroup_series_are_capped_the_rest_summed(tmp_path):
+    d = round_with(tmp_path, FIVE, offenders(0), cap=2)
+    fams = families(exposition(d))
+    saved = {s.labels["cgroup"]: s.value for s in fams["udedup_cgroup_saved_bytes"].samples}
+    assert saved == {"/kubepods.slice/b": 300 * PS, "/kubepods.slice/a": round(160.5 * PS),
+                     "other": (7 + 2 + 1) * PS}
+    procs = {s.labels["cgroup"]: s.value for s in fams["udedup_cgroup_processes"].samples}
+    assert procs == {"/kubepods.slice/b": 1, "/kubepods.slice/a": 2, "other": 3}
+    assert fams["udedup_cgroup_series_folded"].samples[0].value == 3
+    assert fams["udedup_cross_domain_ksm_frames"].samples[0].value == 0    # domains on, clean
+    d.cfg.metrics.max_cgroup_series = 50               # SIGHUP: the next round's snapshot has it
+    d.run_round()
+    fams = families(exposition(d))
+    assert "other" not in {s.labels["cgroup"] for s in fams["udedup_cgroup_saved_bytes"].samples}
+    assert len(fams["udedup_cgroup_saved_bytes"].samples) == 5
+    assert fams["udedup_cgroup_series_folded"].samples[0].value == 0
+    d.cfg.metrics.max_cgroup_series = 0                # everything in "other"
+    d.run_round()
+    fams = families(exposition(d))
+    assert {s.labels["cgroup"]: s.value for s in fams["udedup_cgroup_saved_bytes"].samples} == {
+        "other": FIVE.saved_bytes}
+
+
+def test_off_means_no_series(tmp_path):
+    """per_cgroup off (no attribution) and domains off (no audit): neither family appears, and
+    the state file says cross_domain_frames null."""
+    d = round_with(tmp_path)
+    types = type_lines(exposition(d))
+    assert not [n for n in types if n.startswith("udedup_cgroup_")]
+    assert "udedup_cross_domain_ksm_frames" not in types
+    assert d.latest.last.cgroups == () and d.latest.last.cross_domain_frames is None
+    assert d.latest.state()["cross_domain_frames"] is None and "cgroups" not in d.latest.state()
+
+
+def test_promtool_finds_nothing_with_cgroup_series(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian: apt-get install --no-install-recommends "
+                    "prometheus)")
+    text = exposition(round_with(tmp_path, FIVE, offenders(2), cap=3))
+    assert 'udedup_cgroup_saved_bytes{cgroup="other"}' in text
+    got = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                         text=True, timeout=60)
+    assert got.returncode == 0 and not (got.stdout + got.stderr).strip(), got.stdout + got.stderr
+
+
+def test_new_families_are_in_the_readme(tmp_path):
+    with open(README, encoding="utf-8") as fh:
+        readme = fh.read()
+    text = exposition(round_with(tmp_path, FIVE, offenders(1), cap=2))
+    names = [n for n in type_lines(text) if n.startswith(("udedup_cgroup_", "udedup_cross_"))]
+    assert len(names) == 4
+    missing = [n for n in names if not re.search(rf"`{n}[`{{]", readme)]
+    assert not missing, f"README lacks {missing}"
