@@ -264,6 +264,36 @@ def test_settings_applies_and_restores(tree, kernel):
     assert read_tree(tree) == before
 
 
+class CountingKernel(FakeKernel):
+    """A :class:`FakeKernel` that counts the reads of every file by name."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.reads: dict[str, int] = {}
+
+    def read(self, path, knob):
+        self.reads[knob] = self.reads.get(knob, 0) + 1
+        return super().read(path, knob)
+
+
+@pytest.mark.parametrize("knobs", [dict(run=1, pages_to_scan=5000, sleep_millisecs=0, smart_scan=0),
+                                   dict(advisor_mode="scan-time", use_zero_pages=1)])
+def test_settings_reads_each_knob_once_at_its_end(tree, knobs):
+    kernel = CountingKernel(tree)
+    ksm = Ksm(tree, sysfs=kernel)
+    before = read_tree(tree)
+    with ksm.settings(**knobs):
+        kernel.reads.clear()
+        kernel.writes.clear()
+    written = {name for name, _ in kernel.writes}
+    # one read of each knob to compare and restore, plus the read-back of each knob written
+    # (pages_to_scan, which writing advisor_mode resets, is read again after it)
+    again = {"pages_to_scan"} if "advisor_mode" in written else set()
+    expected = {name: 1 + (name in written) + (name in again) for name in ksm.knob_names()}
+    assert {k: v for k, v in kernel.reads.items() if k in expected} == expected
+    assert read_tree(tree) == before
+
+
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_settings_restores_on_exception_and_ctrl_c(tree, kernel, exc):
     ksm = Ksm(tree, sysfs=kernel)

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/sys/kernel/mm/ksm"
 _DEFAULT = object()
+#: Knobs a write of the key changes too (mm/ksm.c: a new advisor_mode resets pages_to_scan): a
+#: value of them read before that write is stale after it.
+_WRITE_ALSO_CHANGES = {"advisor_mode": ("pages_to_scan",)}
 
 
 class Ksm:
@@ -189,11 +192,13 @@ class Ksm:
         """Validate, write (unless already the value), re-read to verify."""
         self.write_value(name, self.parse(name, value))
 
-    def write_value(self, name: str, typed, force: bool = False) -> bool:
+    def write_value(self, name: str, typed, force: bool = False, current=_DEFAULT) -> bool:
         """Write the typed value (already parsed) unless it is there already (``force``: write
-        anyway), then re-read to verify; True when it wrote."""
+        anyway), then re-read to verify; True when it wrote. ``current``: the value just read, if
+        the caller has it (else it is read here)."""
         spec = self.spec(name)
-        current = self._read_typed(name)
+        if current is _DEFAULT:
+            current = self._read_typed(name)
         if current == typed and not force:
             return False
         text = table.format_value(spec, typed)
@@ -244,7 +249,10 @@ class Ksm:
         ``pages_to_scan`` is ignored while ``advisor_mode`` is ``scan-time``: the advisor retunes it
         itself once per full scan.
         """
-        now = self.knobs()
+        return self._changed(snap, self.knobs())
+
+    @staticmethod
+    def _changed(snap: KnobSnapshot, now: Mapping[str, object]) -> dict[str, tuple[object, object]]:
         ignored = {"pages_to_scan"} if pages_to_scan_ignored(now) else set()
         return {name: (then, now.get(name)) for name, then in snap.items()
                 if name not in ignored and now.get(name, then) != then}
@@ -264,9 +272,12 @@ class Ksm:
                     knob="pages_to_scan", value=typed["pages_to_scan"])
         return typed
 
-    def _needs_unmerge(self, typed: Mapping[str, object]) -> list[str]:
+    def _needs_unmerge(self, typed: Mapping[str, object],
+                       now: Mapping[str, object] | None = None) -> list[str]:
+        now = now or {}
         return [name for name in UNMERGE_KNOBS
-                if name in typed and self._read_typed(name) != typed[name]]
+                if name in typed and (now[name] if name in now else self._read_typed(name))
+                != typed[name]]
 
     def _write_all(self, typed: Mapping[str, object], allow_unmerge: bool) -> list[str]:
         """Write in the kernel's order; returns the names written. Raises on the first failure."""
@@ -327,33 +338,44 @@ class Ksm:
             raise
         return before
 
-    def restore(self, snap: KnobSnapshot, allow_unmerge: bool = False) -> None:
+    def restore(self, snap: KnobSnapshot, allow_unmerge: bool = False,
+                now: Mapping[str, object] | None = None) -> None:
         """Put every knob of ``snap`` back, in an order the kernel accepts.
 
         ``max_page_sharing`` / ``merge_across_nodes`` can only change with no KSM page left: that
         needs ``allow_unmerge=True`` (``run=2`` first), else :class:`KsmBusyError` before anything is
         written. Otherwise best effort: every knob that can be restored is, and the first error is
-        raised at the end.
+        raised at the end. ``now``: every knob as the caller just read it (:meth:`knobs`), so none
+        is read again before its write.
         """
         with signals.deferred():
-            self._restore(snap, allow_unmerge)
+            self._restore(snap, allow_unmerge, now)
 
-    def _restore(self, snap: KnobSnapshot, allow_unmerge: bool) -> None:
+    def _restore(self, snap: KnobSnapshot, allow_unmerge: bool,
+                 now: Mapping[str, object] | None = None) -> None:
+        """``now``: every knob as just read (:meth:`knobs`), so that none is read twice; values
+        a write makes stale (:data:`_WRITE_ALSO_CHANGES`, ``run=2``) are read again."""
         present = set(self.knob_names())
         typed = {name: value for name, value in snap.items() if name in present}
-        busy = self._needs_unmerge(typed)
+        now = dict(now or {})
+        busy = self._needs_unmerge(typed, now)
         if busy and not allow_unmerge and self.stats().pages_shared:
             raise KsmBusyError(
                 f"cannot restore {', '.join(busy)} while KSM pages exist: restore with "
                 "allow_unmerge=True or unmerge first ('udedup unmerge')", knob=busy[0])
         first_error = None
-        if busy and allow_unmerge and (self.stats().pages_shared or self.get("run") == 1):
+        if busy and allow_unmerge and (self.stats().pages_shared or now.get("run", self.get("run"))
+                                       == 1):
             self.write_raw("run", "2")
+            now.pop("run", None)
         # the snapshot's advisor owns pages_to_scan: writing advisor_mode back restores it
         skip = {"pages_to_scan"} if pages_to_scan_ignored(typed) else set()
         for name in write_order(n for n in typed if n not in skip):
             try:
-                self.write_value(name, typed[name])
+                current = now.pop(name, _DEFAULT)
+                if self.write_value(name, typed[name], current=current):
+                    for stale in _WRITE_ALSO_CHANGES.get(name, ()):
+                        now.pop(stale, None)
             except KsmError as err:
                 log.warning("ksm: could not restore %s=%r: %s", name, typed[name], err)
                 first_error = first_error or err
@@ -388,17 +410,19 @@ class Ksm:
             applied = self.snapshot()
             yield self
         finally:
+            # one read of every knob serves both the check and the restore
             try:
-                outside = self.changed_since(applied) if applied is not None else {}
+                now = self.knobs()
             except KsmError:
-                outside = {}
+                now = None
+            outside = self._changed(applied, now) if applied is not None and now else {}
             outside.pop("run", None)  # unmerge_all() inside the block is ours
             if outside:
                 log.warning("ksm: knobs changed by someone else during settings(): %s; restoring "
                             "them anyway", ", ".join(f"{k} {a!r}->{b!r}" for k, (a, b) in
                                                      outside.items()))
             try:
-                self.restore(before, allow_unmerge=allow_unmerge)
+                self.restore(before, allow_unmerge=allow_unmerge, now=now)
             except BaseException:
                 if self.journal is not None:
                     self.journal.fail()    # the journal outlives us: a later start retries
