@@ -14,9 +14,10 @@ import types as _types
 
 from ..ksm.accounting import RMAP_ITEM_BYTES, ksm_pages
 from .api import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_BYTES, default_threads, estimate
-from .model import Estimate, MappingReport, Prediction, TargetReport
+from .model import DomainReport, DomainSummary, Estimate, MappingReport, Prediction, TargetReport
 
-__all__ = ["estimate", "Estimate", "Prediction", "MappingReport", "TargetReport", "ksm_pages",
+__all__ = ["estimate", "Estimate", "Prediction", "MappingReport", "TargetReport", "DomainReport",
+           "DomainSummary", "ksm_pages",
            "RMAP_ITEM_BYTES", "DEFAULT_CHUNK_BYTES", "DEFAULT_CACHE_BYTES", "default_threads"]
 
 

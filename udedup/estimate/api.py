@@ -74,7 +74,8 @@ def estimate(targets, passes: int = 2, interval: float = 0.5, all_eligible: bool
              buffer_bytes: int = DEFAULT_CHUNK_BYTES,
              cache_bytes: int = DEFAULT_CACHE_BYTES, threads: int | None = None,
              progress=None, recheck: str = "all", range_gap: int = DEFAULT_RANGE_GAP,
-             max_ranges: int = DEFAULT_MAX_RANGES, ksm=None) -> Estimate:
+             max_ranges: int = DEFAULT_MAX_RANGES, ksm=None, domains=None,
+             zero_pages_across_domains: bool = True) -> Estimate:
     """Predict what KSM would save on ``targets``: PIDs and/or buffers of this process (a list,
     or one of them). Pages merge across all targets together, as KSM merges across processes.
 
@@ -102,8 +103,19 @@ def estimate(targets, passes: int = 2, interval: float = 0.5, all_eligible: bool
     ``range_gap`` (bytes) and ``max_ranges`` shape each target's ``saving_ranges``: saving runs
     closer than ``range_gap`` are joined, and at most ``max_ranges`` ranges are kept per target
     by joining across the smallest gaps (see :class:`~.model.TargetReport`).
+
+    ``domains`` ({pid: trust-domain key}, see :mod:`udedup.host.domains`): also split the saving
+    by trust domain (:mod:`.domains`): a content found in several domains is registrable in one
+    only, and each target gets ``domain_ranges`` (never containing a page whose content is
+    registered elsewhere), ``conflict_ranges`` and ``domain_saved_pages``; ``Estimate.domains``
+    sums it up. A target missing from ``domains`` is a domain of its own. With
+    ``zero_pages_across_domains`` zero pages are registrable in every domain, else they are one
+    content like any other. None (the default): no domain step, the output is unchanged.
     """
     _check_options(passes, interval, recheck, range_gap, max_ranges)
+    if domains is not None and not hasattr(domains, "get"):
+        raise UsageError(f"domains must map PIDs to domain keys (a dict), got "
+                         f"{type(domains).__name__}")
     passes = int(passes)
     sparse = recheck == "candidates"
     procfs = as_procfs(procfs)
@@ -148,8 +160,11 @@ def estimate(targets, passes: int = 2, interval: float = 0.5, all_eligible: bool
         est = timed("summarize", lambda: summarize(
             scope, passes=passes, interval=interval, all_eligible=all_eligible,
             max_page_sharing=mps, use_zero_pages=uzp, unconfirmed=unconfirmed,
-            range_gap=int(range_gap), max_ranges=int(max_ranges), exited_in=reads.exited_in))
+            range_gap=int(range_gap), max_ranges=int(max_ranges), exited_in=reads.exited_in,
+            domains=domains, zero_pages_across_domains=zero_pages_across_domains))
         est.recheck = recheck
+        if est.domains is not None:
+            timings["domains"] = est.domains.seconds
         est.timings = timings
         est.bytes_read = reads.bytes_read
         est.buffer_bytes = reads.buffer_bytes

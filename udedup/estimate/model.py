@@ -172,6 +172,19 @@ class TargetReport(_PageCounts):
     # saving pages outside saving_ranges: 0 unless more mappings hold savings than max_ranges
     # (then the ranges of the mappings saving least are left out)
     uncovered_pages: int = 0
+    # With trust domains (estimate(domains=...); all None / empty without): the target's domain
+    # key; the ranges to register instead of saving_ranges (its registrable pages, never a foreign
+    # one) and the readable pages inside them; its foreign pages (content registered in another
+    # domain) and, page precise, those of them in registered (mg) mappings: what to unregister;
+    # the pages saved per use_zero_pages when every domain registers only its registrable pages;
+    # registrable pages outside domain_ranges (more spans than max_ranges)
+    domain: str | None = None
+    domain_ranges: list = field(default_factory=list)
+    domain_range_pages: int = 0
+    foreign_pages: int = 0
+    conflict_ranges: list = field(default_factory=list)
+    domain_saved_pages: dict | None = None
+    domain_uncovered_pages: int = 0
 
     def as_dict(self) -> dict:
         d = {"pid": self.pid, "name": self.name, "kind": self.kind, "exited": self.exited}
@@ -180,7 +193,79 @@ class TargetReport(_PageCounts):
         d["saving_ranges"] = [[hex(a), hex(b)] for a, b in self.saving_ranges]
         d["range_pages"] = self.range_pages
         d["uncovered_pages"] = self.uncovered_pages
+        if self.domain is not None:
+            d["domain"] = self.domain
+            d["domain_ranges"] = [[hex(a), hex(b)] for a, b in self.domain_ranges]
+            d["domain_range_pages"] = self.domain_range_pages
+            d["domain_uncovered_pages"] = self.domain_uncovered_pages
+            d["foreign_pages"] = self.foreign_pages
+            d["conflict_ranges"] = [[hex(a), hex(b)] for a, b in self.conflict_ranges]
+            d["domain_saved_pages"] = {str(k): round(v, 1)
+                                       for k, v in (self.domain_saved_pages or {}).items()}
         return d
+
+
+def _pages_dict(pages: dict) -> dict:
+    return {str(k): round(v, 1) for k, v in sorted(pages.items())}
+
+
+@dataclass
+class DomainReport:
+    """One trust domain of an estimate: its processes, what it saves when every domain registers
+    only its registrable pages (``saved_pages_kept``) and when everything is registered
+    (``saved_pages_all``), per use_zero_pages; its pages in contents found in several domains
+    (``exposed_pages``), those of them whose content is registered elsewhere (``foreign_pages``)."""
+
+    key: str
+    pids: list
+    saved_pages_kept: dict
+    exposed_pages: int = 0
+    saved_pages_all: dict = field(default_factory=lambda: {0: 0.0, 1: 0.0})
+    foreign_pages: int = 0
+    scanned_pages: int = 0
+    zero_pages: int = 0
+
+    def as_dict(self) -> dict:
+        return {"key": self.key, "pids": list(self.pids),
+                "saved_pages_kept": _pages_dict(self.saved_pages_kept),
+                "saved_pages_all": _pages_dict(self.saved_pages_all),
+                "exposed_pages": self.exposed_pages, "foreign_pages": self.foreign_pages,
+                "scanned_pages": self.scanned_pages, "zero_pages": self.zero_pages}
+
+
+@dataclass
+class DomainSummary:
+    """Trust domains over a whole estimate (:mod:`.domains`). KSM has no partition: a content
+    found in several domains is registered in one of them only (where it saves most; ties: more
+    pages already registered, then the smallest key). ``zero_pages_across``: zero pages stay
+    registrable everywhere (they merge into the kernel's zero page with use_zero_pages=1).
+
+    ``saved_pages_all`` / ``saved_pages_kept`` {use_zero_pages: pages}: everything registered
+    (the plain prediction) / only the registrable pages. ``cross_groups``: confirmed duplicate
+    groups with members in two or more domains; ``exposed_pages``: their pages (each would map a
+    KSM page mapped from another domain if everything were merged); ``exposed_zero_pages``: zero
+    pages outside the domain with most of them, when two or more domains have some (what merges
+    across domains with use_zero_pages=0)."""
+
+    zero_pages_across: bool
+    saved_pages_all: dict
+    saved_pages_kept: dict
+    cross_groups: int = 0
+    exposed_pages: int = 0
+    exposed_zero_pages: int = 0
+    per_domain: list = field(default_factory=list)
+    foreign_pages: int = 0
+    seconds: float = 0.0          # time the domain step took
+
+    def as_dict(self) -> dict:
+        return {"zero_pages_across": self.zero_pages_across, "domains": len(self.per_domain),
+                "saved_pages_all": _pages_dict(self.saved_pages_all),
+                "saved_pages_kept": _pages_dict(self.saved_pages_kept),
+                "cross_groups": self.cross_groups, "exposed_pages": self.exposed_pages,
+                "exposed_zero_pages": self.exposed_zero_pages,
+                "foreign_pages": self.foreign_pages,
+                "per_domain": [d.as_dict() for d in self.per_domain],
+                "seconds": round(self.seconds, 4)}
 
 
 @dataclass
@@ -219,6 +304,7 @@ class Estimate:
     # re-checked zero pages and duplicate candidates that changed)
     recheck: str = "all"
     thp: ThpSummary | None = None  # None: no THP among the scanned pages
+    domains: DomainSummary | None = None   # estimate(domains=...) only
 
     @property
     def thp_known(self) -> bool:
@@ -296,6 +382,7 @@ class Estimate:
             "index_bytes": self.index_bytes, "bytes_per_page": round(self.bytes_per_page, 2),
             "buffer_bytes": self.buffer_bytes,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            **({"domains": self.domains.as_dict()} if self.domains is not None else {}),
         }
 
     _asdict = as_dict

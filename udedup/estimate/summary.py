@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ksm.accounting import sharing_fraction
+from .domains import assign_domains
 from .group import head_sizes
 from .model import COUNT_FIELDS, Estimate, ThpSummary
 from .ranges import SavingRanges
@@ -17,9 +18,11 @@ from .thp import ThpLayout, per_thp_sum, thp_outcome
 
 def summarize(scope: Scope, *, passes: int, interval: float, all_eligible: bool,
               max_page_sharing: int, use_zero_pages: bool | None, unconfirmed: int,
-              range_gap: int, max_ranges: int, exited_in: dict) -> Estimate:
+              range_gap: int, max_ranges: int, exited_in: dict, domains=None,
+              zero_pages_across_domains: bool = True) -> Estimate:
     """The Estimate of a scanned scope. ``exited_in``: {pid: pass in which it exited}; the pages
-    of those processes are left out (KSM will never see them)."""
+    of those processes are left out (KSM will never see them). ``domains`` ({pid: key}): also
+    the trust-domain split of :mod:`.domains` (``est.domains`` and the targets' domain fields)."""
     mps = max_page_sharing
     est = Estimate(page_size=scope.page_size, passes=passes, interval=interval,
                    all_eligible=all_eligible, max_page_sharing=mps,
@@ -97,6 +100,9 @@ def summarize(scope: Scope, *, passes: int, interval: float, all_eligible: bool,
     est.pages_scanned = scope.total
     est.zero_mapped_pages = sum(r.zero_mapped_pages for r in scope.reports)
     _notes(est, scope, passes, all_eligible, exited_in)
+    if domains is not None:
+        est.domains = assign_domains(scope, est, sizes_by_head, handed, domains,
+                                     zero_pages_across_domains, mps, range_gap, max_ranges)
     return est
 
 
