@@ -295,7 +295,8 @@ def make_scenario(args, log):
     if args.scenario == "realhost":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from realhost import RealHost
-        return RealHost(args.scale, Child, log, install=not args.no_install)
+        return RealHost(args.scale, Child, log, install=not args.no_install,
+                        programs=args.programs.split(","))
     return Synthetic(args.scale)
 
 
@@ -610,9 +611,10 @@ def target_check(results, floor, idle) -> list[str]:
 
 
 PEERS = ("reference", "default", "ksmtuned", "advisor", "udedup", "floor")
+PROGRAMS = ("java", "node", "redis", "python", "qemu")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd")
     c = sub.add_parser("child")
@@ -640,13 +642,27 @@ def main(argv=None) -> int:
                         help="run the udedup daemon under cProfile, its profile written to PATH")
     parser.add_argument("--no-install", action="store_true",
                         help="realhost: do not apt-get install missing programs")
+    parser.add_argument("--programs", default=",".join(PROGRAMS),
+                        help=f"realhost: which programs to start (default {','.join(PROGRAMS)})")
     parser.add_argument("--out", help="also write the report here (and JSON next to it)")
     parser.add_argument("--no-lock", action="store_true",
                         help="do not take the KSM experiment lock (the caller holds it already)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "-enable-kvm"]  # see Child
     args = parser.parse_args(argv)
     if args.cmd == "child":
         return child_main(args)
+    peers = args.peers.split(",")
+    for opt, given, known in (("--peers", peers, PEERS), ("--programs", args.programs.split(","), PROGRAMS)):
+        unknown = set(given) - set(known)
+        if unknown:
+            print(f"{opt}: unknown {', '.join(sorted(unknown))}; choose from {', '.join(known)}",
+                  file=sys.stderr)
+            return 2
     global _LOCKING
     _LOCKING = not args.no_lock
     if args.daemon_profile:
@@ -657,12 +673,6 @@ def main(argv=None) -> int:
     snap = ksm.snapshot()
     workdir = tempfile.mkdtemp(prefix="udedup-bench-")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    peers = args.peers.split(",")
-    unknown = set(peers) - set(PEERS)
-    if unknown:
-        print(f"--peers: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PEERS)}",
-              file=sys.stderr)
-        return 2
     args.workload = make_scenario(args, log)
     results, series, notes = [], {}, list(args.workload.notes)
     achievable = predicted = None

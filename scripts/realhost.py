@@ -35,6 +35,10 @@ PR_SET_PDEATHSIG, PR_SET_MEMORY_MERGE = 1, 67
 PACKAGES = {"java": "openjdk-17-jre-headless", "node": "nodejs", "redis-server": "redis-server",
             "qemu-system-x86_64": "qemu-system-x86", "ksmtuned": "ksmtuned"}
 
+#: --programs words -> the program each starts ("python": the Python workers, always at hand)
+PROGRAM_OF = {"java": "java", "node": "node", "redis": "redis-server", "qemu": "qemu-system-x86_64"}
+SELECTABLE = ("java", "node", "redis", "python", "qemu")
+
 #: what udedup's daemon is told to look at (candidates.names: shell patterns on comm)
 CANDIDATE_NAMES = ("java", "node", "redis-server", "qemu-system-*", "py-worker-*")
 
@@ -84,10 +88,11 @@ process.stdin.on('end', () => process.exit(0));
 """
 
 
-def ensure_programs(log, install: bool = True) -> tuple[dict, list[str]]:
-    """{program: path} of the programs found (installing the missing ones with apt-get when
-    ``install``), and one note per program left out, with the reason."""
-    missing = [p for p in PACKAGES if shutil.which(p) is None]
+def ensure_programs(log, install: bool = True, wanted=tuple(PACKAGES)) -> tuple[dict, list[str]]:
+    """{program: path} of the ``wanted`` programs found (installing the missing ones with apt-get
+    when ``install``), and one note per program left out, with the reason."""
+    wanted = [p for p in PACKAGES if p in wanted]
+    missing = [p for p in wanted if shutil.which(p) is None]
     notes = []
     if missing and install and shutil.which("apt-get") and os.geteuid() == 0:
         pkgs = sorted({PACKAGES[p] for p in missing})
@@ -100,8 +105,8 @@ def ensure_programs(log, install: bool = True) -> tuple[dict, list[str]]:
             last = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
             notes.append(f"apt-get install {' '.join(pkgs)} failed: {last}")
         # a freshly installed redis-server starts as a service: ours runs on its own port anyway
-    found = {p: shutil.which(p) for p in PACKAGES if shutil.which(p)}
-    for p in PACKAGES:
+    found = {p: shutil.which(p) for p in wanted if shutil.which(p)}
+    for p in wanted:
         if p not in found:
             notes.append(f"{p}: not available (Debian package {PACKAGES[p]}); left out of the scenario")
     return found, notes
@@ -232,9 +237,12 @@ class RealHost:
 
     name = "realhost"
 
-    def __init__(self, scale: float, child_cls, log, install: bool = True, vm_memory_mib: int = 0):
+    def __init__(self, scale: float, child_cls, log, install: bool = True, vm_memory_mib: int = 0,
+                 programs=SELECTABLE):
         self.scale, self.child_cls, self.log = scale, child_cls, log
-        self.programs, self.notes = ensure_programs(log, install=install)
+        wanted = {PROGRAM_OF[p] for p in programs if p in PROGRAM_OF}
+        self.python = "python" in programs
+        self.programs, self.notes = ensure_programs(log, install=install, wanted=wanted | {"ksmtuned"})
         self.workdir = tempfile.mkdtemp(prefix="udedup-realhost-")
         for name, src in (("Heap.java", JAVA_SOURCE), ("hold.js", NODE_SOURCE)):
             with open(os.path.join(self.workdir, name), "w") as f:
@@ -264,8 +272,9 @@ class RealHost:
             parts.append(f"3 Node.js ({self.size_mib(96)} MiB of repeated 64 KiB buffers each)")
         if "redis-server" in self.programs:
             parts.append(f"redis-server ({self.redis_keys()} unique keys x 1 KiB, DEBUG POPULATE)")
-        parts.append(f"2 Python workers ({self.size_mib(192)} MiB: 50 % duplicates; "
-                     f"{self.size_mib(128)} MiB unique at 4 Hz)")
+        if self.python:
+            parts.append(f"2 Python workers ({self.size_mib(192)} MiB: 50 % duplicates; "
+                         f"{self.size_mib(128)} MiB unique at 4 Hz)")
         if self.vms is not None:
             s = self.vms.spec
             parts.append(f"2 QEMU guests ({self.vms.accel}, {s.memory // MiB} MiB RAM, "
@@ -299,10 +308,11 @@ class RealHost:
             if "redis-server" in self.programs:
                 kids.append(Redis(self.programs["redis-server"], register, self.redis_keys(), 1024,
                                   self.workdir))
-            kids.append(self.child_cls("py-worker-a", self.size_mib(192) * MiB, dup=0.5,
-                                       private_seed=21, register=register))
-            kids.append(self.child_cls("py-worker-b", self.size_mib(128) * MiB, private_seed=22,
-                                       volatile_hz=4.0, register=register))
+            if self.python:
+                kids.append(self.child_cls("py-worker-a", self.size_mib(192) * MiB, dup=0.5,
+                                           private_seed=21, register=register))
+                kids.append(self.child_cls("py-worker-b", self.size_mib(128) * MiB, private_seed=22,
+                                           volatile_hz=4.0, register=register))
             for k in kids:
                 k.wait_ready()
             time.sleep(2.0)     # let the JVMs' and Node's start-up work pass
