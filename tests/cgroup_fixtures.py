@@ -17,11 +17,14 @@ from udedup.host import pagemap as pm
 PS = os.sysconf("SC_PAGE_SIZE")
 
 CHILD = r"""
-import ctypes, json, mmap, sys
+import ctypes, json, mmap, os, sys
 import numpy as np
 ps = mmap.PAGESIZE
 pages = json.loads(sys.argv[1])      # one [kind, index] per page
 sys.stdin.readline()                 # until the parent has moved us into our cgroup
+if len(sys.argv) > 2:                # run as this uid (python and numpy are loaded already)
+    os.setresgid(int(sys.argv[2]), int(sys.argv[2]), int(sys.argv[2]))
+    os.setresuid(int(sys.argv[2]), int(sys.argv[2]), int(sys.argv[2]))
 buf = mmap.mmap(-1, len(pages) * ps, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 buf.madvise(mmap.MADV_NOHUGEPAGE)
 a = np.frombuffer(buf, dtype=np.uint8).reshape(len(pages), ps)
@@ -105,11 +108,14 @@ class LayoutChild:
     """A child process whose one anonymous buffer (MADV_NOHUGEPAGE, MADV_MERGEABLE) holds one page
     per ``[kind, index]`` of ``layout``: kinds "x", "y", "z", "w", "zero", "unique"; the same
     (kind, index) gives the same bytes in every child. Moved into ``cgroup`` (a cgroup v2
-    directory) before it fills its buffer, if given."""
+    directory) before it fills its buffer, if given; running as ``user`` (a uid, its gid too: the
+    child drops root after loading python, whose files another uid may not read), if given."""
 
-    def __init__(self, layout, cgroup: str | None = None):
+    def __init__(self, layout, cgroup: str | None = None, user: int | None = None):
         self.layout = layout
-        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(layout)],
+        self.user = user
+        extra = [] if user is None else [str(int(user))]
+        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(layout), *extra],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      close_fds=True)
         self.pid = self.proc.pid

@@ -169,14 +169,31 @@ class Attribution:
                 "read_seconds": round(self.read_seconds, 6)}
 
 
-def _check_root(procfs: ProcFs, zero_pfns: tuple) -> None:
-    for name in ("kpageflags", "kpagecount"):
+def check_root(procfs: ProcFs, zero_pfns: tuple, tables=("kpageflags", "kpagecount"),
+               message: str = NEEDS_ROOT) -> None:
+    """ProcessAccessError(``message``) unless the PFN ``tables`` open and pagemap shows PFNs."""
+    for name in tables:
         try:
             os.close(procfs.open_global(name))
         except ProcessAccessError:
-            raise ProcessAccessError(NEEDS_ROOT) from None
+            raise ProcessAccessError(message) from None
     if not zero_pfns:           # pagemap shows PFN 0: PFNs are hidden from us
-        raise ProcessAccessError(NEEDS_ROOT)
+        raise ProcessAccessError(message)
+
+
+def mergeable_pagemap(procfs: ProcFs, pid: int, ranges, page_size: int, out: np.ndarray):
+    """The page walk of attribution and the audit: ``(address, entries)`` for each block of at
+    most ``out.size`` pages of ``ranges`` (one open of the pagemap, one pread per block; the
+    entries live in ``out``, overwritten by the next block). ProcessError if the process exits."""
+    fd = procfs.open(pid, "pagemap")
+    step = out.size * page_size
+    try:
+        for start, end in ranges:
+            for lo in range(start, end, step):
+                yield lo, read_pagemap(fd, lo, min(end, lo + step), out=out,
+                                       page_size=page_size, pid=pid)
+    finally:
+        os.close(fd)
 
 
 class AttributionReader:
@@ -206,7 +223,7 @@ class AttributionReader:
                 self.zero_pfns = zero_page_pfns(self.procfs)
             except UdedupError:     # no self/pagemap (a fake tree without zero_pfns)
                 self.zero_pfns = ()
-        _check_root(self.procfs, self.zero_pfns)
+        check_root(self.procfs, self.zero_pfns)
         reread = stats is None
         if reread:
             stats = read_counters(self)
@@ -238,17 +255,10 @@ class AttributionReader:
         if not ranges:
             return None
         procfs, scratch, zero_pfns = self.procfs, self._scratch, self.zero_pfns
-        fd = procfs.open(pid, "pagemap")
         zero, pfns = 0, []
-        try:
-            for start, end in ranges:
-                for lo in range(start, end, PAGEMAP_BLOCK * ps):
-                    entries = read_pagemap(fd, lo, min(end, lo + PAGEMAP_BLOCK * ps),
-                                           out=scratch[:PAGEMAP_BLOCK], page_size=ps, pid=pid)
-                    zero += zero_page_entries(entries, zero_pfns, scratch[PAGEMAP_BLOCK:])
-                    pfns.append(shared_anon_pfns(entries, zero_pfns))
-        finally:
-            os.close(fd)
+        for _, entries in mergeable_pagemap(procfs, pid, ranges, ps, scratch[:PAGEMAP_BLOCK]):
+            zero += zero_page_entries(entries, zero_pfns, scratch[PAGEMAP_BLOCK:])
+            pfns.append(shared_anon_pfns(entries, zero_pfns))
         uids = status_ids(procfs.maybe_status(pid) or {}, "Uid")
         proc = ProcessSaving(pid=pid, comm=procfs.comm(pid, default="?"),
                              uid=uids[1] if len(uids) > 1 else None, cgroup=procfs.cgroup(pid),
