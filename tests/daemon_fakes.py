@@ -3,6 +3,9 @@ daemon configuration they start from."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import NamedTuple
 
 from udedup.daemon.config import Config
 from udedup.host.fs import SysFs
@@ -80,3 +83,28 @@ def add_mapping(procfs, pid, kb=4, start=0x7E0000000000):
     smaps = procfs / str(pid) / "smaps"
     smaps.write_text(smaps.read_text() + SMAPS_ENTRY.format(start=start, end=start + kb * 1024,
                                                             path="", kb=kb, mg=""))
+
+
+# --- trust domains: what udedup.ksm.audit.AuditReport gives the daemon (its offenders' mappings
+# as (domain, pid, comm, address)), and an estimate target with the domain fields
+class FakeOffender(NamedTuple):
+    pfn: int
+    zero: bool
+    mappings: tuple
+
+
+@dataclass(frozen=True)
+class FakeAudit:
+    offenders: tuple = ()
+    ksm_frames: int = 0
+    read_seconds: float = 0.001
+
+
+def domain_target(pid, domain, ranges=(), conflicts=(), saved=(0.0, 0.0), scanned=1000, zero=0,
+                  foreign=0, page_size=4096):
+    """An estimate TargetReport's fields as the daemon reads them (estimate(domains=...))."""
+    return SimpleNamespace(pid=pid, kind="process", exited=False, scanned_pages=scanned,
+                           unreadable_pages=0, zero_pages=zero, domain=domain,
+                           domain_ranges=list(ranges), conflict_ranges=list(conflicts),
+                           domain_range_pages=sum(e - s for s, e in ranges) // page_size,
+                           domain_saved_pages={0: saved[0], 1: saved[1]}, foreign_pages=foreign)

@@ -12,6 +12,7 @@ else changed since is theirs (reported, not fought).
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from ..errors import KsmError, KsmPermissionError, UdedupError
@@ -23,22 +24,29 @@ from .model import EstimateResult, Observation, Plan, ProcessInfo
 
 log = logging.getLogger(__name__)
 
-
 # --- estimation and registration ------------------------------------------------------------------
 def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float) -> dict:
     """One joint estimate (duplicates across processes count) -> {key: EstimateResult | str error},
-    reading the processes under ``daemon.procfs``."""
+    reading the processes under ``daemon.procfs``. With ``security.trust_domains`` on, the
+    estimate is told each process's domain (:func:`udedup.host.domains.process_domains`) and each
+    result carries its domain ranges and conflict ranges."""
     from ..estimate import estimate
 
-    e, r = cfg.estimate, cfg.registration
+    e, r, sec = cfg.estimate, cfg.registration, cfg.security
     pids = [i.pid for i in infos]
     results: dict = {}
+    extra: dict = {}
+    if sec.trust_domains != "none":
+        from ..host.domains import process_domains
+        extra = {"domains": process_domains(pids, sec.trust_domains, sec.cgroup_depth,
+                                            cfg.daemon.procfs),
+                 "zero_pages_across_domains": sec.zero_pages_across_domains}
     try:
         # threads=1: a daemon is judged by its CPU, not by how soon an estimate ends; the read-ahead
         # thread buys wall time for CPU (0.47 against 0.40 CPU-s for the benchmark's two VMs)
         est = estimate(pids, passes=e.passes, interval=e.pass_interval, all_eligible=True,
                        procfs=cfg.daemon.procfs, recheck=e.recheck, range_gap=r.range_gap,
-                       max_ranges=r.max_ranges, threads=1)
+                       max_ranges=r.max_ranges, threads=1, **extra)
     except UdedupError as err:
         if len(infos) == 1:
             return {infos[0].key: str(err)}
@@ -46,16 +54,21 @@ def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float) -> 
         for info in infos:
             results.update(estimate_processes([info], cfg, use_zero_pages, now))
         return results
-    per_pid = per_process(est, pids, use_zero_pages, by_ranges=r.granularity == "ranges")
+    if extra:
+        per_pid = per_process_domains(est, use_zero_pages)
+    else:
+        per_pid = {pid: dict(zip(("saved", "scanned", "ranges", "range_bytes"), got))
+                   for pid, got in per_process(est, pids, use_zero_pages,
+                                               by_ranges=r.granularity == "ranges").items()}
     for info in infos:
         got = per_pid.get(info.pid)
         if got is None:
             results[info.key] = "exited during the estimate"
             continue
-        saved, scanned, ranges, range_bytes = got
+        saved, scanned = got.pop("saved"), got.pop("scanned")
         pct = 100.0 * saved / scanned if scanned else 0.0
         results[info.key] = EstimateResult(at=now, saved_bytes=int(saved), scanned_bytes=int(scanned),
-                                           saved_percent=pct, ranges=ranges, range_bytes=range_bytes)
+                                           saved_percent=pct, **got)
     return results
 
 
@@ -125,6 +138,35 @@ def per_process(est, pids, use_zero_pages: bool, by_ranges: bool = False) -> dic
     return per
 
 
+def per_process_domains(est, use_zero_pages: bool) -> dict:
+    """{pid: EstimateResult fields} from an Estimate made with ``domains=``: what registering only
+    each process's domain ranges saves (its ``domain_saved_pages``, paying an rmap item per page
+    of those ranges), the ranges, and the foreign pages inside registered mappings
+    (``conflict_ranges``, to unregister)."""
+    from ..ksm.accounting import RMAP_ITEM_BYTES
+
+    k = int(bool(use_zero_pages))
+    ps = est.page_size
+    summary = getattr(est, "domains", None)
+    keys = tuple(sorted({d.key for d in getattr(summary, "per_domain", ()) or ()}))
+    per = {}
+    for t in est.targets:
+        if getattr(t, "kind", "process") != "process" or t.exited:
+            continue
+        readable = t.scanned_pages - t.unreadable_pages
+        range_pages = int(t.domain_range_pages or 0)
+        rmap = max(0, range_pages - (t.zero_pages if use_zero_pages else 0))
+        per[int(t.pid)] = {
+            "saved": t.domain_saved_pages[k] * ps - rmap * RMAP_ITEM_BYTES,
+            "scanned": readable * ps,
+            "ranges": tuple(tuple(x) for x in t.domain_ranges or ()),
+            "range_bytes": range_pages * ps, "domain": t.domain,
+            "conflict_ranges": tuple(tuple(x) for x in t.conflict_ranges or ()),
+            "foreign_pages": int(t.foreign_pages or 0),
+            "other_domains": tuple(d for d in keys if d != t.domain)}
+    return per
+
+
 def register_process(info: ProcessInfo, mode: str, ranges=None, procfs: str = DEFAULT_PROCFS,
                      ksm_root: str = DEFAULT_ROOT) -> tuple[bool, str]:
     """Opt ``info`` in by injection (:func:`udedup.inject.enable`, which checks and reads the
@@ -140,6 +182,20 @@ def register_process(info: ProcessInfo, mode: str, ranges=None, procfs: str = DE
     if ranges:
         how += f", {len(ranges)} range{'s' if len(ranges) != 1 else ''}"
     return True, how
+
+
+def unregister_process(info: ProcessInfo, ranges, procfs: str = DEFAULT_PROCFS,
+                       ksm_root: str = DEFAULT_ROOT) -> tuple[bool, str]:
+    """``MADV_UNMERGEABLE`` over ``ranges`` of ``info`` by injection
+    (:func:`udedup.inject.disable`, mode madvise): their merged pages get private copies again.
+    (done, how or why not)."""
+    from ..inject import disable
+
+    try:
+        disable(info.pid, mode="madvise", ranges=list(ranges), procfs=procfs, ksm_root=ksm_root)
+    except UdedupError as err:
+        return False, str(err)
+    return True, f"madvise MADV_UNMERGEABLE, {len(ranges)} range{'s' if len(ranges) != 1 else ''}"
 
 
 # --- knobs ----------------------------------------------------------------------------------------
@@ -195,19 +251,23 @@ def self_test(ksm, original: dict, cfg: Config) -> list[str]:
 class Actor:
     """Carries out the actions of a plan, and reports their results to the policy.
 
-    ``estimator(infos, cfg, use_zero_pages, now)`` and ``registrar(info, mode, ranges, procfs,
-    ksm_root)`` default to :func:`estimate_processes` and :func:`register_process`; a caller
+    ``estimator(infos, cfg, use_zero_pages, now)``, ``registrar(info, mode, ranges, procfs,
+    ksm_root)`` and ``unregistrar(info, ranges, procfs, ksm_root)`` default to
+    :func:`estimate_processes`, :func:`register_process` and :func:`unregister_process`; a caller
     without real memory to read (tests on fake trees) passes its own."""
 
     def __init__(self, ksm, policy, dry_run: bool = False, clock=time.monotonic,
-                 estimator=estimate_processes, registrar=register_process):
+                 estimator=estimate_processes, registrar=register_process,
+                 unregistrar=unregister_process):
         self.ksm = ksm
         self.policy = policy
         self.dry_run = dry_run
         self.clock = clock
         self.estimator = estimator
         self.registrar = registrar
+        self.unregistrar = unregistrar
         self.knob_writes = 0
+        self._unregister_failed: dict = {}   # pid -> the failure last logged at WARNING
 
     def estimate(self, cfg: Config, plan: Plan, obs: Observation, mappings: dict, seed: int) -> None:
         """Screen ``plan.estimate``, estimate the rest jointly, record every result. ``mappings``:
@@ -248,6 +308,31 @@ class Actor:
             else:
                 log.warning("pid %d (%s): injection failed: %s", info.pid, info.name, detail)
             self.policy.record_registration(info.key, ok, detail, self.clock())
+
+    def unregister(self, cfg: Config, plan: Plan) -> None:
+        """Carry out ``plan.unregister`` (trust domains: pages that must not merge here)."""
+        page = os.sysconf("SC_PAGE_SIZE")
+        for info, ranges, _reason in plan.unregister:
+            n = sum(e - s for s, e in ranges) // page
+            if self.dry_run:
+                log.info("dry run: would unregister %d pages of pid %d (%s) by injection (madvise)",
+                         n, info.pid, info.name)
+                continue
+            ok, detail = self.unregistrar(info, ranges, procfs=cfg.daemon.procfs,
+                                          ksm_root=cfg.daemon.ksm_root)
+            if ok:
+                self._unregister_failed.pop(info.pid, None)
+                log.info("pid %d (%s): unregistered %d pages by injection (%s)", info.pid,
+                         info.name, n, detail)
+            elif self._unregister_failed.get(info.pid) != detail:
+                self._unregister_failed[info.pid] = detail   # retried every round: said once
+                log.warning("pid %d (%s): unregistering %d pages that must not merge across trust "
+                            "domains failed: %s (retried each round)", info.pid, info.name, n,
+                            detail)
+            else:
+                log.debug("pid %d (%s): unregistering failed again: %s", info.pid, info.name,
+                          detail)
+            self.policy.record_unregistration(info.key, ok, ranges, detail)
 
     def apply(self, plan: Plan) -> None:
         """Write ``plan.knobs`` (all or none: Ksm.apply rolls back a failure and raises)."""

@@ -169,14 +169,20 @@ class Security:
 
     trust_domains: str = _f(
         "none", "choice", "none: merge across everything; cgroup: a domain per cgroup v2 path (cut "
-        "at cgroup_depth); uid: a domain per effective uid", choices=("none", "cgroup", "uid"))
+        "at cgroup_depth); uid: a domain per effective uid. With domains the daemon registers only "
+        "each process's domain ranges (by injection, madvise: needs registration.granularity = "
+        "\"ranges\" and an inject_mode other than prctl), unregisters registered pages whose content "
+        "saves more in another domain, and audits the candidates' KSM frames every round, "
+        "unregistering any frame mapped from two domains in the domain that maps it less",
+        choices=("none", "cgroup", "uid"))
     cgroup_depth: int = _f(
         0, "int", "with trust_domains = cgroup, the domain is the first this many components of the "
         "cgroup path (0: the whole path; e.g. 3 gives one domain per pod under "
         "/kubepods.slice/kubepods-burstable.slice/...)", lo=0, hi=64)
     zero_pages_across_domains: bool = _f(
         True, "bool", "zero-filled pages may merge across domains (they carry no tenant data; the "
-        "kernel's zero page is shared by everyone anyway); false treats them like any content")
+        "kernel's zero page is shared by everyone anyway); false treats them like any content (one "
+        "winning domain, and the audit counts zero-filled KSM frames shared across domains)")
 
 
 @dataclass
@@ -279,6 +285,18 @@ def _check(cfg: Config) -> None:
                  "their memory: set allow_non_loopback = true to serve them on the network anyway")
     if not cfg.daemon.state_file:
         fail("daemon.state_file", "must not be empty (crash recovery needs it)")
+    if cfg.security.trust_domains != "none":
+        # whole-process registration registers every page, foreign ones too: refused rather
+        # than overridden, so that a config never means something else than it says
+        td = f'trust_domains = "{cfg.security.trust_domains}"'
+        if cfg.registration.granularity != "ranges":
+            fail("registration.granularity", f'"{cfg.registration.granularity}" cannot keep trust '
+                 f'domains apart (security.{td} registers page ranges only): set granularity = '
+                 '"ranges" or trust_domains = "none"')
+        if cfg.registration.inject_mode == "prctl":
+            fail("registration.inject_mode", f'"prctl" registers whole processes, which cannot keep '
+                 f'trust domains apart (security.{td}): set inject_mode = "auto" or "madvise", or '
+                 'trust_domains = "none"')
 
 
 def load_config(path: str | None = None, env: Mapping[str, str] | None = None,

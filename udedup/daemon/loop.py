@@ -23,9 +23,11 @@ import time
 from dataclasses import dataclass
 
 from ..errors import KsmError, ProcessError, UdedupError
-from .act import Actor, estimate_processes, register_process, restore_knobs, self_test
+from .act import (Actor, estimate_processes, register_process, restore_knobs, self_test,
+                  unregister_process)
 from .config import Config
 from .decisionlog import DecisionLog
+from .domains import span_warning
 from .observe import Observer, process_start_time
 from .policy import Policy
 from .snapshot import DaemonIdentity, RoundSnapshot, build_snapshot, round_figures
@@ -61,12 +63,12 @@ def burst_due(ksm, full_scans: int, predicted_bytes: int, realized_percent: floa
 
 class Daemon:
     """``ksm``: the controller to use (default: one over ``daemon.ksm_root`` and
-    ``daemon.procfs``, opened by :meth:`run`); ``estimator``/``registrar``: see
-    :class:`~.act.Actor`."""
+    ``daemon.procfs``, opened by :meth:`run`); ``estimator``/``registrar``/``unregistrar``: see
+    :class:`~.act.Actor`; ``auditor``: see :class:`~.observe.Observer`."""
 
     def __init__(self, cfg: Config, loader=None, options: Options | None = None, env=None,
                  clock=time.monotonic, ksm=None, estimator=estimate_processes,
-                 registrar=register_process):
+                 registrar=register_process, unregistrar=unregister_process, auditor=None):
         self.cfg = cfg
         self.loader = loader                # () -> Config, for SIGHUP
         self.opts = options or Options()
@@ -85,6 +87,8 @@ class Daemon:
         self.rounds = 0
         self.latest: RoundSnapshot | None = None   # the last completed round: what metrics read
         self._estimator, self._registrar = estimator, registrar
+        self._unregistrar, self._auditor = unregistrar, auditor
+        self._span_checked = False  # the trust-domain warning: checked until said, per start/reload
         self._dry_logged: dict = {}
         self.decisions = DecisionLog(log, clock=clock)     # INFO, at most once a minute per subject
         self.ksm = None
@@ -94,9 +98,11 @@ class Daemon:
     def attach(self, ksm) -> None:
         """Use ``ksm`` for observing and acting."""
         self.ksm = ksm
-        self.observer = Observer(self.cfg.daemon.procfs, ksm, clock=self.clock)
+        self.observer = Observer(self.cfg.daemon.procfs, ksm, clock=self.clock,
+                                 auditor=self._auditor)
         self.actor = Actor(ksm, self.policy, dry_run=self.opts.dry_run, clock=self.clock,
-                           estimator=self._estimator, registrar=self._registrar)
+                           estimator=self._estimator, registrar=self._registrar,
+                           unregistrar=self._unregistrar)
 
     # --- lifecycle
     def run(self) -> int:
@@ -232,6 +238,7 @@ class Daemon:
                     setattr(new.daemon, key, getattr(old.daemon, key))
             self.cfg = new
             self.policy.reconfigure(new)
+            self._span_checked = False
             if new.metrics.address != old.metrics.address:
                 if self.metrics is not None:
                     self.metrics.close()
@@ -254,11 +261,16 @@ class Daemon:
         try:
             for attempt in range(3):
                 obs = self.observer.observe(cfg, self.policy.mappings_max_age, self.rounds)
+                if attempt == 0:
+                    self._warn_span(obs)
                 plan = self.policy.decide(obs)
                 final = attempt == 2 or not (plan.estimate or plan.register)
                 # only the last plan of the round has its knobs applied: only it reports them
                 self._log(plan, knobs=final)
-                # the policy counts planned actions as done: they must run, final plan or not
+                # the policy counts planned actions as done: they must run, final plan or not;
+                # pages that must not merge here are unregistered first
+                if plan.unregister:
+                    self.actor.unregister(cfg, plan)
                 if plan.estimate:
                     self.actor.estimate(cfg, plan, obs, self.observer.mappings_by_pid(), self.rounds)
                 if plan.register:
@@ -275,6 +287,16 @@ class Daemon:
             self.state.write(self.latest, required=False)
         if self.rounds > 1:
             self.notify.send(f"STATUS={self.status_line()}")
+
+    def _warn_span(self, obs) -> None:
+        """Trust domains off, candidates in two or more cgroups or uids: say so once (per start
+        or reload), as soon as it is so."""
+        if self._span_checked or self.cfg.security.trust_domains != "none":
+            return
+        text = span_warning(obs.processes)
+        if text is not None:
+            self._span_checked = True
+            log.warning("%s", text)
 
     def snapshot(self, last) -> RoundSnapshot:
         """The daemon now, with ``last`` the figures of the round just done (None: none yet)."""

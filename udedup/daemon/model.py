@@ -61,6 +61,14 @@ class EstimateResult:
     ranges: tuple = ()
     range_bytes: int = 0
     screened: str = ""          # set when a sample ruled the process out: how (no full estimate)
+    #: security.trust_domains on: the process's domain key; ``ranges`` are then its domain ranges
+    #: (registrable pages only, never a page whose content saves more in another domain) and
+    #: ``saved_bytes`` what registering only those saves
+    domain: str | None = None
+    #: page-precise ranges of foreign pages inside mappings registered now: to unregister
+    conflict_ranges: tuple = ()
+    foreign_pages: int = 0      # pages whose content won in another domain
+    other_domains: tuple = ()   # the other domains of the joint estimate (for the log)
 
 
 class Register(NamedTuple):
@@ -69,6 +77,15 @@ class Register(NamedTuple):
     info: "ProcessInfo"
     mode: str                   # inject mode: auto, prctl, madvise
     ranges: tuple | None = None
+
+
+class Unregister(NamedTuple):
+    """Ranges to unregister by injection (``MADV_UNMERGEABLE``), and why: they hold pages that must
+    not merge in this process's trust domain."""
+
+    info: "ProcessInfo"
+    ranges: tuple
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,7 @@ class Decision:
 class Plan:
     estimate: list = field(default_factory=list)        # ProcessInfo to estimate together, now
     register: list = field(default_factory=list)        # Register actions, by injection
+    unregister: list = field(default_factory=list)      # Unregister actions, by injection
     knobs: dict = field(default_factory=dict)           # knob -> value to write
     mode: str = "hold"                                  # fast, slow, stopped, hold
     decisions: list = field(default_factory=list)       # new or changed decisions only
@@ -143,6 +161,11 @@ class TrackedProcess:
     registration_failed: str | None = None
     registered_at: float | None = None
     registered_ranges: tuple | None = None  # what our last range registration covered
+    # trust domains: ranges the round's audit unregistered (their frames were shared with another
+    # domain): not registered again until a newer estimate; and the estimate (its ``at``) whose
+    # conflict ranges were planned for unregistering
+    withheld: tuple = ()
+    conflicts_of: float | None = None
     last_reason: str | None = None          # last decision reported for this process
     worthwhile: bool = False
 

@@ -1,6 +1,8 @@
 """What the daemon sees each round: candidate processes (/proc), their smaps figures, KSM's
 counters and knobs, the true saving (:mod:`udedup.ksm.truth`, read once per round), ksmd's and its
-own CPU time, memory pressure.
+own CPU time, memory pressure; with ``metrics.per_cgroup`` the saving per process
+(:mod:`udedup.ksm.attribution`, whose walk then gives the true saving too), and with
+``security.trust_domains`` the page-by-page audit of the candidates (:mod:`udedup.ksm.audit`).
 
 Every /proc read goes through :class:`~udedup.host.fs.ProcFs` and the parsers of
 :mod:`udedup.host.parse`; the root is ``daemon.procfs``. A walk of /proc skips processes that
@@ -19,6 +21,7 @@ from ..errors import (KernelThreadError, KsmError, ProcessAccessError, ProcessNo
 from ..host.fs import DEFAULT_PROCFS, ProcFs, as_procfs
 from ..host.maps import read_mappings
 from ..host.parse import status_ids, status_kib
+from ..ksm.attribution import AttributionReader
 from ..ksm.truth import TrueSavings, TrueSavingsReader
 from .candidates import match_process
 from .config import Config
@@ -95,7 +98,7 @@ class Observer:
     smaps walks every page table entry, the biggest cost of a round, so a process's figures are
     re-read only once the policy's ``mappings_max_age`` says they are too old."""
 
-    def __init__(self, procfs: ProcFs | str, ksm, clock=time.monotonic):
+    def __init__(self, procfs: ProcFs | str, ksm, clock=time.monotonic, auditor=None):
         self.procfs = as_procfs(procfs)
         self.ksm = ksm
         self.clock = clock
@@ -108,6 +111,18 @@ class Observer:
         self._truth_failed_said = False
         self._truth: TrueSavings | None = None
         self._truth_round: int | None = None
+        # metrics.per_cgroup: one attribution reader kept across rounds (every process, the
+        # scope of the true saving: its truth is the round's)
+        self.attribution: AttributionReader | None = None
+        self._attribution = None
+        self._attribution_failed_said = False
+        # security.trust_domains: ``auditor(cfg, pids)`` -> AuditReport, once per round
+        self.auditor = auditor or self._audit_candidates
+        self._audit = None
+        self._audit_round: int | None = None
+        self._audit_failed_said = False
+        self._audit_reader = None       # (the [security] keys it was made for, AuditReader)
+        self._audit_pids: tuple = ()
 
     def mappings_by_pid(self) -> dict:
         """{pid: mappings} read this round or recently (the screen does not read them again)."""
@@ -146,7 +161,8 @@ class Observer:
                     procs.append(detailed)
         self._mappings = seen
         stats = self.ksm.stats()
-        truth = self._true_savings(stats, round_number)
+        truth, attribution = self._true_savings(cfg, stats, round_number)
+        audit = self._round_audit(cfg, procs, round_number)
         try:
             ksmd_cpu = self.ksm.ksmd_cpu_seconds()
         except KsmError as err:
@@ -162,16 +178,22 @@ class Observer:
                            knobs=self.ksm.knobs(), saved_bytes=stats.saved_bytes,
                            page_size=stats.page_size, ksmd_cpu_seconds=ksmd_cpu,
                            daemon_cpu_seconds=time.process_time(), memory=memory,
-                           true_savings=truth)
+                           true_savings=truth, attribution=attribution, audit=audit)
 
-    def _true_savings(self, stats, round_number: int) -> TrueSavings | None:
-        # A round may observe up to three times (estimates or registrations coming back): the
-        # pagemap walk is paid once per round, later observations take its zero-page part with
-        # their fresh counters.
+    def _true_savings(self, cfg: Config, stats, round_number: int) -> tuple:
+        """(TrueSavings | None, Attribution | None). A round may observe up to three times
+        (estimates or registrations coming back): the pagemap walk is paid once per round, later
+        observations take its zero-page part with their fresh counters."""
         if self._truth_round == round_number:
-            last = self._truth
-            return replace(last, stats=stats) if last is not None else None
+            last, attr = self._truth, self._attribution
+            if attr is not None:
+                attr = replace(attr, truth=replace(attr.truth, stats=stats))
+            return (replace(last, stats=stats) if last is not None else None), attr
         self._truth_round = round_number
+        self._attribution = self._read_attribution(stats) if cfg.metrics.per_cgroup else None
+        if self._attribution is not None:
+            self._truth = self._attribution.truth     # the same walk: no second one
+            return self._truth, self._attribution
         try:
             self._truth = self.truth.read(stats)
         except (UdedupError, OSError) as err:
@@ -180,4 +202,58 @@ class Observer:
                 self._truth_failed_said = True
                 log.warning("the true saving cannot be read (%s): only KSM's counters are reported",
                             err)
-        return self._truth
+        return self._truth, None
+
+    def _read_attribution(self, stats):
+        if self.attribution is None:
+            self.attribution = AttributionReader(self.ksm, self.procfs)
+        try:
+            return self.attribution.read(stats)
+        except (UdedupError, OSError) as err:
+            if not self._attribution_failed_said:
+                self._attribution_failed_said = True
+                log.warning("metrics.per_cgroup: the saving per cgroup cannot be read (%s): no "
+                            "per-cgroup figures", err)
+            return None
+
+    def _round_audit(self, cfg: Config, procs, round_number: int):
+        """The candidates' audit (AuditReport), read once per round; None with domains off or
+        when it fails (said once)."""
+        if cfg.security.trust_domains == "none":
+            self._audit, self._audit_round = None, None
+            return None
+        if self._audit_round == round_number:
+            return self._audit
+        self._audit_round = round_number
+        if not procs:
+            self._audit = None      # no candidate: nothing of ours to check
+            return None
+        try:
+            self._audit = self.auditor(cfg, [p.pid for p in procs])
+        except (UdedupError, OSError) as err:
+            self._audit = None
+            if not self._audit_failed_said:
+                self._audit_failed_said = True
+                log.warning("security.trust_domains: the audit of the candidates' KSM frames "
+                            "cannot be read (%s): frames merged across domains are not found",
+                            err)
+            return None
+        self._audit_failed_said = False
+        log.debug("audit of %d candidates: %d KSM frames, %d mapped from two domains, %.3f s",
+                  len(procs), self._audit.ksm_frames, len(self._audit.offenders),
+                  self._audit.read_seconds)
+        return self._audit
+
+    def _audit_candidates(self, cfg: Config, pids):
+        """The default auditor: one :class:`~udedup.ksm.audit.AuditReader` kept across rounds
+        (it keeps each process's mg ranges), made again when the [security] keys change."""
+        from ..ksm.audit import AuditReader
+
+        sec = cfg.security
+        key = (sec.trust_domains, sec.cgroup_depth, sec.zero_pages_across_domains)
+        if self._audit_reader is None or self._audit_reader[0] != key:
+            self._audit_reader = (key, AuditReader(
+                sec.trust_domains, sec.cgroup_depth, ksm=self.ksm, procfs=self.procfs,
+                pids=lambda: self._audit_pids, zero_pages_across_domains=sec.zero_pages_across_domains))
+        self._audit_pids = tuple(pids)
+        return self._audit_reader[1].read()

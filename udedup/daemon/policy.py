@@ -27,10 +27,13 @@ How ksmd's speed is chosen:
 """
 from __future__ import annotations
 
+import dataclasses
+
 from ..ksm.knobs import pages_to_scan_ignored
 from ..ksm.settle import DEFAULT_TOLERANCE, SettleTracker
 from ..units import mib
 from .config import Config
+from .domains import resolve_audit, subtract
 from .model import (PRIOR_SECONDS_PER_PAGE, Decision, EstimateResult, Observation, Plan,
                     TrackedProcess)
 from .rates import ewma_weight, knobs_for_rate, pressure_state, sleep_for_batch
@@ -76,6 +79,7 @@ class Policy:
         self._managed_keys: set = set()
         self._knob_mode = None                      # mode the current knob values were chosen for
         self._advisor_logged = False
+        self._audit_done = None                     # the last audit turned into unregistrations
 
     # --- feedback from the daemon
     def _credit_cap(self) -> float:
@@ -84,12 +88,17 @@ class Policy:
 
     def reconfigure(self, cfg: Config) -> None:
         """SIGHUP: new settings; estimates stay, yielded knobs are ours again to decide about."""
+        old = self.cfg.security
         self.cfg = cfg
         self.cpu_credit = min(self.cpu_credit, self._credit_cap())
         self.yielded.clear()
+        # estimates made for other trust domains say nothing about these: estimate again
+        stale = dataclasses.astuple(old) != dataclasses.astuple(cfg.security)
         for p in self.procs.values():
             p.last_reason = None
             p.registration_failed = None
+            if stale:
+                p.estimate, p.estimate_failed, p.withheld, p.conflicts_of = None, None, (), None
         self._knob_mode = None
 
     def record_estimate(self, key, result: EstimateResult | None, error: str | None = None,
@@ -101,6 +110,15 @@ class Policy:
             p.estimate_failed, p.estimate_failed_at = error or "estimate failed", now
             return
         p.estimate, p.estimate_failed = result, None
+        p.withheld = ()     # the newer estimate decides afresh what is registrable
+
+    def record_unregistration(self, key, ok: bool, ranges, detail: str) -> None:
+        """Done: no longer registered; failed: the conflicts are planned again next round."""
+        p = self.procs.get(key)
+        if p is not None and ok and p.registered_ranges is not None:
+            p.registered_ranges = subtract(p.registered_ranges, ranges)
+        elif p is not None and not ok:
+            p.conflicts_of = None
 
     def record_registration(self, key, ok: bool, detail: str, now: float) -> None:
         p = self.procs.get(key)
@@ -124,12 +142,20 @@ class Policy:
         self._measure(obs, plan)
         plan.pressure, pressure_reason = pressure_state(cfg, obs.memory)
         self._choose_estimates(obs, plan)
-        classify(cfg, self.procs.values(), obs.now, plan)
+        self._resolve_audit(obs, plan)
+        classify(cfg, self.procs.values(), obs.now, plan, obs.page_size)
         self._choose_mode(obs, plan, pressure_reason)
         self._prev = obs
         for d in plan.decisions:
             self.decision_counts[d.kind] = self.decision_counts.get(d.kind, 0) + 1
         return plan
+
+    def _resolve_audit(self, obs: Observation, plan: Plan) -> None:
+        if (obs.audit is None or obs.audit is self._audit_done
+                or self.cfg.security.trust_domains == "none"):
+            return
+        self._audit_done = obs.audit  # an audit is acted on once, however often a round decides
+        resolve_audit(self.cfg, self.procs.values(), obs.audit, obs.page_size, plan)
 
     def _external_changes(self, obs: Observation, plan: Plan) -> None:
         for name, ours in list(self.written.items()):
