@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -18,6 +19,8 @@ from udedup import cli
 from udedup.ab.running import CHILD_MODULE
 from udedup.commands.ab import parse_arm
 from udedup.errors import UsageError
+from udedup.ksm import LOCK_PATH
+from udedup.ksm.lock import lock_holders
 from udedup import pages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,6 +90,8 @@ USAGE = [
     (["--ready-file", "/tmp/x"], 2, "apply to --cmd only"),
     (["--out", "x", "--no-out"], 2, "contradict"),
     (["--fix", "pages_to_scan"], 2, "expected KNOB=VALUE"),
+    (["--lock-timeout", "-1"], 2, "give seconds >= 0"),
+    (["--lock-timeout", "1", "--no-lock"], 2, "not together with --no-lock"),
 ]
 NEEDS_KSM = [
     (["--fix", "use_zero_pages=1"], 2, "both varied by the arms and fixed"),
@@ -178,7 +183,7 @@ def _running(pid) -> bool:
 def test_tiny_run_prints_the_promised_json_and_restores_knobs(tmp_path):
     before = _knobs()
     proc = _udedup("--size", "8M", "--trials", "1", "--seed", "3", "--json", "--out",
-                   str(tmp_path / "rep"), "--no-figure", *FAST)
+                   str(tmp_path / "rep"), "--no-figure", "--no-lock", *FAST)
     try:
         out, err = proc.communicate(timeout=120)
     finally:
@@ -207,7 +212,7 @@ def test_ctrl_c_mid_run_exits_130_restores_knobs_kills_workload_keeps_trials(tmp
     before = _knobs()
     out = tmp_path / "rep"
     proc = _udedup("--size", "8M", "--trials", "50", "--seed", "5", "--out", str(out), "--no-figure",
-                   *FAST)
+                   "--no-lock", *FAST)
     harness = psutil.Process(proc.pid)
     workers = set()
     deadline = time.monotonic() + 60
@@ -246,7 +251,7 @@ def test_a_workload_that_dies_is_reported_exit_11(tmp_path):
     ready = tmp_path / "ready"
     code = f"import time; open({str(ready)!r}, 'w').close(); time.sleep(0.5); raise SystemExit(3)"
     proc = _udedup("--cmd", shlex.join([sys.executable, "-c", code]), "--ready-file", str(ready),
-                   "--trials", "1", "--json", "--no-out", "--fix", "pages_to_scan=10",
+                   "--trials", "1", "--json", "--no-out", "--no-lock", "--fix", "pages_to_scan=10",
                    "--fix", "sleep_millisecs=100", "--settle-timeout", "20")
     try:
         out, err = proc.communicate(timeout=120)
@@ -256,4 +261,122 @@ def test_a_workload_that_dies_is_reported_exit_11(tmp_path):
     assert "the workload failed or died in 2 of 2 trials (first: exited with status 3" in err
     doc = json.loads(out)
     assert [t["status"] for t in doc["trials"]] == ["workload-died", "workload-died"]
+    assert _knobs() == before
+
+
+# --- the experiment lock and runs without a verdict -----------------------------------------------
+@pytest.mark.ksm   # this test process holds the lock: the harness must wait, then give up
+def test_a_busy_lock_is_waited_for_then_exit_5_and_nothing_changes():
+    before = _knobs()
+    proc = _udedup("--size", "8M", "--trials", "1", "--no-out", "--lock-timeout", "1", *FAST)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 5, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err
+    assert lines[0].startswith(f"udedup ab: waiting for the KSM experiment lock {LOCK_PATH}, held "
+                               f"by PID {os.getpid()} (")
+    assert lines[1].startswith(f"udedup: error: the KSM experiment lock {LOCK_PATH} is still held "
+                               f"by PID {os.getpid()} (") and "after 1 s" in lines[1]
+    assert _knobs() == before
+
+
+def _fds_to(pid, path):
+    found = []
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                    found.append(int(fd))
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return found
+
+
+def test_a_run_holds_the_lock_and_its_workloads_do_not_inherit_it():
+    """Not marked ksm: the harness takes the machine's lock itself (waiting for other sessions)."""
+    from conftest import ksm_unavailable_reason
+    reason = ksm_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    proc = _udedup("--size", "8M", "--trials", "2", "--seed", "4", "--no-out", "--cow-sample", "0",
+                   *FAST)
+    harness = psutil.Process(proc.pid)
+    held_by, workloads, inherited = set(), set(), {}
+    try:
+        while proc.poll() is None:
+            with open(LOCK_PATH, "a+") as f:
+                held_by.update(lock_holders(f.fileno()))
+            try:
+                kids = harness.children(recursive=True)
+            except psutil.NoSuchProcess:
+                break
+            for kid in kids:
+                workloads.add(kid.pid)
+                if _fds_to(kid.pid, LOCK_PATH):
+                    inherited[kid.pid] = _fds_to(kid.pid, LOCK_PATH)
+            time.sleep(0.01)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, err
+    assert proc.pid in held_by
+    assert workloads and inherited == {}
+
+
+@pytest.mark.ksm
+def test_no_trial_settles_no_verdict_exit_7():
+    before = _knobs()
+    proc = _udedup("--size", "8M", "--trials", "1", "--no-out", "--no-lock", "--cow-sample", "0",
+                   "--settle-timeout", "0.3", "--fix", "pages_to_scan=10", "--fix",
+                   "sleep_millisecs=200")
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 7, err
+    last = err.strip().splitlines()[-1]
+    assert last == ("udedup: error: no verdict: every trial of arm 'off', 'on' was left out: 2 did "
+                    "not settle within 0.3 s (raise --settle-timeout or pages_to_scan)")
+    assert _knobs() == before
+
+
+@pytest.mark.ksm   # the incident: another KSM user wrote knobs in every trial
+def test_every_trial_disturbed_no_verdict_exit_7():
+    knob = os.path.join(KSM, "stable_node_chains_prune_millisecs")
+    if not os.path.exists(knob):
+        pytest.skip("this kernel has no stable_node_chains_prune_millisecs knob to disturb with")
+    with open(knob) as f:
+        original = f.read().strip()
+    before = _knobs()
+    stop = threading.Event()
+
+    def meddle():
+        i = 0
+        while not stop.wait(0.003):
+            i += 1
+            with open(knob, "w") as f:
+                f.write(str(1000 + i % 997))
+    writer = threading.Thread(target=meddle)
+    proc = _udedup("--size", "8M", "--trials", "1", "--no-out", "--no-lock", "--cow-sample", "0",
+                   *FAST)
+    writer.start()
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        stop.set()
+        writer.join()
+        with open(knob, "w") as f:
+            f.write(original)
+        _stop(proc)
+    assert proc.returncode == 7, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("udedup: error: no verdict: every trial of arm 'off', 'on' was left out: "
+                           "2 disturbed: someone else changed KSM knobs mid-trial (first: knobs "
+                           "changed by someone else during the trial: "
+                           "stable_node_chains_prune_millisecs"), last
     assert _knobs() == before

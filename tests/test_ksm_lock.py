@@ -6,7 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
+import pytest
+
+from udedup.errors import KsmBusyError
+from udedup.ksm import experiment_lock
+from udedup.ksm.lock import lock_holders
 
 LOCK_HOLDER = r"""
 import os, subprocess, sys
@@ -33,3 +40,59 @@ def test_a_child_started_under_the_lock_does_not_hold_it(tmp_path):
     finally:
         os.kill(child, signal.SIGKILL)
         holder.stdout.close()
+
+
+HOLD_UNTIL_STDIN_CLOSES = r"""
+import sys
+from udedup.ksm import experiment_lock
+with experiment_lock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def _holder(path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_STDIN_CLOSES, path],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_busy_lock_says_who_holds_it_and_times_out(tmp_path):
+    path = str(tmp_path / "ksm.lock")
+    holder = _holder(path)
+    try:
+        said = []
+        t0 = time.monotonic()
+        with pytest.raises(KsmBusyError, match=rf"still held by PID {holder.pid} \(python.*after 0.3 s"):
+            with experiment_lock(path, timeout=0.3, on_wait=said.append):
+                pytest.fail("took a lock someone else holds")
+        assert 0.3 <= time.monotonic() - t0 < 5
+        assert len(said) == 1 and f"held by PID {holder.pid} (python" in said[0]
+        assert lock_holders_of(path) == [holder.pid]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+        holder.stdout.close()
+    said = []
+    with experiment_lock(path, timeout=0, on_wait=said.append):   # free: taken at once, no word
+        assert lock_holders_of(path) == [os.getpid()]
+    assert said == []
+
+
+def test_the_wait_ends_when_the_holder_lets_go(tmp_path):
+    path = str(tmp_path / "ksm.lock")
+    holder = _holder(path)
+    threading.Timer(0.3, holder.stdin.close).start()
+    try:
+        t0 = time.monotonic()
+        with experiment_lock(path, timeout=20):
+            assert 0.2 < time.monotonic() - t0 < 20
+    finally:
+        holder.wait(timeout=30)
+        holder.stdout.close()
+
+
+def lock_holders_of(path):
+    with open(path) as f:
+        return lock_holders(f.fileno())

@@ -21,12 +21,13 @@ and the trials finished so far are kept: :class:`ABInterrupted` carries them. Re
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, ContextManager, Mapping, Sequence
 
 from ..errors import KsmPermissionError, KsmTimeout, UsageError, WorkloadError
 from ..ksm.settle import DEFAULT_TOLERANCE
@@ -112,7 +113,8 @@ def run_ab(workload, arms: Mapping[str, Mapping[str, object]] | None = None,
            settle_timeout: float = 60.0, sample_interval: float = 0.1, cow_sample: int = 4096,
            stable_scans: int = 2, ksm=None, progress: Callable[[str], None] | None = None,
            on_trial: Callable[[TrialRecord, ABResult], None] | None = None,
-           settle_tolerance: float = DEFAULT_TOLERANCE) -> ABResult:
+           settle_tolerance: float = DEFAULT_TOLERANCE,
+           lock: ContextManager | None = None) -> ABResult:
     """Run ``workload`` under every arm, ``trials`` times each; return every record and a summary.
 
     ``arms``: ``{name: {knob: value}}``; the first arm is the baseline the others are compared to
@@ -121,6 +123,8 @@ def run_ab(workload, arms: Mapping[str, Mapping[str, object]] | None = None,
     nothing). ``seed`` (random if None, recorded) draws the arm order and the COW samples.
     ``settle_tolerance``: how much the saving may still move per full scan, as a fraction of it
     (plus a 32-page floor), for a trial to count as settled; 0 waits for exactly equal counters.
+    ``lock``: a context manager held from the baseline snapshot to the end of the restore, after
+    every check (``udedup ab`` passes :func:`udedup.ksm.experiment_lock`).
     Raises :class:`ABInterrupted` (a KeyboardInterrupt) with the finished trials on Ctrl-C/SIGTERM,
     after cleaning up; other errors propagate after the same cleanup.
     """
@@ -144,63 +148,65 @@ def run_ab(workload, arms: Mapping[str, Mapping[str, object]] | None = None,
     workload.preflight()
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
-    before = ksm.snapshot()
-    others = other_mergeable_processes(
-        exclude=getattr(workload, "pids", ()) if getattr(workload, "kind", "") == "pids" else (),
-        procfs=ksm.procfs)
-    if others:
-        log.warning("other processes have KSM-registered memory; ksmd scans it in every trial, so "
-                    "it adds to the counters and to ksmd's CPU time: %s",
-                    ", ".join(f"{o['comm']}[{o['pid']}]" for o in others[:8]))
-    config = {
-        "workload": workload.describe(), "arms": arms, "fixed": fixed,
-        "machine_knobs": {k: v for k, v in before.items() if k not in fixed and k not in arms[
-            next(iter(arms))] and k not in HARNESS_KNOBS},
-        "trials_per_arm": trials, "seed": seed, "settle_timeout": settle_timeout,
-        "sample_interval": sample_interval, "cow_sample": cow_sample, "stable_scans": stable_scans,
-        "settle_tolerance": settle_tolerance,
-        "page_size": ksm.page_size, "kernel": os.uname().release, "cpus": os.cpu_count(),
-        "other_mergeable_processes": others, "knobs_before": before.as_dict(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    result = ABResult(config=config)
-    order = trial_order(list(arms), trials, seed)
-    state = _Run()
-    interrupted: str | None = None      # the signal that stopped the run
-    with sigterm_raises():
-        try:
+    # the lock (udedup ab: the machine's experiment lock) from the first knob read to the restore
+    with lock if lock is not None else contextlib.nullcontext():
+        before = ksm.snapshot()
+        others = other_mergeable_processes(
+            exclude=getattr(workload, "pids", ()) if getattr(workload, "kind", "") == "pids" else (),
+            procfs=ksm.procfs)
+        if others:
+            log.warning("other processes have KSM-registered memory; ksmd scans it in every trial, so "
+                        "it adds to the counters and to ksmd's CPU time: %s",
+                        ", ".join(f"{o['comm']}[{o['pid']}]" for o in others[:8]))
+        config = {
+            "workload": workload.describe(), "arms": arms, "fixed": fixed,
+            "machine_knobs": {k: v for k, v in before.items() if k not in fixed and k not in arms[
+                next(iter(arms))] and k not in HARNESS_KNOBS},
+            "trials_per_arm": trials, "seed": seed, "settle_timeout": settle_timeout,
+            "sample_interval": sample_interval, "cow_sample": cow_sample, "stable_scans": stable_scans,
+            "settle_tolerance": settle_tolerance,
+            "page_size": ksm.page_size, "kernel": os.uname().release, "cpus": os.cpu_count(),
+            "other_mergeable_processes": others, "knobs_before": before.as_dict(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        result = ABResult(config=config)
+        order = trial_order(list(arms), trials, seed)
+        state = _Run()
+        interrupted: str | None = None      # the signal that stopped the run
+        with sigterm_raises():
             try:
-                for index, (block, arm) in enumerate(order):
-                    label = f"trial {index + 1}/{len(order)} {arm}"
-                    if progress:
-                        progress(f"{label}: starting the workload")
-                    record = _run_trial(ksm, workload, state, index, block, arm,
-                                        {**fixed, **arms[arm]}, seed=seed + 1000 * (index + 1),
-                                        settle_timeout=settle_timeout,
-                                        sample_interval=sample_interval, cow_sample=cow_sample,
-                                        stable_scans=stable_scans, settle_tolerance=settle_tolerance,
-                                        progress=progress, label=label)
-                    if record.status == "workload-failed" and not result.trials:
-                        raise WorkloadError(f"the workload failed to start: {record.error}")
-                    result.trials.append(record)
-                    log.info("%s: %s, saved %s bytes in %s s", label, record.status,
-                             record.saved_bytes, record.settle_seconds)
-                    if on_trial is not None:
-                        on_trial(record, result)
-            except KeyboardInterrupt as err:
-                interrupted = str(err) or "SIGINT"
-        finally:
-            late = _clean_up(ksm, state, before)
-    with held() as pending:     # a Ctrl-C while the summary is computed keeps it, and counts
-        result.config["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        result.summarize()
-    late += [signal.Signals(sig).name for sig in pending]
-    if late and interrupted is None:
-        interrupted = late[0]
-    if interrupted is not None:
-        result.interrupted = True
-        raise ABInterrupted(result, interrupted) from None
-    return result
+                try:
+                    for index, (block, arm) in enumerate(order):
+                        label = f"trial {index + 1}/{len(order)} {arm}"
+                        if progress:
+                            progress(f"{label}: starting the workload")
+                        record = _run_trial(ksm, workload, state, index, block, arm,
+                                            {**fixed, **arms[arm]}, seed=seed + 1000 * (index + 1),
+                                            settle_timeout=settle_timeout,
+                                            sample_interval=sample_interval, cow_sample=cow_sample,
+                                            stable_scans=stable_scans, settle_tolerance=settle_tolerance,
+                                            progress=progress, label=label)
+                        if record.status == "workload-failed" and not result.trials:
+                            raise WorkloadError(f"the workload failed to start: {record.error}")
+                        result.trials.append(record)
+                        log.info("%s: %s, saved %s bytes in %s s", label, record.status,
+                                 record.saved_bytes, record.settle_seconds)
+                        if on_trial is not None:
+                            on_trial(record, result)
+                except KeyboardInterrupt as err:
+                    interrupted = str(err) or "SIGINT"
+            finally:
+                late = _clean_up(ksm, state, before)
+        with held() as pending:     # a Ctrl-C while the summary is computed keeps it, and counts
+            result.config["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            result.summarize()
+        late += [signal.Signals(sig).name for sig in pending]
+        if late and interrupted is None:
+            interrupted = late[0]
+        if interrupted is not None:
+            result.interrupted = True
+            raise ABInterrupted(result, interrupted) from None
+        return result
 
 
 def _clean_up(ksm, state: _Run, before) -> list[str]:

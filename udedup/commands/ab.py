@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from ..errors import UsageError, WorkloadError
+from ..errors import KsmTimeout, UsageError, WorkloadError
 from ..console import Progress, print_json
 
 NAME = "ab"
@@ -45,8 +45,16 @@ examples:
   udedup ab --vms 4 --vm-memory 256M --vm-shared 64M --trials 5
   udedup ab --pid $(pgrep -d, qemu-system) --trials 4
 
-exit codes: 0 done; 2 bad arguments; 3 no KSM; 4 not root; 6 bad knob value; 11 a workload failed
-or died (trials finished so far are still written); 130 interrupted (likewise).
+The run holds the machine's KSM experiment lock (/tmp/udedup-ksm.lock, which udedup's KSM tests
+and experiment scripts take too) from its first knob read to the restore: while another holder has
+it, the command says so and waits (--lock-timeout SEC to give up; --no-lock when the caller holds
+it). Trials that did not settle, or during which someone else changed a knob, are left out of the
+summary.
+
+exit codes: 0 done; 2 bad arguments; 3 no KSM; 4 not root; 5 the experiment lock stayed busy past
+--lock-timeout; 6 bad knob value; 7 no verdict: an arm has no usable trial (each one did not settle
+or was disturbed); 11 a workload failed or died (trials finished so far are still written); 130
+interrupted (likewise).
 """
 ORDER = 30
 
@@ -115,6 +123,11 @@ def add_arguments(parser) -> None:
                    help="seconds between counter samples (default 0.1)")
     r.add_argument("--cow-sample", type=int, default=4096,
                    help="merged pages written to time copy-on-write (default 4096, 0 = skip)")
+    r.add_argument("--lock-timeout", type=float, default=None, metavar="SEC",
+                   help="give up (exit 5) when the KSM experiment lock is still busy after SEC "
+                        "seconds (default: wait as long as it takes)")
+    r.add_argument("--no-lock", action="store_true",
+                   help="do not take the KSM experiment lock (the caller holds it)")
     o = parser.add_argument_group("output")
     o.add_argument("--out", default=None, help="report folder (default ./udedup-ab-<time>)")
     o.add_argument("--no-out", action="store_true", help="write no report folder")
@@ -257,12 +270,15 @@ def run(args) -> int:
     from ..ab.engine import DEFAULT_ARMS, default_fixed, run_ab
     from ..ab.records import ABInterrupted
     from ..ab.report import describe_run, format_table, write_json, write_report, write_trials_csv
-    from ..ksm import Ksm
+    from ..ksm import Ksm, experiment_lock
 
     if args.trials < 1:
         raise UsageError(f"--trials {args.trials}: need at least 1 trial per arm")
     if args.no_out and args.out:
         raise UsageError("--out and --no-out contradict each other")
+    if args.lock_timeout is not None and (args.no_lock or not args.lock_timeout >= 0):
+        raise UsageError(f"--lock-timeout {args.lock_timeout:g}: give seconds >= 0, and not "
+                         "together with --no-lock")
     arms = build_arms(args.arm)
     fixed_extra = {}
     for item in args.fix:
@@ -291,12 +307,19 @@ def run(args) -> int:
             write_json(result, os.path.join(out, "result.json"))
             write_trials_csv(result, os.path.join(out, "trials.csv"))
 
+    def waiting(line):
+        progress.done()
+        print(f"udedup ab: {line}; --lock-timeout SEC gives up", file=sys.stderr, flush=True)
+
+    # close-on-exec: neither the workloads nor the VMs inherit the lock's descriptor
+    lock = experiment_lock(enabled=not args.no_lock, timeout=args.lock_timeout, on_wait=waiting,
+                           procfs=ksm.procfs)
     interrupted = None
     try:
         result = run_ab(workload, arms=arms, fixed=fixed, trials=args.trials, seed=args.seed,
                         settle_timeout=args.settle_timeout, sample_interval=args.sample_interval,
                         cow_sample=args.cow_sample, ksm=ksm, progress=progress.update,
-                        on_trial=on_trial, **tolerance)
+                        on_trial=on_trial, lock=lock, **tolerance)
     except ABInterrupted as err:
         interrupted, result = err, err.result
     finally:
@@ -323,4 +346,32 @@ def run(args) -> int:
         print(f"udedup: error: the workload failed or died in {len(bad)} of {len(result.trials)} "
               f"trials (first: {bad[0].error})", file=sys.stderr)
         return WorkloadError.exit_code
+    reason = no_verdict_reason(result)
+    if reason:
+        print(f"udedup: error: {reason}", file=sys.stderr)
+        return KsmTimeout.exit_code
     return 0
+
+
+def no_verdict_reason(result) -> str | None:
+    """One line when an arm has no usable trial (so there is no verdict), saying why; else None.
+
+    Exit 7 (:class:`KsmTimeout`, "did not settle") goes with it: no trial of that arm gave a
+    settled measurement under the arm's knobs, and it is a condition of the machine, not of the
+    arguments (a busier ksmd, another tool writing knobs), worth a retry."""
+    arms = result.summary.get("arms", {})
+    empty = [name for name, arm in arms.items() if arm.get("n") == 0 and arm.get("trials")]
+    if not empty:
+        return None
+    left = [t for t in result.trials if t.arm in empty]
+    timed_out = sum(t.status == "timeout" for t in left)
+    disturbed = sum(t.status == "disturbed" for t in left)
+    why = []
+    if timed_out:
+        why.append(f"{timed_out} did not settle within {result.config.get('settle_timeout'):g} s "
+                   "(raise --settle-timeout or pages_to_scan)")
+    if disturbed:
+        why.append(f"{disturbed} disturbed: someone else changed KSM knobs mid-trial (first: "
+                   f"{next(t.error for t in left if t.status == 'disturbed')})")
+    return (f"no verdict: every trial of arm {', '.join(repr(n) for n in empty)} was left out: "
+            + "; ".join(why or [f"{len(left)} unusable"]))
