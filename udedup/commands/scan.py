@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from ..estimate import estimate
+from ..host.domains import KINDS, process_domains
 from ..units import human_bytes
 from ..console import Progress, print_json
 
@@ -19,6 +20,14 @@ also predicts for KSM-compatible memory that is not registered yet. Pages not in
 touched. Each page is read --passes times, --interval seconds apart at least: a page whose
 checksum changes is volatile and left out, as ksmd does; every duplicate is confirmed byte by
 byte.
+
+--domains cgroup|uid splits the prediction by trust domain (a cgroup v2 path, cut at
+--cgroup-depth components, or an effective uid): KSM merges across tenants, so udedup registers a
+content found in several domains in one of them only (where it saves most). The output adds what
+KSM would save that way, how much is lost, and the exposure if everything were merged: the
+contents shared across domains (each a copy-on-write timing side channel between tenants) and the
+zero pages that merge across domains with use_zero_pages=0 (--zero-pages-within makes zero pages
+one content like any other, registered in one domain only).
 """
 ORDER = 30
 
@@ -31,6 +40,15 @@ def add_arguments(parser) -> None:
                         help="predict for this max_page_sharing (default: the kernel's)")
     parser.add_argument("--top", type=int, default=5, metavar="N",
                         help="show the N mappings saving most (default 5)")
+    parser.add_argument("--domains", choices=KINDS, default="none", metavar="|".join(KINDS),
+                        help="split the prediction by trust domain: a cgroup v2 path or a uid "
+                             "(default none)")
+    parser.add_argument("--cgroup-depth", type=int, default=0, metavar="N",
+                        help="with --domains cgroup, cut cgroup paths to their first N components "
+                             "(default 0: the whole path)")
+    parser.add_argument("--zero-pages-within", action="store_true",
+                        help="with --domains, zero pages are content like any other: merged "
+                             "within one domain only (default: across domains)")
     add_read_arguments(parser)
 
 
@@ -81,15 +99,62 @@ def estimate_with_progress(args, targets, **kwargs):
         progress.done()
 
 
+def domain_options(args) -> dict:
+    """The estimate() keywords of --domains, --cgroup-depth and --zero-pages-within."""
+    kind, depth = args.domains, args.cgroup_depth
+    if depth < 0:
+        raise UsageError(f"--cgroup-depth {depth}: must be >= 0 (0: the whole cgroup path)")
+    if depth and kind != "cgroup":
+        raise UsageError(f"--cgroup-depth applies to --domains cgroup, not --domains {kind}")
+    if args.zero_pages_within and kind == "none":
+        raise UsageError("--zero-pages-within applies with --domains cgroup or uid")
+    return {"kind": kind, "depth": depth, "zero_across": not args.zero_pages_within}
+
+
 def run(args) -> int:
     pids = parse_pids(args.pids)
+    dom = domain_options(args)
+    kw = {}
+    if dom["kind"] != "none":
+        kw = {"domains": process_domains(pids, dom["kind"], dom["depth"], args.procfs),
+              "zero_pages_across_domains": dom["zero_across"]}
     est = estimate_with_progress(args, pids, all_eligible=args.all_eligible,
-                                 max_page_sharing=args.max_page_sharing)
+                                 max_page_sharing=args.max_page_sharing, **kw)
     if args.json:
-        print_json(est.as_dict(top=args.top))
+        d = est.as_dict(top=args.top)
+        if est.domains is not None:
+            d["domains"] = {"kind": dom["kind"], "cgroup_depth": dom["depth"], **d["domains"]}
+        print_json(d)
         return 0
     print_estimate(est, args.top)
+    if est.domains is not None:
+        print_domains(est, dom["kind"])
     return 0
+
+
+def print_domains(est, kind: str) -> None:
+    """The trust-domain section: saving inside domains, exposure, one row per domain."""
+    ds, ps = est.domains, est.page_size
+    k = int(bool(est.current_use_zero_pages))
+    kept, everything = ds.saved_pages_kept[k] * ps, ds.saved_pages_all[k] * ps
+    share = f"{100.0 * kept / everything:.1f} %" if everything else "-"
+    zero = "zero pages merge across domains" if ds.zero_pages_across else \
+        "zero pages merge within one domain"
+    print(f"\nTrust domains ({kind}): {len(ds.per_domain)} domains; inside domains KSM would "
+          f"save {human_bytes(kept)} of {human_bytes(everything)} ({share}, "
+          f"use_zero_pages={k}, {zero})")
+    print(f"  exposure if everything were merged: {ds.cross_groups} contents in "
+          f"{ds.exposed_pages} pages shared across domains (+{ds.exposed_zero_pages} zero pages "
+          "with use_zero_pages=0)")
+    print(f"  {'domain':<40} {'processes':>9} {'saved inside':>13} {'saved if all':>13} "
+          f"{'exposed':>9} {'foreign':>9}")
+    for d in sorted(ds.per_domain, key=lambda d: (-d.saved_pages_kept[k], d.key)):
+        name = d.key if len(d.key) <= 40 else "..." + d.key[-37:]
+        print(f"  {name:<40} {len(d.pids):>9} {human_bytes(d.saved_pages_kept[k] * ps):>13} "
+              f"{human_bytes(d.saved_pages_all[k] * ps):>13} {d.exposed_pages:>9} "
+              f"{d.foreign_pages:>9}")
+    print("  (exposed: pages whose content is also in another domain; foreign: of them, those "
+          "registered\n   in another domain, where it saves more: never registered here)")
 
 
 def _pct(part: int, whole: int) -> str:
