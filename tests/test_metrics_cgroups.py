@@ -8,11 +8,10 @@ import dataclasses
 import re
 import shutil
 import subprocess
-from types import SimpleNamespace
-
 import pytest
 
 from udedup.ksm.attribution import Attribution, ProcessSaving
+from udedup.ksm.audit import AuditReport, Offender
 
 from test_metrics_promtool import README, busy_round, exposition, families, type_lines
 
@@ -30,9 +29,16 @@ def attribution(*procs) -> Attribution:
                        read_seconds=0.01)
 
 
-def offenders(n):
-    """An AuditReport's shape as the snapshot reads it: ``len(report.offenders)``."""
-    return SimpleNamespace(offenders=[object()] * n)
+def offenders(n, listed=None):
+    """An AuditReport with ``n`` offender frames, ``listed`` of them in its (capped) list."""
+    listed = n if listed is None else listed
+    return AuditReport(kind="cgroup", depth=3, domains={"/a": [1], "/b": [3]}, ksm_frames=n + 5,
+                       offenders=[Offender(pfn=1000 + i, zero=False,
+                                           mappings=(("/a", 1, "p1", 0x1000), ("/b", 3, "p3", 0x2000)))
+                                  for i in range(listed)],
+                       offender_frames=n, offender_pages=2 * n, groups=[], zero_frames_across=0,
+                       zero_pages_across_domains=True, zero_page_mappings=0,
+                       unreadable_processes=0, read_seconds=0.01, limit=listed)
 
 
 def round_with(tmp_path, attr=None, audit=None, cap=50):
@@ -55,7 +61,7 @@ FIVE = attribution(saving(1, "/kubepods.slice/a", 100.5), saving(2, "/kubepods.s
 
 
 def test_round_and_state_carry_cgroups_largest_first(tmp_path):
-    d = round_with(tmp_path, FIVE, offenders(3))
+    d = round_with(tmp_path, FIVE, offenders(3, listed=1))   # the count, not the capped list
     r = d.latest.last
     # a: 100.5 + 50 + 10 zero pages = 160.5 pages; "" (no cgroup v2 group) is "/"
     assert r.cgroups == (("/kubepods.slice/b", 300 * PS, 1), ("/kubepods.slice/a", round(160.5 * PS), 2),

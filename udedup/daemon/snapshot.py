@@ -75,7 +75,8 @@ class Round:
     # metrics.per_cgroup: ((cgroup path, saved bytes, processes), ...), largest saving first
     cgroups: tuple = ()
     # security.trust_domains on: KSM frames found mapped from two domains this round (before the
-    # daemon unregistered the losing side), None when domains are off
+    # daemon unregistered the losing side: AuditReport.offender_frames, complete even when its
+    # offenders list is capped), None when domains are off
     cross_domain_frames: int | None = None
 
 
@@ -186,7 +187,7 @@ def round_figures(plan: Plan, obs: Observation, dry_run: bool) -> Round:
                  zero_mapped_pages=truth.zero_mapped_pages if truth is not None else None,
                  true_read_seconds=truth.read_seconds if truth is not None else None,
                  cgroups=cgroup_figures(obs.attribution),
-                 cross_domain_frames=len(obs.audit.offenders) if obs.audit is not None else None)
+                 cross_domain_frames=obs.audit.offender_frames if obs.audit is not None else None)
 
 
 def cgroup_figures(attribution) -> tuple:
