@@ -52,9 +52,10 @@ def process_domain(pid: int, kind: str, depth: int = 0, procfs: ProcFs | str | N
         return ""
     if kind == "cgroup":
         text = fs.maybe_text(pid, "cgroup")
-        if text is None:
+        path = None if text is None else parse_cgroup(text)
+        if not path:       # unreadable, or no cgroup v2 line (a cgroup v1 only host)
             return f"{UNKNOWN}{pid}"
-        return domain_key(kind, parse_cgroup(text), None, depth)
+        return domain_key(kind, path, None, depth)
     status = fs.maybe_status(pid)
     uids = status_ids(status or {}, "Uid")
     if len(uids) < 2:
@@ -66,5 +67,9 @@ def process_domains(pids, kind: str, depth: int = 0,
                     procfs: ProcFs | str | None = None) -> dict[int, str]:
     """{pid: domain key} for ``pids`` (see :func:`process_domain`)."""
     check_kind(kind)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        from ..errors import UsageError
+        raise UsageError(f"cgroup depth must be a whole number >= 0 (0: the whole path), got "
+                         f"{depth!r}")
     fs = as_procfs(procfs)
     return {int(pid): process_domain(int(pid), kind, depth, fs) for pid in pids}
