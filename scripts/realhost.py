@@ -1,9 +1,10 @@
 """The real-host scenario of ``bench_daemon_peers.py``: real programs from Debian packages.
 
   java-1..3      three JVMs (openjdk-17-jre-headless), ``java -Xms256m Heap.java MIB``: a heap of
-                 repeated strings (64 template strings copied over and over), the same program in each
-  node-1..3      three Node.js processes (nodejs): 64 KiB buffers copied from 64 templates, the same
-                 in each, and a few thousand repeated JS strings
+                 8 KiB strings, 3 in 5 copies of 64 templates (8 characters repeated), the others
+                 each its own; the same program in each
+  node-1..3      three Node.js processes (nodejs): 256 KiB buffers copied from 16 templates, the
+                 same in each, and a few thousand repeated JS strings
   redis-server   one Redis (redis-server) on a free port, no persistence, ``DEBUG POPULATE`` unique keys
   py-worker-a/b  two Python workers (the synthetic scenario's workload process): one with duplicates
                  inside itself, one of unique pages rewritten at 4 Hz
@@ -50,16 +51,22 @@ public class Heap {
     public static void main(String[] args) throws Exception {
         long bytes = Long.parseLong(args[0]) << 20;
         String[] templates = new String[64];
-        for (int t = 0; t < templates.length; t++) {
-            StringBuilder b = new StringBuilder();
-            for (int i = 0; b.length() < 2000; i++) b.append("tenant-").append(t).append("-row-").append(i).append(';');
-            templates[t] = b.toString();
-        }
+        for (int t = 0; t < templates.length; t++)      // 8 characters repeated: page-periodic
+            templates[t] = String.format("t%02d-row;", t).repeat(1024);
         ArrayList<String> heap = new ArrayList<>();
         for (long have = 0, i = 0; have < bytes; i++) {
-            byte[] raw = templates[(int) (i % templates.length)].getBytes(StandardCharsets.ISO_8859_1);
-            heap.add(new String(raw, StandardCharsets.ISO_8859_1));   // a copy: the same content again
-            have += raw.length + 40;
+            String s;
+            if (i % 5 < 3) {    // a copy of a template: the same content again, a new object
+                byte[] raw = templates[(int) (i % templates.length)].getBytes(StandardCharsets.ISO_8859_1);
+                s = new String(raw, StandardCharsets.ISO_8859_1);
+            } else {            // a string of its own
+                StringBuilder b = new StringBuilder(8192);
+                for (long x = i * 2654435761L; b.length() < 8192; x = x * 6364136223846793005L + 1442695040888963407L)
+                    b.append(Long.toHexString(x));
+                s = b.toString();
+            }
+            heap.add(s);
+            have += s.length() + 40;
         }
         System.out.println("ready " + heap.size());
         System.out.flush();
@@ -72,14 +79,14 @@ public class Heap {
 NODE_SOURCE = r"""
 const mib = Number(process.argv[2]);
 const templates = [];
-for (let t = 0; t < 64; t++) {
-  const b = Buffer.alloc(65536);
+for (let t = 0; t < 16; t++) {
+  const b = Buffer.alloc(262144);
   let x = (t + 1) * 2654435761 >>> 0;
-  for (let i = 0; i < b.length; i += 4) { x = (x * 1103515245 + 12345) >>> 0; b.writeUInt32LE(x, i); }
+  for (let i = 0; i < b.length; i += 4) { x = (Math.imul(x, 1103515245) + 12345) >>> 0; b.writeUInt32LE(x, i); }
   templates.push(b);
 }
 const held = [];
-for (let i = 0; i < mib * 16; i++) held.push(Buffer.from(templates[i % 64]));
+for (let i = 0; i < mib * 4; i++) held.push(Buffer.from(templates[i % 16]));   // 256 KiB copies
 const strings = [];
 for (let i = 0; i < 20000; i++) strings.push(('session-' + (i % 50) + '-').repeat(40));
 process.stdout.write('ready ' + held.length + ' ' + strings.length + '\n');
@@ -267,9 +274,9 @@ class RealHost:
     def describe(self) -> str:
         parts = []
         if "java" in self.programs:
-            parts.append(f"3 JVMs (java -Xms256m, {self.size_mib(160)} MiB of repeated strings each)")
+            parts.append(f"3 JVMs (java -Xms256m, {self.size_mib(160)} MiB of 8 KiB strings, 60 % copies of 64 templates, each)")
         if "node" in self.programs:
-            parts.append(f"3 Node.js ({self.size_mib(96)} MiB of repeated 64 KiB buffers each)")
+            parts.append(f"3 Node.js ({self.size_mib(96)} MiB of 256 KiB buffers copied from 16 templates each)")
         if "redis-server" in self.programs:
             parts.append(f"redis-server ({self.redis_keys()} unique keys x 1 KiB, DEBUG POPULATE)")
         if self.python:
