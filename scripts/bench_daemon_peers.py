@@ -345,11 +345,8 @@ def run_peer_once(ksm, name, args, log, achievable_pages, register="prctl", knob
             deadline = time.monotonic() + (args.reference_timeout if until_settled else args.window)
             while time.monotonic() < deadline:
                 time.sleep(0.5)
-                if until_settled and len(sampler.samples) > 6:
-                    a, b = sampler.samples[-6], sampler.samples[-1]
-                    if b["full_scans"] >= 4 and b["full_scans"] > a["full_scans"] and \
-                            b["saved_pages"] == a["saved_pages"]:
-                        break
+                if until_settled and settled(sampler.samples):
+                    break
             quiet = None
             if not until_settled and args.idle_window > 0 and name in args.idle_peers.split(","):
                 # the quiet window: the same processes, nothing new to merge; what keeps running
@@ -385,6 +382,17 @@ def run_peer_once(ksm, name, args, log, achievable_pages, register="prctl", knob
     if samples and samples[-1].get("foreign_knob_change"):
         out["note"] = (out["note"] + "; " if out["note"] else "") + "KNOBS CHANGED BY ANOTHER PROGRAM DURING THIS RUN"
     return out, samples
+
+
+def settled(samples) -> bool:
+    """Saved pages steady (within 0.1 %) over the last two full scans, four scans at least: a
+    half-second look is not enough where a full scan of a real host takes longer."""
+    if not samples or samples[-1]["full_scans"] < 4:
+        return False
+    b = samples[-1]
+    a = next(x for x in samples if x["full_scans"] >= b["full_scans"] - 2)
+    return b["full_scans"] - a["full_scans"] >= 2 and \
+        abs(b["saved_pages"] - a["saved_pages"]) <= max(2, b["saved_pages"] // 1000)
 
 
 def ksmtuned_tool(workdir, log):
