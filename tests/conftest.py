@@ -10,6 +10,10 @@ KSM state is global to the machine, so tests marked ``ksm``:
   (/sys/kernel/mm/transparent_hugepage and its subdirectories, named ``thp.<path>``).
 The guard reads and writes sysfs directly, not through udedup.ksm.Ksm, so a bug there cannot hide
 a leak; it takes only the pure write order (udedup.ksm.knobs.write_order) and the choice parser.
+It reads and writes only while it holds the lock, and a process that changes knobs without the lock
+(a daemon, ``udedup set``, a script run without it) is told by its recovery journal
+(udedup.ksm.journal, /run/udedup): the value that process changed is not the baseline (its original
+is), and the guard never writes a knob that process is changing right now.
 """
 from __future__ import annotations
 
@@ -21,8 +25,10 @@ import sys
 
 import pytest
 
+from udedup.host.fs import ProcFs
 from udedup.host.parse import parse_choices
 from udedup.ksm import experiment_lock
+from udedup.ksm import journal as journals
 from udedup.ksm.knobs import write_order
 
 KSM_ROOT = "/sys/kernel/mm/ksm"
@@ -86,27 +92,78 @@ def raw_restore(saved: dict[str, str]) -> None:
             pass
 
 
+def plain(value) -> str:
+    """A knob's value as one comparable text: raw ``"[none] scan-time"`` and journaled ``"none"``
+    alike read ``"none"``; a journaled True reads ``"1"``."""
+    if isinstance(value, bool):
+        return str(int(value))
+    text = str(value)
+    return parse_choices(text)[0] if "[" in text else text
+
+
+def foreign_experiments(journal_dir: str = journals.DEFAULT_DIR) -> dict[str, tuple[object, int, str]]:
+    """Knobs that live processes other than this one are changing now, from their recovery
+    journals: ``{knob: (its value before they changed it, pid, command)}`` (the oldest original
+    when two journals hold a knob)."""
+    out: dict[str, tuple[object, int, str]] = {}
+    for entry in reversed(journals.scan(journal_dir, KSM_ROOT, THP_ROOT, ProcFs())):  # oldest first
+        if entry.state == "live" and entry.pid != os.getpid():
+            for name, value in entry.knobs.items():
+                out.setdefault(name, (value, entry.pid, entry.command))
+    return out
+
+
+def session_baseline(now: dict[str, str], foreign: dict[str, tuple]) -> dict[str, str]:
+    """The knobs the run must leave as it found them: ``now`` (raw), except those another process
+    is changing outside the lock: their original from its journal."""
+    return {**now, **{k: plain(v[0]) for k, v in foreign.items() if k in now}}
+
+
+def judge(saved: dict[str, str], now: dict[str, str], foreign: dict[str, tuple]):
+    """``(leaked, left)``: knobs that differ from ``saved`` (``{knob: (then, now)}``, raw), and,
+    apart, those another process is changing now and will restore to ``saved`` itself
+    (``{knob: (pid, command)}``): no leak of ours, and not ours to write."""
+    leaked, left = {}, {}
+    for name, then in saved.items():
+        if plain(now.get(name)) == plain(then):
+            continue
+        if name in foreign and plain(foreign[name][0]) == plain(then):
+            left[name] = foreign[name][1:]
+        else:
+            leaked[name] = (then, now.get(name))
+    return leaked, left
+
+
 _session_knobs: dict[str, str] = {}
 
 
 def pytest_sessionstart(session):
     # under the lock: another pytest process's test may have knobs changed right now
     with experiment_lock():
-        _session_knobs.update(_writable_knobs())
+        _session_knobs.update(session_baseline(_writable_knobs(), foreign_experiments()))
 
 
 def pytest_sessionfinish(session, exitstatus):
     if not _session_knobs:
         return
-    with experiment_lock():
-        now = _writable_knobs()
-        leaked = {k: (v, now.get(k)) for k, v in _session_knobs.items() if now.get(k) != v}
-        if leaked:
-            raw_restore(_session_knobs)
+    with experiment_lock():     # compare and restore only while no other KSM test runs
+        foreign = foreign_experiments()
+        leaked, left = judge(_session_knobs, _writable_knobs(), foreign)
+        if leaked:  # every knob, in the one write order (advisor_mode resets pages_to_scan)
+            raw_restore({k: v for k, v in _session_knobs.items() if k not in foreign})
+    report = session.config.pluginmanager.get_plugin("terminalreporter")
+    if left:
+        report.write_line("KSM/THP knobs changed outside the experiment lock by a live process "
+                          "(left to it, it restores them): " + ", ".join(
+                              f"{k} by PID {pid} ({cmd})" for k, (pid, cmd) in left.items()),
+                          yellow=True)
     if leaked:
         lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in leaked.items())
-        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
-            f"KSM/THP KNOB LEAK: the test run changed {lines}; restored them", red=True)
+        busy = [k for k in leaked if k in foreign]
+        report.write_line(
+            f"KSM/THP KNOB LEAK: the test run changed {lines}; restored them"
+            + (f" except {', '.join(busy)} (a live process is changing them now)" if busy else ""),
+            red=True)
         session.exitstatus = 1
 
 

@@ -96,3 +96,54 @@ def test_the_wait_ends_when_the_holder_lets_go(tmp_path):
 def lock_holders_of(path):
     with open(path) as f:
         return lock_holders(f.fileno())
+
+
+# --- the session guard (tests/conftest.py) and processes that change knobs without the lock ------
+def test_the_guard_takes_a_journaled_original_as_baseline_and_leaves_that_knob_to_its_owner():
+    from conftest import judge, session_baseline
+    now = {"smart_scan": "0", "advisor_mode": "none [scan-time]", "pages_to_scan": "100"}
+    foreign = {"smart_scan": (True, 4242, "udedup daemon")}
+    saved = session_baseline(now, foreign)
+    assert saved == {"smart_scan": "1", "advisor_mode": "none [scan-time]", "pages_to_scan": "100"}
+    # at the end the other process still runs: not a leak, not ours to write
+    assert judge(saved, now, foreign) == ({}, {"smart_scan": (4242, "udedup daemon")})
+    # ... it has restored its knob, and the run leaked another one
+    later = {**now, "smart_scan": "1", "advisor_mode": "[none] scan-time"}
+    assert judge(saved, later, {}) == ({"advisor_mode": ("none [scan-time]", "[none] scan-time")}, {})
+    assert judge(saved, {**later, "advisor_mode": "none [scan-time]"}, {}) == ({}, {})
+
+
+UNLOCKED_EXPERIMENT = r"""
+import sys
+from udedup.ksm import Ksm
+ksm = Ksm()
+with ksm.settings(smart_scan=not ksm.get("smart_scan")):   # no lock, like a daemon or a script
+    print("changed", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.ksm
+def test_a_process_changing_knobs_without_the_lock_is_no_baseline_and_not_overwritten():
+    from conftest import _writable_knobs, foreign_experiments, judge, session_baseline
+    if not os.path.exists("/sys/kernel/mm/ksm/smart_scan"):
+        pytest.skip("this kernel has no smart_scan knob (Linux 6.7+)")
+    original = _writable_knobs()["smart_scan"]
+    child = subprocess.Popen([sys.executable, "-c", UNLOCKED_EXPERIMENT], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "changed\n"
+        now = _writable_knobs()
+        assert now["smart_scan"] != original
+        foreign = foreign_experiments()
+        assert foreign["smart_scan"][1] == child.pid
+        saved = session_baseline(now, foreign)
+        assert saved["smart_scan"] == original
+        leaked, left = judge(saved, now, foreign)
+        assert leaked == {} and left["smart_scan"][0] == child.pid
+    finally:
+        child.stdin.close()
+        assert child.wait(timeout=30) == 0
+        child.stdout.close()
+    assert _writable_knobs()["smart_scan"] == original
+    assert "smart_scan" not in foreign_experiments()
