@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import pytest
 
+import numpy as np
+
 from udedup.estimate import estimate
+from udedup.estimate.model import MappingReport
+from udedup.estimate.ranges import SavingRanges
+from udedup.estimate.scope import PageSet, Segment
+from udedup.host.maps import Mapping
 from udedup.ksm import Ksm
 
 from cgroup_fixtures import PS, LayoutChild
 
-pytestmark = pytest.mark.ksm
+ksm = pytest.mark.ksm
 
 # x0: 3 in A, 2 in B -> A wins; y0: 2 in A, 3 in B -> B wins; w0: 2 and 2, a tie -> "A" (smallest
 # key); x1: only in A; zero: 4 in A, 2 in B. Foreign pages are interleaved with registrable ones.
@@ -90,6 +96,7 @@ def inside(addr, ranges):
     return any(lo <= addr < hi for lo, hi in ranges)
 
 
+@ksm
 def test_domains_split_the_saving_and_the_ranges_skip_foreign_pages(pair):
     a, b = pair
     est = run(pair, {a.pid: "A", b.pid: "B"})
@@ -131,6 +138,7 @@ def test_domains_split_the_saving_and_the_ranges_skip_foreign_pages(pair):
     assert "domains" in est.timings
 
 
+@ksm
 def test_zero_pages_within_domains_are_one_content(pair):
     a, b = pair
     est = run(pair, {a.pid: "A", b.pid: "B"}, zero_pages_across_domains=False)
@@ -146,6 +154,7 @@ def test_zero_pages_within_domains_are_one_content(pair):
     assert tb.domain_saved_pages == pytest.approx({0: 2, 1: 2})
 
 
+@ksm
 def test_ties_go_to_more_registered_pages_then_the_smallest_key(pair):
     a, b = pair
     # with max_page_sharing 2, x0 saves 1 in A (3 pages) and 1 in B (2 pages): a tie on saving,
@@ -163,6 +172,7 @@ def test_ties_go_to_more_registered_pages_then_the_smallest_key(pair):
     assert (ta.foreign_pages, tb.foreign_pages) == (2 + 2, 2)
 
 
+@ksm
 def test_one_domain_changes_nothing_and_none_leaves_the_estimate_as_it_was(pair):
     a, b = pair
     plain = run(pair, None)
@@ -190,6 +200,7 @@ def test_one_domain_changes_nothing_and_none_leaves_the_estimate_as_it_was(pair)
     assert da == db
 
 
+@ksm
 def test_a_target_missing_from_domains_is_its_own_domain(pair):
     a, b = pair
     est = run(pair, {a.pid: "A"})
@@ -197,6 +208,7 @@ def test_a_target_missing_from_domains_is_its_own_domain(pair):
     assert est.domains.cross_groups == 3
 
 
+@ksm
 def test_more_spans_than_max_ranges_keep_those_saving_most(pair):
     a, b = pair
     # A's registrable pages fall into spans of 1, 2 and 8 pages between its two foreign pages
@@ -212,6 +224,7 @@ def test_more_spans_than_max_ranges_keep_those_saving_most(pair):
             assert not inside(a.address + i * PS, ta.domain_ranges)
 
 
+@ksm
 def test_all_eligible_scope_keeps_foreign_pages_out(pair):
     """The whole processes (interpreters included): the buffers' foreign pages stay outside the
     domain ranges, the registrable ones inside; only registered mappings give conflict ranges."""
@@ -233,3 +246,67 @@ def test_all_eligible_scope_keeps_foreign_pages_out(pair):
     assert ds.exposed_pages >= 14 and ds.cross_groups >= 3
     assert sum(d.exposed_pages for d in ds.per_domain) == ds.exposed_pages
     assert ds.saved_pages_kept[1] <= ds.saved_pages_all[1]
+
+
+def reference_ranges(saving, readable, foreign, ps, range_gap, max_ranges, start):
+    """The domain ranges of one contiguous segment, the slow obvious way."""
+    spans, cur, last_fc = [], None, None
+    fc = np.cumsum(foreign)
+    for i in np.flatnonzero(saving):
+        if cur is None or fc[i] != last_fc:
+            cur = []
+            spans.append(cur)
+        cur.append(int(i))
+        last_fc = fc[i]
+    total = sum(len(s) for s in spans)
+    if len(spans) > max_ranges:
+        best = sorted(range(len(spans)), key=lambda k: (-len(spans[k]), k))[:max_ranges]
+        kept = [spans[k] for k in sorted(best)]
+        ranges = [(start + s[0] * ps, start + (s[-1] + 1) * ps) for s in kept]
+        inside = sum(int(readable[s[0]:s[-1] + 1].sum()) for s in kept)
+        return ranges, inside, total - sum(len(s) for s in kept)
+    gaps = [(b - a - 1, seq, si, a, b) for seq, (si, a, b) in enumerate(
+        (si, s[j], s[j + 1]) for si, s in enumerate(spans) for j in range(len(s) - 1))
+        if b - a - 1 > 0 and (b - a - 1) * ps >= range_gap]
+    # sequence numbers count only the kept gap candidates, in order
+    gaps = [(g, seq, si, a, b) for seq, (g, _, si, a, b) in enumerate(gaps)]
+    chosen = sorted(sorted(gaps, key=lambda g: (-g[0], g[1]))[:max_ranges - len(spans)],
+                    key=lambda g: (g[2], g[3]))
+    by_span: dict = {}
+    for g in chosen:
+        by_span.setdefault(g[2], []).append(g)
+    ranges, pieces = [], []
+    for si, s in enumerate(spans):
+        lo = s[0]
+        for g in by_span.get(si, ()):
+            pieces.append((lo, g[3]))
+            lo = g[4]
+        pieces.append((lo, s[-1]))
+    ranges = [(start + a * ps, start + (b + 1) * ps) for a, b in pieces]
+    return ranges, sum(int(readable[a:b + 1].sum()) for a, b in pieces), 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_saving_ranges_with_hard_breaks_match_the_obvious_way_in_any_chunking(seed):
+    rng = np.random.default_rng(seed)
+    n = 6000 if seed < 3 else 12000
+    kind = rng.choice(4, n, p=[0.35, 0.5, 0.1, 0.05] if seed % 2 else [0.6, 0.3, 0.05, 0.05])
+    saving, foreign, readable = kind == 1, kind == 2, kind != 3
+    ps, start = 4096, 1 << 30
+    report = MappingReport(1, Mapping(start, start + n * ps, "rw-p", 0, "00:00", 0, "",
+                                      frozenset()), True)
+    seg = Segment(1, 0, report, start, PageSet(np.arange(n)))
+    for max_ranges, range_gap in ((1, 0), (3, 2 * ps), (64, 4 * ps), (5000, ps), (20000, 3 * ps)):
+        want = reference_ranges(saving, readable, foreign, ps, range_gap, max_ranges, start)
+        for chunk in (97, 1000, n):
+            b = SavingRanges(ps, range_gap, max_ranges)
+            b.start_segment(seg)
+            for lo in range(0, n, chunk):
+                b.add(lo, saving[lo:lo + chunk], readable[lo:lo + chunk], foreign[lo:lo + chunk])
+            assert b.result() == want, (max_ranges, range_gap, chunk)
+        # without foreign pages the builder is the saving-ranges builder of every estimate
+        plain = SavingRanges(ps, range_gap, max_ranges)
+        plain.start_segment(seg)
+        plain.add(0, saving, readable)
+        assert plain.result() == reference_ranges(saving, readable, np.zeros(n, bool), ps,
+                                                  range_gap, max_ranges, start)
