@@ -166,3 +166,14 @@ def test_tiny_live_realhost_run(tmp_path):
     ud = next(x for x in data["results"] if x["peer"] == "udedup")
     assert ud["idle_window_s"] >= 1.5 and ud["idle_tool_pct"] >= 0
     assert ksm.knobs() == before
+
+
+def test_settled_needs_two_steady_full_scans(bench):
+    def s(scans, saved):
+        return {"full_scans": scans, "saved_pages": saved}
+    assert not bench.settled([])
+    assert not bench.settled([s(0, 0), s(3, 100), s(3, 100)])            # fewer than 4 scans
+    assert not bench.settled([s(2, 50), s(3, 90), s(4, 100)])            # still growing
+    assert bench.settled([s(2, 100000), s(3, 100040), s(4, 100050)])     # within 0.1 %
+    # steady over half a second but not over two scans: a slow full scan is not yet settled
+    assert not bench.settled([s(3, 10), s(4, 5000), s(5, 9000), s(5, 9000), s(5, 9000)])
