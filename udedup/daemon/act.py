@@ -55,6 +55,11 @@ def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float) -> 
             results.update(estimate_processes([info], cfg, use_zero_pages, now))
         return results
     if extra:
+        ds = est.domains
+        if ds is not None:
+            log.debug("trust domains: %d domains, %d duplicate groups across them, %d foreign "
+                      "pages; the domain step took %.3f s of the estimate", len(ds.per_domain),
+                      ds.cross_groups, ds.foreign_pages, ds.seconds)
         per_pid = per_process_domains(est, use_zero_pages)
     else:
         per_pid = {pid: dict(zip(("saved", "scanned", "ranges", "range_bytes"), got))
