@@ -19,6 +19,7 @@ PS = os.sysconf("SC_PAGE_SIZE")
 CHILD = r"""
 import ctypes, json, mmap, os, sys
 import numpy as np
+import numpy.random                  # loaded before a drop to another uid (see ``user``)
 ps = mmap.PAGESIZE
 pages = json.loads(sys.argv[1])      # one [kind, index] per page
 sys.stdin.readline()                 # until the parent has moved us into our cgroup

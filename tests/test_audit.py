@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from udedup import cli
 from udedup.errors import AUDIT_FINDINGS_EXIT, ProcessAccessError, UsageError
 from udedup.host import pagemap as pm
 from udedup.ksm import audit as audit_mod
-from udedup.ksm.audit import NEEDS_ROOT, audit, remote_zero_pages
+from udedup.ksm.audit import NEEDS_ROOT, audit, mem_zero_pages
 
 from cgroup_fixtures import LayoutChild, cgroups
 from test_attribution import exclusive, place
@@ -160,7 +161,9 @@ def test_bad_kind_depth_and_no_root(tmp_path):
 
 def cli_audit(root, monkeypatch, capsys, *argv, zero=ZERO_PFNS):
     monkeypatch.setattr(audit_mod, "zero_page_pfns", lambda procfs: zero)
-    monkeypatch.setattr(audit_mod, "remote_zero_pages", fake_zero_reader(root))
+    fake = fake_zero_reader(root)
+    monkeypatch.setattr(audit_mod, "mem_zero_pages", lambda pid, addrs, ps, procfs: fake(
+        pid, addrs, ps))
     try:
         code = cli.main(["audit", "--procfs", str(root), *argv])
     except SystemExit as exit:     # argparse: a bad option
@@ -201,17 +204,23 @@ def test_cli_not_root_and_bad_options(tmp_path, monkeypatch, capsys):
         assert code == 2 and out == "" and err.count("\n") == 1, argv
 
 
-def test_remote_zero_pages_reads_the_bytes_of_a_live_process():
-    buf = mmap.mmap(-1, 4 * PS, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    a = np.frombuffer(buf, dtype=np.uint8).reshape(4, PS)
+def test_mem_zero_pages_reads_the_bytes_of_a_live_process():
+    if not os.access(f"/proc/{os.getpid()}/mem", os.R_OK):
+        pytest.skip("/proc/self/mem is not readable here")
+    buf = mmap.mmap(-1, 6 * PS, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    a = np.frombuffer(buf, dtype=np.uint8).reshape(6, PS)
     a[1, PS - 1] = 1            # page 1: one non-zero byte at its very end
     a[3, 0] = 7
+    a[5, 9] = 2
     base = a.ctypes.data
-    addrs = np.array([base + i * PS for i in (0, 1, 2, 3)], dtype=np.uint64)
+    # out of order, runs and gaps: each answer goes to its own address
+    addrs = np.array([base + i * PS for i in (5, 0, 1, 2, 3, 4)], dtype=np.uint64)
     try:
-        assert remote_zero_pages(os.getpid(), addrs, PS).tolist() == [True, False, True, False]
-        gone = np.array([0x1000], dtype=np.uint64)          # not mapped: not read, not zero
-        assert remote_zero_pages(os.getpid(), gone, PS).tolist() == [False]
+        assert mem_zero_pages(os.getpid(), addrs, PS).tolist() == [False, True, False, True,
+                                                                   False, True]
+        gone = np.array([0x1000, base], dtype=np.uint64)   # not mapped: not read, not zero
+        assert mem_zero_pages(os.getpid(), gone, PS).tolist() == [False, True]
+        assert mem_zero_pages(999999999, gone, PS).tolist() == [False, False]   # no such pid
     finally:
         del a
         buf.close()
@@ -221,9 +230,23 @@ def test_remote_zero_pages_reads_the_bytes_of_a_live_process():
 NIN, NX, NZ, N0 = 40, 30, 10, 16
 
 
-def real_audit(children, ksm_knobs, **kw):
-    """Merge the children's buffers (pinned knobs), stop ksmd, audit them (and the CLI's exit
-    code and JSON with the same options), unmerge."""
+def merged(ksm, want: int, timeout: float = 60.0) -> None:
+    """Until pages_sharing + ksm_zero_pages reach ``want`` (settle detection alone may stop
+    early on a hundred pages)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = ksm.stats()
+        if s.pages_sharing + s.ksm_zero_pages >= want:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"KSM merged {s.pages_sharing} + {s.ksm_zero_pages} pages in {timeout} s, "
+                        f"not the {want} expected")
+        time.sleep(0.05)
+
+
+def real_audit(children, ksm_knobs, want, **kw):
+    """Merge the children's buffers (pinned knobs) until ``want`` pages are saved, stop ksmd,
+    audit them (and the CLI's exit code and JSON with the same options), unmerge."""
     from udedup.ksm import Ksm
     ksm = Ksm()
     pids = [c.pid for c in children]
@@ -234,6 +257,7 @@ def real_audit(children, ksm_knobs, **kw):
     with ksm.settings(pages_to_scan=2000, sleep_millisecs=0, smart_scan=0, run=1, **ksm_knobs):
         try:
             ksm.wait_settled(timeout=60)
+            merged(ksm, want)
             ksm.set("run", 0)           # ksmd stopped: the page tables hold still
             report = audit(ksm=ksm, pids=pids, **kw)
             code = cli.main(argv)
@@ -272,7 +296,7 @@ def test_real_cgroups_content_shared_inside_each_group_only_is_clean(capsys):
                       ([["w", i] for i in range(NIN)] + [["unique", 1]], cg_b, None),
                       ([["w", i] for i in range(NIN)] + [["unique", 2]], cg_b, None)])
         try:
-            r, code = real_audit(kids, {"use_zero_pages": 0})
+            r, code = real_audit(kids, {"use_zero_pages": 0}, 2 * NIN)
         finally:
             for c in kids:
                 c.kill()
@@ -294,7 +318,7 @@ def test_real_cgroups_content_shared_across_groups_is_found_frame_by_frame(capsy
     with cgroups("udedup-test-audit-a", "udedup-test-audit-b") as (mount, (cg_a, cg_b)):
         kids = start([(a1, cg_a, None), (a2, cg_a, None), (b1, cg_b, None)])
         try:
-            r, code = real_audit(kids, {"use_zero_pages": 0})
+            r, code = real_audit(kids, {"use_zero_pages": 0}, NIN + NX + 2 * NZ)
         finally:
             for c in kids:
                 c.kill()
@@ -322,16 +346,16 @@ def test_real_cgroups_content_shared_across_groups_is_found_frame_by_frame(capsy
 @pytest.mark.ksm
 def test_real_zero_pages_across_groups_allowed_unless_strict(capsys):
     need_root()
-    zeros = [["zero", i] for i in range(N0)] + [["unique", 9]]
+    zeros = [["zero", i] for i in range(N0)]
     with cgroups("udedup-test-audit-a", "udedup-test-audit-b") as (mount, (cg_a, cg_b)):
-        kids = start([(zeros, cg_a, None), (zeros, cg_b, None)])
+        kids = start([(zeros + [["unique", 9]], cg_a, None), (zeros + [["unique", 10]], cg_b, None)])
         try:
-            lax, code_lax = real_audit(kids, {"use_zero_pages": 0})
+            lax, code_lax = real_audit(kids, {"use_zero_pages": 0}, 2 * N0 - 1)
             capsys.readouterr()
-            strict, code_strict = real_audit(kids, {"use_zero_pages": 0},
+            strict, code_strict = real_audit(kids, {"use_zero_pages": 0}, 2 * N0 - 1,
                                              zero_pages_across_domains=False)
             capsys.readouterr()
-            kernel_zero, code_kz = real_audit(kids, {"use_zero_pages": 1},
+            kernel_zero, code_kz = real_audit(kids, {"use_zero_pages": 1}, 2 * N0,
                                               zero_pages_across_domains=False)
         finally:
             for c in kids:
@@ -355,9 +379,9 @@ def test_real_uid_domains_with_children_running_as_another_uid(capsys):
                   (with_x + with_y, None, other),                    # both as `other`
                   (with_x + [["unique", 2]], None, other)])
     try:
-        by_uid, code_uid = real_audit(kids, {"use_zero_pages": 0}, kind="uid")
+        by_uid, code_uid = real_audit(kids, {"use_zero_pages": 0}, NIN + NX, kind="uid")
         capsys.readouterr()
-        by_cgroup, code_cg = real_audit(kids, {"use_zero_pages": 0}, kind="cgroup")
+        by_cgroup, code_cg = real_audit(kids, {"use_zero_pages": 0}, NIN + NX, kind="cgroup")
     finally:
         for c in kids:
             c.kill()

@@ -11,7 +11,8 @@ with mappings from two or more domains is mapped across domains.
 
 Zero-filled KSM frames: with ``use_zero_pages=0`` KSM merges the zero-filled pages of everyone
 into the same few KSM pages. Whether a cross-domain frame is zero-filled is decided by reading its
-bytes (one mapping, ``process_vm_readv``; never a checksum). Those frames are counted apart
+bytes (one mapping, through ``/proc/PID/mem``; never a checksum: process_vm_readv pins the page,
+and the kernel unshares a KSM page pinned read-only, so it would break the merge it checks). Those frames are counted apart
 (``zero_frames_across``) and are offenders only when ``zero_pages_across_domains`` is false (a
 zero page carries nothing but the fact that a page is zero). A frame whose bytes cannot be read
 (the process exited meanwhile) counts as not zero: an offender. With ``use_zero_pages=1`` zero
@@ -37,6 +38,8 @@ from ..host.fs import DEFAULT_PROCFS, ProcFs, as_procfs
 from ..host.pagemap import (KPF_KSM, PAGEMAP_BLOCK, PM_FILE, PM_MMAP_EXCLUSIVE, PM_PFN_MASK,
                             PM_PRESENT, PM_SWAPPED, read_pfn_tables, zero_page_entries,
                             zero_page_pfns)
+from ..host.remote import aligned_buffer, page_runs
+from ..native.kernels import zero_pages
 from .attribution import check_root, mergeable_pagemap
 from .mgranges import MergeableRanges, visit_mergeable
 
@@ -44,6 +47,7 @@ NEEDS_ROOT = ("the audit needs root (CAP_SYS_ADMIN): it reads page frame numbers
               "/proc/PID/pagemap and the KSM bit from /proc/kpageflags")
 #: addresses shown per process and group in the text output and the groups' JSON
 SAMPLE_ADDRESSES = 3
+_MEM_CHUNK = 1 << 20           # bytes per /proc/PID/mem read (at most)
 _SHARED = np.uint64(PM_PRESENT | PM_SWAPPED | PM_FILE | PM_MMAP_EXCLUSIVE)
 
 
@@ -120,17 +124,41 @@ class AuditReport:
                 "read_seconds": round(self.read_seconds, 6)}
 
 
-def remote_zero_pages(pid: int, addrs: np.ndarray, page_size: int) -> np.ndarray:
-    """Whether each page at ``addrs`` of ``pid`` is all zero bytes (False: not, or not read)."""
-    from ..host.remote import RemoteReader
-    from ..native.kernels import zero_pages
+def mem_zero_pages(pid: int, addrs: np.ndarray, page_size: int,
+                   procfs: ProcFs | str | None = None) -> np.ndarray:
+    """Whether each page at ``addrs`` of ``pid`` is all zero bytes (False: not, or not read),
+    read through /proc/PID/mem: a plain reference to the page, while process_vm_readv pins it,
+    and a read-only pin of a KSM page makes the kernel unshare it (the read would break the
+    very merge it looks at)."""
+    fs = as_procfs(procfs)
+    addrs = np.asarray(addrs, dtype=np.uint64)
     out = np.zeros(addrs.size, dtype=bool)
-    with RemoteReader(pid, page_size=page_size) as reader:
-        for lo in range(0, addrs.size, reader.capacity):
-            part = addrs[lo:lo + reader.capacity]
-            ok = reader.read(part)
-            out[lo:lo + part.size] = ok & zero_pages(reader.buffer[:part.size * page_size],
-                                                     page_size)
+    order = np.argsort(addrs, kind="stable")
+    starts, lens = page_runs(addrs[order], page_size) if addrs.size else (addrs, addrs)
+    buf = aligned_buffer(_MEM_CHUNK)
+    view, pages = memoryview(buf), np.frombuffer(buf, dtype=np.uint8)
+    try:
+        fd = fs.open(pid, "mem")
+    except UdedupError:
+        return out
+    try:
+        done = 0
+        for start, length in zip(starts.tolist(), lens.tolist()):
+            for off in range(0, length, _MEM_CHUNK):
+                n = min(_MEM_CHUNK, length - off)
+                try:
+                    got = os.preadv(fd, [view[:n]], start + off)
+                except OSError:         # unmapped meanwhile (EIO), or the process exited
+                    got = 0
+                full = got // page_size
+                if full:
+                    out[order[done:done + full]] = zero_pages(pages[:full * page_size],
+                                                              page_size)
+                done += n // page_size
+    finally:
+        os.close(fd)
+        del view, pages
+        buf.close()
     return out
 
 
@@ -138,7 +166,8 @@ class AuditReader:
     """Audits again and again (the daemon, every round), keeping each process's ``mg`` ranges
     between reads. ``pids``: only these processes (or a callable returning them; None: all).
     ``zero_pfns``: the zero pages' PFN ranges (fake trees), else probed. ``zero_reader(pid, addrs,
-    page_size) -> bool array``: the byte check of zero-filled frames (default: process_vm_readv)."""
+    page_size) -> bool array``: the byte check of zero-filled frames (default
+    :func:`mem_zero_pages`, through /proc/PID/mem)."""
 
     def __init__(self, kind: str = "cgroup", depth: int = 0, ksm=None,
                  procfs: ProcFs | str | None = None, pids=None,
@@ -153,7 +182,8 @@ class AuditReader:
         self.pids = pids if pids is None or callable(pids) else tuple(int(p) for p in pids)
         self.zero_across = bool(zero_pages_across_domains)
         self.zero_pfns = zero_pfns
-        self.zero_reader = zero_reader or remote_zero_pages
+        self.zero_reader = zero_reader or (lambda pid, addrs, ps: mem_zero_pages(
+            pid, addrs, ps, self.procfs))
         self.mg = MergeableRanges(self.procfs, refresh_seconds)
         self.page_size = os.sysconf("SC_PAGE_SIZE")
         self._scratch = np.empty(3 * PAGEMAP_BLOCK, dtype=np.uint64)
