@@ -19,6 +19,7 @@ _LAZY = {
     "true_savings": "ksm.truth", "TrueSavings": "ksm.truth", "TrueSavingsReader": "ksm.truth",
     "attribute": "ksm.attribution", "AttributionReader": "ksm.attribution",
     "Attribution": "ksm.attribution",
+    "audit": "ksm.audit", "AuditReader": "ksm.audit", "AuditReport": "ksm.audit",
     "MergeableBuffer": "ksm.memory", "mergeable_array": "ksm.memory",
     "enable_process_merge": "ksm.memory", "disable_process_merge": "ksm.memory",
     "process_merge_enabled": "ksm.memory",
