@@ -326,3 +326,33 @@ def test_real_procfs_of_this_process():
     if stat:     # kernels since 6.1
         assert isinstance(stat["ksm_rmap_items"], int)
         assert stat.get("ksm_merge_any", False) in (True, False)
+
+
+# --- pagemap.read_pfn_tables: sorted PFNs skip the sort ---------------------------------------------
+def test_read_pfn_tables_skips_the_sort_of_sorted_pfns_with_the_same_results(tmp_path, monkeypatch):
+    import numpy as np
+    from udedup.host import pagemap as pm
+    size = 2 * pm.PAGEMAP_BLOCK
+    table = np.arange(size, dtype=np.uint64) * np.uint64(5) + np.uint64(1)
+    (tmp_path / "kpageflags").write_bytes(table.tobytes())
+    (tmp_path / "kpagecount").write_bytes((table * np.uint64(2)).tobytes())
+    rng = np.random.default_rng(7)
+    distinct = np.sort(rng.choice(size + 50, 3000, replace=False)).astype(np.uint64)  # some past the end
+    dups = np.sort(np.concatenate([distinct, distinct[::3], distinct[:1]]))
+    shuffled = rng.permutation(dups)
+
+    def want(pfns):
+        flags = np.where(pfns < size, table[np.minimum(pfns, size - 1)], 0)
+        return flags, flags * np.uint64(2)
+
+    for pfns in (shuffled, distinct[:1], distinct[:0]):       # the sort still serves these
+        got = pm.read_pfn_tables(pfns, procfs=str(tmp_path))
+        assert all((g == w).all() for g, w in zip(got, want(pfns)))
+
+    def no_sort(*args, **kwargs):
+        raise AssertionError("np.unique sorted PFNs that were in order already")
+    monkeypatch.setattr(np, "unique", no_sort)
+    for pfns in (distinct, dups, np.full(4, 9, dtype=np.uint64)):
+        for gap in (0, 64):
+            got = pm.read_pfn_tables(pfns, procfs=str(tmp_path), gap=gap)
+            assert all(g.dtype == np.uint64 and (g == w).all() for g, w in zip(got, want(pfns)))
