@@ -518,6 +518,7 @@ def test_daemon_keeps_ksm_frames_inside_each_cgroup(tmp_path):
                               registration={"allow_injection": True, "min_saving": "64 KiB",
                                             "min_saving_percent": 0.0, "max_ranges": 1024},
                               security={"trust_domains": "cgroup"},
+                              metrics={"per_cgroup": True},
                               estimate={"pass_interval": 0.2},
                               ksmd={"use_zero_pages": "keep", "fast_scan_seconds": 0.5,
                                     "slow_scan_seconds": 1.0, "settle_scans": 2},
@@ -557,6 +558,19 @@ def test_daemon_keeps_ksm_frames_inside_each_cgroup(tmp_path):
                         f"{kept:.0f} pages", d)
                     buffers = (N_X + N_X + 2 * N_Z + N_W) + (4 * N_ZERO - 1)
                     assert realized >= buffers
+                    # metrics.per_cgroup: the round's attribution in the state file, its truth
+                    # the round's true saving; the round's audit found nothing
+                    from udedup.daemon.state import read_daemon_state
+
+                    def groups():
+                        st = read_daemon_state(str(tmp_path / "run" / "state.json"))
+                        got = {g["cgroup"]: g["saved_bytes"] for g in st.get("cgroups", ())}
+                        ok = (got.get("/" + names[0], 0) >= (N_X + 2 * N_Z) * PS
+                              and got.get("/" + names[1], 0) >= (N_X + N_W) * PS
+                              and st.get("cross_domain_frames") == 0
+                              and st.get("true_saved_bytes", 0) >= buffers * PS)
+                        return st if ok else None
+                    wait_for(groups, 10, "the per-cgroup saving in the state file", d)
 
                     # the re-check: a unique page of b1 between registered pages becomes z 0,
                     # content A keeps; ksmd merges it into A's frame, the audit unregisters it

@@ -21,6 +21,15 @@ logged when it changes, and one subject at most once a minute (the latest one wh
 the others at DEBUG). -q: warnings and errors only; -v: detail (DEBUG: estimate timings, held-back
 decisions).
 
+Trust domains (security.trust_domains = "cgroup" or "uid"): KSM merges any identical registered
+pages, and a page shared by two tenants is a copy-on-write timing side channel between them. With
+domains on, a content found in several domains is registered in one of them only (where it saves
+most): the daemon registers each process's domain ranges by injection (madvise), unregisters
+registered pages whose content saves more in another domain, and audits the candidates' KSM frames
+every round, unregistering a frame mapped from two domains in the domain that maps it less. With
+domains off and candidates in two or more cgroups or uids, the daemon warns once at start (and on
+reload). metrics.per_cgroup reads each process's exact saving every round (per-cgroup metrics).
+
 Configuration: /etc/udedup/udedup.toml (or --config), then UDEDUP_<SECTION>_<KEY> environment
 variables, then --set SECTION.KEY=VALUE; udedup.toml.example lists every key at its default.
 
@@ -35,6 +44,7 @@ runs or the state file is unusable.
 examples:
   udedup daemon --dry-run --once             # what would it do here, now?
   udedup daemon --set candidates.names='qemu-*' --set registration.allow_injection=true
+  udedup daemon --allow-injection --set security.trust_domains=cgroup   # merge inside cgroups only
 """
 ORDER = 70
 
