@@ -129,3 +129,74 @@ def test_new_families_are_in_the_readme(tmp_path):
     assert len(names) == 4
     missing = [n for n in names if not re.search(rf"`{n}[`{{]", readme)]
     assert not missing, f"README lacks {missing}"
+
+
+N_X, N_Y = 48, 32
+
+
+@pytest.mark.ksm
+def test_real_cgroups_in_the_round_and_the_metrics(tmp_path):
+    """Two real cgroup v2 groups: a1, a2 in A and b1 in B hold the same N_X pages "x" (content
+    across domains), b1 and b2 in B the same N_Y pages "y". The children register themselves;
+    once ksmd merged them, one daemon round (dry run, metrics.per_cgroup, trust_domains =
+    "cgroup") exports each group's exact saving (x: a frame mapped 3 times, 2/3 page per
+    mapping; y: 1/2 page per mapping) and the N_X cross-domain frames its audit finds."""
+    import os
+    import time
+
+    from udedup.daemon.config import Config
+    from udedup.daemon.loop import Daemon, Options
+    from udedup.ksm import Ksm
+    from udedup.ksm.attribution import attribute
+
+    from cgroup_fixtures import LayoutChild, cgroups, frame_counts, others_registered
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: pagemap PFNs, /proc/kpageflags and kpagecount")
+    names = ("udedup-test-h4-a", "udedup-test-h4-b")
+    ksm = Ksm()
+    x = [["x", i] for i in range(N_X)]
+    y = [["y", i] for i in range(N_Y)]
+    with cgroups(*names) as (_mount, (ga, gb)):
+        kids = []
+        try:
+            for layout, group in ((x, ga), (x, ga), (x + y, gb), (y, gb)):
+                kids.append(LayoutChild(layout, group))
+            pids = [k.pid for k in kids]
+            if others_registered(pids):
+                pytest.skip(f"other processes have KSM memory: {others_registered(pids)}")
+            with ksm.settings(run=1, pages_to_scan=5000, sleep_millisecs=10, smart_scan=0,
+                              use_zero_pages=0):
+                deadline = time.monotonic() + 60
+                while not all(frame_counts(k.pid, k.address, len(k.layout))[0].all() for k in kids):
+                    assert time.monotonic() < deadline, "ksmd did not merge the buffers in 60 s"
+                    time.sleep(0.1)
+                ksm.set("run", 0)                    # merged pages stay; nothing moves now
+                cfg = Config()
+                cfg.candidates.cgroups = ["/udedup-test-h4-*"]
+                cfg.candidates.min_anon_rss = 0
+                cfg.metrics.address = ""
+                cfg.metrics.per_cgroup = True
+                cfg.security.trust_domains = "cgroup"
+                cfg.daemon.state_file = str(tmp_path / "state.json")
+                d = Daemon(cfg, options=Options(dry_run=True), ksm=ksm)
+                d.original = ksm.knobs()
+                # the exact attribution read with ksmd stopped, just before the round
+                expected = {g.key: g for g in attribute(pids=pids).groups("cgroup")}
+                d.run_round()
+            ps = os.sysconf("SC_PAGE_SIZE")
+            r = d.latest.last
+            mine = {c: (b, n) for c, b, n in r.cgroups if c in expected}
+            a, b = "/" + names[0], "/" + names[1]
+            assert mine[a] == (round(2 * N_X * 2 / 3 * ps), 2)
+            assert mine[b] == (round((N_X * 2 / 3 + 2 * N_Y / 2) * ps), 2)
+            assert mine[a][0] == round(expected[a].saved_pages * ps)
+            assert r.cross_domain_frames == N_X          # every x frame, none of y
+            fams = families(exposition(d))
+            saved = {s.labels["cgroup"]: s.value for s in fams["udedup_cgroup_saved_bytes"].samples}
+            assert saved[a] == mine[a][0] and saved[b] == mine[b][0]
+            assert fams["udedup_cross_domain_ksm_frames"].samples[0].value == N_X
+            ksm.unmerge_all()
+        finally:
+            for k in kids:
+                k.kill()
