@@ -13,7 +13,6 @@ from udedup.ksm import Ksm
 from cgroup_fixtures import LayoutChild, cgroups
 from test_estimate_domains import LAYOUT_A, LAYOUT_B
 
-pytestmark = pytest.mark.ksm
 TOP = "udedup-test-h1-scan"
 
 
@@ -41,6 +40,7 @@ def scan(capsys, pids, *extra):
                *extra)
 
 
+@pytest.mark.ksm
 def test_scan_domains_cgroup_json_and_text(capsys, children):
     code, out, err = scan(capsys, children, "--domains", "cgroup", "--json")
     assert code == 0, err
@@ -69,6 +69,7 @@ def test_scan_domains_cgroup_json_and_text(capsys, children):
     assert d["zero_pages_across"] is False and d["saved_pages_kept"] == {"0": 9.0, "1": 10.0}
 
 
+@pytest.mark.ksm
 def test_scan_domains_depth_and_uid(capsys, children):
     code, out, err = scan(capsys, children, "--domains", "cgroup", "--cgroup-depth", "1",
                           "--json")

@@ -174,7 +174,7 @@ class Assign:
         builders = [SavingRanges(ps, self.range_gap, self.max_ranges) for _ in range(nt)]
         kept_members = np.zeros(nt)
         exposed = np.zeros(len(self.keys), dtype=np.int64)
-        zero_kept: dict = {}        # id(mapping report): [report, target, kept zero pages]
+        zero_kept: dict = {}        # (id(mapping report), target): [report, kept zero pages]
         conflicts: list = [[] for _ in range(nt)]
         for tr, d in zip(scope.target_reports, self.tdom):
             tr.domain, tr.foreign_pages = self.keys[int(d)], 0
@@ -187,7 +187,7 @@ class Assign:
             builder, tr = builders[ti], scope.target_reports[ti]
             builder.start_segment(seg)
             registered = bool(seg.report.mapping.registered)
-            zk = zero_kept.setdefault(id(seg.report), [seg.report, ti, 0])
+            zk = zero_kept.setdefault((id(seg.report), ti), [seg.report, 0])
             for lo in range(a, b, STEP):
                 hi = min(b, lo + STEP)
                 readable, zr, member = classes(flags[lo:hi], rep[lo:hi], self.sizes_by_head)
@@ -199,7 +199,7 @@ class Assign:
                 foreign = np.zeros(zr.size, dtype=bool)
                 foreign[pos[~win]] = True
                 if zero_ok:
-                    zk[2] += int(zr.sum())
+                    zk[1] += int(zr.sum())
                 else:
                     foreign |= zr
                 builder.add(lo - a, ok, readable, foreign)
@@ -228,10 +228,12 @@ class Assign:
         """Per target, per use_zero_pages: what its registrable zero pages save (those a THP split
         hands back save one page each, the others merge into KSM pages with use_zero_pages=0)."""
         out = {0: np.zeros(nt), 1: np.zeros(nt)}
-        back = {key: (handed.get(key, (0, 0))[0] if z[2] else 0) for key, z in zero_kept.items()}
-        small = sum(z[2] for z in zero_kept.values()) - sum(back.values())
+        back = {key: min(kept, handed.get(key[0], (0, 0))[0]) if kept else 0
+                for key, (_, kept) in zero_kept.items()}
+        small = sum(z[1] for z in zero_kept.values()) - sum(back.values())
         frac = float(group_saving(np.array([small]), self.mps)[0]) / small if small > 0 else 0.0
-        for key, (_, ti, kept) in zero_kept.items():
+        for key, (_, kept) in zero_kept.items():
+            ti = key[1]
             out[0][ti] += (kept - back[key]) * frac + back[key]
             out[1][ti] += kept
         return out
