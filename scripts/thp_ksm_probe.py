@@ -28,10 +28,13 @@ import time
 import numpy as np
 
 from udedup.estimate import estimate as run_estimate
+from udedup.host.fs import ProcFs
+from udedup.host.maps import read_mappings
 from udedup.host.pagemap import (KPF_KSM, KPF_THP, PM_PFN_MASK, PM_PRESENT, open_pagemap,
                                  read_kpageflags, read_pagemap, zero_page_pfns)
 from udedup.ksm import Ksm, experiment_lock
 
+PROCFS = ProcFs()
 PS = 4096
 SUB = 512
 THP = SUB * PS
@@ -97,37 +100,25 @@ def page_state(pid: int, lo: int, hi: int):
     return present, zero, thp, ksm
 
 
-def vmstat() -> dict:
-    out = {}
-    with open("/proc/vmstat") as f:
-        for line in f:
-            k, v = line.split()
-            if k.startswith("thp_split") or k.startswith("thp_underused"):
-                out[k] = int(v)
-    return out
+def vmstat(procfs: ProcFs = PROCFS) -> dict:
+    """The THP split counters of /proc/vmstat (read through ProcFs; its ``name value`` lines split
+    here: host.parse has no vmstat parser)."""
+    pairs = (line.split() for line in (procfs.global_text("vmstat") or "").splitlines())
+    return {k: int(v) for k, v in (p for p in pairs if len(p) == 2)
+            if k.startswith(("thp_split", "thp_underused"))}
 
 
-def anon_huge_kb(lo: int) -> int:
-    cur = None
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                a, b = (int(x, 16) for x in head.split("-"))
-                cur = a <= lo < b
-            elif cur and head == "AnonHugePages:":
-                return int(line.split()[1])
+def anon_huge_kb(lo: int, procfs: ProcFs = PROCFS, pid: int | None = None) -> int:
+    """AnonHugePages (KiB) of the mapping of ``pid`` (default: this process) holding ``lo``."""
+    for m in read_mappings(os.getpid() if pid is None else pid, procfs):
+        if m.start <= lo < m.end:
+            return m.anon_huge // 1024
     return 0
 
 
-def ksm_stat() -> dict:
-    out = {}
-    with open("/proc/self/ksm_stat") as f:
-        for line in f:
-            k, _, v = line.replace(":", " ").partition(" ")
-            v = v.strip()
-            out[k] = int(v) if v.lstrip("-").isdigit() else v
-    return out
+def ksm_stat(procfs: ProcFs = PROCFS, pid: int | None = None) -> dict:
+    """/proc/PID/ksm_stat of ``pid`` (default: this process), by host.parse.parse_ksm_stat."""
+    return procfs.ksm_stat(os.getpid() if pid is None else pid)
 
 
 def pin(addr: int, pipes: list):
