@@ -97,6 +97,15 @@ def test_frames_mapped_from_two_cgroups_are_offenders_grouped_by_their_domains(t
     assert r.unreadable_processes == 0 and r.processes == 4
 
 
+def test_domain_sets_grouped_the_same_without_the_row_code(tmp_path, monkeypatch):
+    want = [(g.domains, g.frames, g.pages, g.zero_frames, g.processes)
+            for g in run_audit(fake_host(tmp_path), zero_pages_across_domains=False).groups]
+    monkeypatch.setattr(audit_mod, "_ROW_CODE_LIMIT", 0)     # rows sorted as rows
+    got = [(g.domains, g.frames, g.pages, g.zero_frames, g.processes)
+           for g in run_audit(tmp_path, zero_pages_across_domains=False).groups]
+    assert got == want and len(got) == 2
+
+
 def test_zero_filled_frames_are_read_and_offend_only_when_strict(tmp_path):
     root = fake_host(tmp_path)
     reader = fake_zero_reader(root)

@@ -47,6 +47,7 @@ NEEDS_ROOT = ("the audit needs root (CAP_SYS_ADMIN): it reads page frame numbers
               "/proc/PID/pagemap and the KSM bit from /proc/kpageflags")
 #: addresses shown per process and group in the text output and the groups' JSON
 SAMPLE_ADDRESSES = 3
+_ROW_CODE_LIMIT = 1 << 62      # domain sets coded as one int64 below this (else rows sorted)
 _MEM_CHUNK = 1 << 20           # bytes per /proc/PID/mem read (at most)
 _SHARED = np.uint64(PM_PRESENT | PM_SWAPPED | PM_FILE | PM_MMAP_EXCLUSIVE)
 
@@ -135,12 +136,12 @@ def mem_zero_pages(pid: int, addrs: np.ndarray, page_size: int,
     out = np.zeros(addrs.size, dtype=bool)
     order = np.argsort(addrs, kind="stable")
     starts, lens = page_runs(addrs[order], page_size) if addrs.size else (addrs, addrs)
-    buf = aligned_buffer(_MEM_CHUNK)
-    view, pages = memoryview(buf), np.frombuffer(buf, dtype=np.uint8)
     try:
         fd = fs.open(pid, "mem")
-    except UdedupError:
+    except UdedupError:         # exited, or we may not read it: nothing read, nothing zero
         return out
+    buf = aligned_buffer(_MEM_CHUNK)
+    view, pages = memoryview(buf), np.frombuffer(buf, dtype=np.uint8)
     try:
         done = 0
         for start, length in zip(starts.tolist(), lens.tolist()):
@@ -289,26 +290,39 @@ def _frames(got: list, owner_domain: list, procfs: ProcFs) -> dict:
 
 
 def _groups(off, off_zero, f: dict, frame_of, new_pair, pids, comms, names) -> list:
-    """The offender frames grouped by the exact set of domains mapping them."""
+    """The offender frames grouped by the exact set of domains mapping them (vectorized: each
+    frame's set is one row of its (frame, domain) pairs, rows of equal length made unique)."""
     if not off.size:
         return []
     owner, dom, addr = f["owner"], f["dom"], f["addr"]
-    is_off = np.zeros(f["start"].size - 1, dtype=bool)
+    nframes = f["start"].size - 1
+    is_off = np.zeros(nframes, dtype=bool)
     is_off[off] = True
-    pair = np.flatnonzero(new_pair & is_off[frame_of])
-    # each offender frame's domain set as one tuple (a frame's pairs are consecutive)
-    cuts = np.flatnonzero(np.diff(frame_of[pair])) + 1
-    sets = [tuple(d) for d in np.split(dom[pair], cuts)]
-    zero_of = dict(zip(off.tolist(), off_zero.tolist()))
-    by_set: dict = {}
-    for fr, s in zip(frame_of[pair[np.concatenate(([0], cuts))]].tolist(), sets):
-        by_set.setdefault(s, []).append(fr)
-    mapping_frame = is_off[frame_of]
+    pair = np.flatnonzero(new_pair & is_off[frame_of])      # consecutive per frame, in off order
+    first = np.concatenate(([0], np.flatnonzero(np.diff(frame_of[pair])) + 1))
+    width = np.diff(np.concatenate((first, [pair.size])))    # domains per offender frame
+    gid = np.full(nframes, -1, dtype=np.int64)
+    sets: list = []
+    for k in np.unique(width).tolist():
+        rows_at = first[width == k]
+        rows = dom[pair[rows_at[:, None] + np.arange(k)]].astype(np.int64)
+        base = len(names)
+        if base ** k < _ROW_CODE_LIMIT:     # each row as one number: a plain sort, not rows as bytes
+            uniq, inverse = np.unique(rows @ (base ** np.arange(k - 1, -1, -1, dtype=np.int64)),
+                                      return_inverse=True)
+            uniq = (uniq[:, None] // base ** np.arange(k - 1, -1, -1, dtype=np.int64)) % base
+        else:
+            uniq, inverse = np.unique(rows, axis=0, return_inverse=True)
+        gid[off[width == k]] = len(sets) + inverse.ravel()
+        sets.extend(tuple(r) for r in uniq.tolist())
+    zero_frames = np.bincount(gid[off], weights=off_zero, minlength=len(sets))
+    frames = np.bincount(gid[off], minlength=len(sets))
+    mapping_gid = gid[frame_of]
+    order = np.argsort(mapping_gid, kind="stable")
+    bounds = np.searchsorted(mapping_gid[order], np.arange(len(sets) + 1))
     out = []
-    for s, frs in by_set.items():
-        mine = np.zeros(is_off.size, dtype=bool)
-        mine[frs] = True
-        sel = np.flatnonzero(mapping_frame & mine[frame_of])
+    for g, domains in enumerate(sets):
+        sel = order[bounds[g]:bounds[g + 1]]
         counts = np.bincount(owner[sel], minlength=len(pids))
         procs = []
         for o in np.flatnonzero(counts).tolist():
@@ -316,8 +330,8 @@ def _groups(off, off_zero, f: dict, frame_of, new_pair, pids, comms, names) -> l
             procs.append((pids[o], comms[pids[o]], names[int(dom[where[0]])], int(counts[o]),
                           tuple(addr[where].tolist())))
         procs.sort(key=lambda p: (-p[3], p[0]))
-        out.append(OffenderGroup(tuple(names[d] for d in s), len(frs), int(sel.size),
-                                 sum(zero_of[fr] for fr in frs), tuple(procs)))
+        out.append(OffenderGroup(tuple(names[d] for d in domains), int(frames[g]), int(sel.size),
+                                 int(zero_frames[g]), tuple(procs)))
     return sorted(out, key=lambda g: (-g.frames, g.domains))
 
 
