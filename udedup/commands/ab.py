@@ -308,8 +308,9 @@ def run(args) -> int:
             write_trials_csv(result, os.path.join(out, "trials.csv"))
 
     def waiting(line):
-        progress.done()
-        print(f"udedup ab: {line}; --lock-timeout SEC gives up", file=sys.stderr, flush=True)
+        if not args.quiet:
+            progress.done()
+            print(f"udedup ab: {line}; --lock-timeout SEC gives up", file=sys.stderr, flush=True)
 
     # close-on-exec: neither the workloads nor the VMs inherit the lock's descriptor
     lock = experiment_lock(enabled=not args.no_lock, timeout=args.lock_timeout, on_wait=waiting,
