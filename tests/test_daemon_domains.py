@@ -220,6 +220,42 @@ def test_per_process_domains_reads_the_domain_fields_of_the_estimate():
     assert per_process_domains(e, use_zero_pages=True)[7]["saved"] == 70 * PS - 90 * 64
 
 
+def test_a_failed_joint_estimate_with_domains_is_made_jointly_again_without_the_bad_process(
+        tmp_path, monkeypatch):
+    """Alone, a process's estimate sees no other domain: after the one-by-one retry that finds
+    the bad process, the readable ones are estimated together again."""
+    import udedup.estimate
+    from udedup.daemon.act import estimate_processes
+    from udedup.errors import ProcessAccessError
+    calls = []
+
+    def fake_estimate(pids, domains=None, **kw):
+        calls.append((sorted(pids), dict(domains or {})))
+        if 3 in pids:
+            raise ProcessAccessError("no access to pid 3")
+        targets = [domain_target(p, (domains or {}).get(p), ranges=[span(0, 4)],
+                                 saved=(len(pids), 0.0)) for p in pids]
+        for t in targets:
+            t.saved_pages = (0.0, 0.0)
+        return type("E", (), {"page_size": PS, "targets": targets, "domains": None})()
+
+    monkeypatch.setattr(udedup.estimate, "estimate", fake_estimate)
+    procfs = tmp_path / "proc"
+    procfs.mkdir()
+    infos = [ProcessInfo(p, p, f"p{p}", anon_rss=GiB) for p in (1, 2, 3)]
+    c = cfg(security={"trust_domains": "cgroup"}, daemon={"procfs": str(procfs)})
+    got = estimate_processes(infos, c, use_zero_pages=False, now=5.0)
+    assert [pids for pids, _ in calls] == [[1, 2, 3], [1], [2], [3], [1, 2]]
+    assert calls[0][1] == {1: "?1", 2: "?2", 3: "?3"}       # unreadable: a domain of its own
+    assert got[infos[2].key] == "no access to pid 3"
+    # the results are those of the second joint estimate (2 targets: saved 2 pages each)
+    assert got[infos[0].key].saved_bytes == 2 * PS - 4 * 64 and got[infos[0].key].domain == "?1"
+    # without domains the one-by-one results stand
+    calls.clear()
+    estimate_processes(infos, cfg(daemon={"procfs": str(procfs)}), use_zero_pages=False, now=5.0)
+    assert [pids for pids, _ in calls] == [[1, 2, 3], [1], [2], [3]]
+
+
 def test_actor_unregisters_reports_back_and_says_a_repeated_failure_once(caplog):
     pol = domain_policy()
     a = proc(10, "/t/a")

@@ -25,11 +25,15 @@ from .model import EstimateResult, Observation, Plan, ProcessInfo
 log = logging.getLogger(__name__)
 
 # --- estimation and registration ------------------------------------------------------------------
-def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float) -> dict:
+def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float,
+                       split: bool = True) -> dict:
     """One joint estimate (duplicates across processes count) -> {key: EstimateResult | str error},
     reading the processes under ``daemon.procfs``. With ``security.trust_domains`` on, the
     estimate is told each process's domain (:func:`udedup.host.domains.process_domains`) and each
-    result carries its domain ranges and conflict ranges."""
+    result carries its domain ranges and conflict ranges. A joint estimate that fails is made
+    again one process at a time (``split``) so that one bad process does not stop the others;
+    with domains the readable ones are then estimated jointly once more, since a process
+    estimated alone knows nothing of the other domains' contents."""
     from ..estimate import estimate
 
     e, r, sec = cfg.estimate, cfg.registration, cfg.security
@@ -48,11 +52,14 @@ def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float) -> 
                        procfs=cfg.daemon.procfs, recheck=e.recheck, range_gap=r.range_gap,
                        max_ranges=r.max_ranges, threads=1, **extra)
     except UdedupError as err:
-        if len(infos) == 1:
-            return {infos[0].key: str(err)}
+        if len(infos) == 1 or not split:
+            return {info.key: str(err) for info in infos}
         # one bad process must not stop the others: estimate them one by one
         for info in infos:
-            results.update(estimate_processes([info], cfg, use_zero_pages, now))
+            results.update(estimate_processes([info], cfg, use_zero_pages, now, split=False))
+        readable = [i for i in infos if isinstance(results.get(i.key), EstimateResult)]
+        if extra and len(readable) > 1:
+            results.update(estimate_processes(readable, cfg, use_zero_pages, now, split=False))
         return results
     if extra:
         ds = est.domains
