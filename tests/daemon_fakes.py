@@ -99,6 +99,10 @@ class FakeAudit:
     ksm_frames: int = 0
     read_seconds: float = 0.001
 
+    @property
+    def offender_frames(self) -> int:
+        return len(self.offenders)
+
 
 def domain_target(pid, domain, ranges=(), conflicts=(), saved=(0.0, 0.0), scanned=1000, zero=0,
                   foreign=0, page_size=4096):
