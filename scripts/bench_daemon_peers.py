@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import ctypes
 import json
 import mmap
@@ -574,7 +575,7 @@ def main(argv=None) -> int:
     try:
         injection = True
         try:
-            import udedup.inject  # noqa: F401
+            importlib.import_module("udedup.inject")
         except Exception as err:  # noqa: BLE001 - any failure means: no injection here
             injection = False
             notes.append(f"udedup: injection unavailable ({err}); its workload started registered")
