@@ -49,6 +49,7 @@ def test_scan_json_has_the_documented_keys(capsys, targets):
     assert err == ""      # no progress line when stderr is not a terminal
 
 
+@pytest.mark.ksm   # the lock: a ksmd run by another session would merge the registered target's pages
 def test_scan_text_and_all_eligible(capsys, targets):
     registered, plain = targets[:2]
     code, out, _ = run(capsys, "scan", str(registered), str(plain), "--interval", "0")
