@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 
 #: How often the counters are checked while ksmd bursts (see :func:`burst_due`).
 BURST_WATCH_SECONDS = 0.1
+#: Rounds in a row with nothing moved (QUIET_COUNTERS, the candidates, no action) after which a
+#: fast-mode daemon rounds every daemon.interval instead of daemon.fast_interval.
+QUIET_ROUNDS = 3
+#: The KSM counters whose change ends a quiet spell (full_scans: the policy's steadiness test
+#: needs a round soon after each full scan).
+QUIET_COUNTERS = ("pages_sharing", "pages_shared", "ksm_zero_pages", "full_scans")
 
 
 @dataclass
@@ -85,6 +91,7 @@ class Daemon:
         self.metrics = None
         self.metrics_url = None
         self.rounds = 0
+        self._quiet_rounds, self._quiet_key = 0, None   # see _note_quiet
         self.latest: RoundSnapshot | None = None   # the last completed round: what metrics read
         self._estimator, self._registrar = estimator, registrar
         self._unregistrar, self._auditor = unregistrar, auditor
@@ -139,9 +146,23 @@ class Daemon:
 
     def next_interval(self) -> float:
         """Seconds to the next round: shorter while ksmd scans fast, so that it slows down soon
-        after the saving is realized (a fast scan costs CPU for every second it runs on)."""
+        after the saving is realized (a fast scan costs CPU for every second it runs on); but
+        daemon.interval once KSM's counters and the candidates stayed the same over
+        QUIET_ROUNDS rounds (a quiet host in fast mode), fast again when one moves."""
         d = self.cfg.daemon
-        return min(d.interval, d.fast_interval) if self.policy.mode == "fast" else d.interval
+        if self.policy.mode == "fast" and self._quiet_rounds < QUIET_ROUNDS:
+            return min(d.interval, d.fast_interval)
+        return d.interval
+
+    def _note_quiet(self, obs, acted: bool) -> None:
+        """Count the rounds in a row in which nothing moved: KSM's counters of merging and
+        scanning, the candidate set and their KSM flags, and no action of ours."""
+        c = obs.counters
+        key = (tuple(int(c.get(k, 0)) for k in QUIET_COUNTERS),
+               tuple(sorted((p.key, p.merge_any, p.mergeable) for p in obs.processes)))
+        same = not acted and key == self._quiet_key
+        self._quiet_key = key
+        self._quiet_rounds = self._quiet_rounds + 1 if same else 0
 
     def _loop(self) -> None:
         next_round = self.clock() + self.next_interval()
@@ -258,6 +279,7 @@ class Daemon:
         back within the round; then publish the round's snapshot."""
         self.rounds += 1
         cfg = self.cfg
+        acted = False
         try:
             for attempt in range(3):
                 obs = self.observer.observe(cfg, self.policy.mappings_max_age, self.rounds)
@@ -269,6 +291,9 @@ class Daemon:
                 self._log(plan, knobs=final)
                 # the policy counts planned actions as done: they must run, final plan or not;
                 # pages that must not merge here are unregistered first
+                acted = acted or bool(plan.unregister or plan.register or plan.estimate)
+                if plan.unregister or plan.register:
+                    self.observer.note_change()
                 if plan.unregister:
                     self.actor.unregister(cfg, plan)
                 if plan.estimate:
@@ -278,6 +303,7 @@ class Daemon:
                 if final:
                     break
             self.actor.apply(plan)
+            self._note_quiet(obs, acted)
         except (KsmError, ProcessError) as err:
             # sysfs or /proc hiccups are reported and retried next round; the loop goes on
             log.error("round %d: %s", self.rounds, err)

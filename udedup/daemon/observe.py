@@ -29,6 +29,11 @@ from .model import Memory, Observation, ProcessInfo
 
 log = logging.getLogger(__name__)
 
+#: Longest reuse of a true-saving walk while nothing it depends on moves (KSM's saving counters,
+#: the candidates and their KSM flags and merging pages, no registration): pages a program reads
+#: without writing can still land on the zero page unseen, so the walk is redone this often.
+TRUTH_REUSE_SECONDS = 60.0
+
 
 def process_start_time(pid: int, procfs: ProcFs | str = DEFAULT_PROCFS) -> int | None:
     """starttime (stat field 22, clock ticks since boot): a pid plus this names one process."""
@@ -93,6 +98,13 @@ def read_memory(procfs: ProcFs | str = DEFAULT_PROCFS) -> Memory | None:
                   psi_some_avg10=psi)
 
 
+def _maybe_maps(procfs: ProcFs, pid: int) -> bytes | None:
+    try:
+        return procfs.read_bytes(pid, "maps")
+    except (UdedupError, OSError):
+        return None
+
+
 class Observer:
     """Builds each round's :class:`Observation`, keeping smaps figures between rounds: reading
     smaps walks every page table entry, the biggest cost of a round, so a process's figures are
@@ -111,6 +123,9 @@ class Observer:
         self._truth_failed_said = False
         self._truth: TrueSavings | None = None
         self._truth_round: int | None = None
+        self._truth_key = None          # what the last walk depended on (see _truth_depends)
+        self._truth_walked = 0.0        # when it ran (clock)
+        self._changes = 0               # registrations and unregistrations seen (note_change)
         # metrics.per_cgroup: one attribution reader kept across rounds (every process, the
         # scope of the true saving: its truth is the round's)
         self.attribution: AttributionReader | None = None
@@ -124,6 +139,10 @@ class Observer:
         self._audit_reader = None       # (the [security] keys it was made for, AuditReader)
         self._audit_pids: tuple = ()
 
+    def note_change(self) -> None:
+        """A registration or unregistration ran: the next true saving is walked again."""
+        self._changes += 1
+
     def mappings_by_pid(self) -> dict:
         """{pid: mappings} read this round or recently (the screen does not read them again)."""
         return {key[0]: cached[2] for key, cached in self._mappings.items()}
@@ -132,6 +151,10 @@ class Observer:
         """``max_age(key)``: how old (seconds) a process's smaps figures may be."""
         procs = []
         now = self.clock()
+        # the truth walk's mg ranges are as old as the candidates' smaps figures may be
+        ranges_cache = getattr(self.truth, "ranges_cache", None)
+        if ranges_cache is not None:
+            ranges_cache.refresh_seconds = max(5.0, cfg.daemon.interval)
         seen: dict = {}
         for info in discover_processes(self.procfs, exclude_pid=os.getpid(),
                                        min_anon_rss=cfg.candidates.min_anon_rss):
@@ -146,6 +169,8 @@ class Observer:
                 procs.append(replace(info, registered_bytes=cached[0].registered_bytes,
                                      eligible_bytes=cached[0].eligible_bytes))
                 continue
+            # maps before smaps: a change in between shows to the truth walk as a new maps text
+            maps_text = _maybe_maps(self.procfs, info.pid)
             try:
                 detailed, maps = with_mappings(info, self.procfs)
             except ProcessAccessError as err:
@@ -157,11 +182,15 @@ class Observer:
                 continue
             if detailed is not None:
                 seen[info.key] = (detailed, now, maps, round_number)
+                if maps_text is not None and ranges_cache is not None:
+                    # one smaps read per process per round: the truth walk takes these mg ranges
+                    ranges_cache.put(info.pid, maps_text, {
+                        "ksm_mergeable": info.mergeable, "ksm_merge_any": info.merge_any}, maps)
                 if match_process(cfg, detailed)[0]:
                     procs.append(detailed)
         self._mappings = seen
         stats = self.ksm.stats()
-        truth, attribution = self._true_savings(cfg, stats, round_number)
+        truth, attribution = self._true_savings(cfg, stats, round_number, procs)
         audit = self._round_audit(cfg, procs, round_number)
         try:
             ksmd_cpu = self.ksm.ksmd_cpu_seconds()
@@ -180,16 +209,30 @@ class Observer:
                            daemon_cpu_seconds=time.process_time(), memory=memory,
                            true_savings=truth, attribution=attribution, audit=audit)
 
-    def _true_savings(self, cfg: Config, stats, round_number: int) -> tuple:
+    def _truth_depends(self, stats, procs) -> tuple:
+        c = stats.counters
+        return (int(c.get("pages_sharing", 0)), int(c.get("pages_shared", 0)),
+                int(c.get("ksm_zero_pages", 0)), self._changes,
+                tuple(sorted((p.key, p.merge_any, p.mergeable, p.ksm_merging_pages) for p in procs)))
+
+    def _true_savings(self, cfg: Config, stats, round_number: int, procs=()) -> tuple:
         """(TrueSavings | None, Attribution | None). A round may observe up to three times
         (estimates or registrations coming back): the pagemap walk is paid once per round, later
-        observations take its zero-page part with their fresh counters."""
+        observations take its zero-page part with their fresh counters. A round in which nothing
+        the walk depends on moved (KSM's saving counters, the candidates, no registration) reuses
+        the last walk, for up to TRUTH_REUSE_SECONDS: its ``age_seconds`` says how old it is."""
         if self._truth_round == round_number:
             last, attr = self._truth, self._attribution
             if attr is not None:
                 attr = replace(attr, truth=replace(attr.truth, stats=stats))
             return (replace(last, stats=stats) if last is not None else None), attr
         self._truth_round = round_number
+        depends, now = self._truth_depends(stats, procs), self.clock()
+        if (not cfg.metrics.per_cgroup and self._truth is not None and depends == self._truth_key
+                and now - self._truth_walked < TRUTH_REUSE_SECONDS):
+            self._truth = replace(self._truth, stats=stats, age_seconds=now - self._truth_walked)
+            return self._truth, None
+        self._truth_key, self._truth_walked = depends, now
         self._attribution = self._read_attribution(stats) if cfg.metrics.per_cgroup else None
         if self._attribution is not None:
             self._truth = self._attribution.truth     # the same walk: no second one

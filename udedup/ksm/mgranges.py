@@ -44,6 +44,15 @@ class MergeableRanges:
         self._seen[pid] = kept
         return kept[2]
 
+    def put(self, pid: int, maps_text: bytes, stat: dict, mappings) -> None:
+        """Take the mg ranges from ``mappings`` (smaps parsed by someone else this round, e.g.
+        the daemon's candidates) so that :meth:`ranges` needs no smaps read of its own.
+        ``maps_text``: ``/proc/PID/maps`` read *before* that smaps (a change after it then shows
+        as a different key and the next :meth:`ranges` reads smaps again)."""
+        key = (maps_text, stat.get("ksm_mergeable"), stat.get("ksm_merge_any"))
+        self._kept[pid] = (key, self.clock(), tuple((m.start, m.end) for m in mappings
+                                                    if m.registered))
+
     def forget_others(self) -> None:
         """Drop the processes not asked about since the last call (they exited or left KSM)."""
         self._kept, self._seen = self._seen, {}

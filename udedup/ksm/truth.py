@@ -75,6 +75,8 @@ class TrueSavings:
                                         # "pfn" (pagemap PFNs), None: they cannot be (0 counted)
     unreadable_processes: int           # mergeable processes whose pagemap we could not read
     read_seconds: float                 # how long the read took (counters, /proc walk, pagemaps)
+    age_seconds: float = 0.0            # 0: zero_mapped_pages walked in this read; > 0: a reused
+                                        # walk this old (nothing it depends on moved since)
 
     @property
     def ksm_counter_pages(self) -> int:
@@ -108,7 +110,8 @@ class TrueSavings:
                         "page, not counted as ksm_zero_pages (zero subpages of THPs KSM split)",
                 "method": self.method, "note": NEVER_WRITTEN_NOTE,
                 "unreadable_processes": self.unreadable_processes},
-            "read_seconds": round(self.read_seconds, 6)}
+            "read_seconds": round(self.read_seconds, 6),
+            **({"age_seconds": round(self.age_seconds, 3)} if self.age_seconds else {})}
 
     def as_dict(self, processes: bool = True) -> dict:
         out = {"saved_bytes": self.saved_bytes, "saved_pages": self.saved_pages,
@@ -148,7 +151,7 @@ class TrueSavingsReader:
         root = procfs if procfs is not None else (ksm.procfs if ksm is not None else DEFAULT_PROCFS)
         self.procfs = as_procfs(root)
         self.pids = pids if pids is None or callable(pids) else tuple(int(p) for p in pids)
-        self._ranges = MergeableRanges(self.procfs, refresh_seconds, clock)
+        self.ranges_cache = MergeableRanges(self.procfs, refresh_seconds, clock)
         self._scan_works: bool | None = None    # PAGEMAP_SCAN answered (None: not tried yet)
         self._zero_pfns = zero_pfns             # None: found on first use (host.pagemap)
 
@@ -160,7 +163,7 @@ class TrueSavingsReader:
         page_size = stats.page_size or os.sysconf("SC_PAGE_SIZE")
         procs, unreadable = visit_mergeable(
             self.procfs, self.pids, lambda pid, stat: self._process(pid, stat, page_size))
-        self._ranges.forget_others()
+        self.ranges_cache.forget_others()
         outside = sum(p.outside_ksm_pages for p in procs)
         method = "pagemap_scan" if self._scan_works else ("pfn" if self._zero() else None)
         return TrueSavings(stats=stats, page_size=page_size, zero_mapped_pages=outside,
@@ -176,7 +179,7 @@ class TrueSavingsReader:
         return self._zero_pfns
 
     def _process(self, pid: int, stat: dict, page_size: int) -> ProcessZeroPages | None:
-        ranges = self._ranges.ranges(pid, stat)
+        ranges = self.ranges_cache.ranges(pid, stat)
         if not ranges:
             return None
         comm = self.procfs.comm(pid, default="?")
