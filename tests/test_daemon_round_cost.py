@@ -177,3 +177,43 @@ def test_a_quiet_daemon_on_fake_trees_slows_its_rounds_and_speeds_up_on_a_new_ca
     write_maps(procfs, 12)
     d.run_round()
     assert (d.policy.mode, d.next_interval()) == ("fast", 1.0)
+
+
+def test_a_quiet_candidates_smaps_figures_are_kept_past_max_age_until_it_moves(tmp_path,
+                                                                              monkeypatch):
+    import udedup.daemon.observe as observe
+    from udedup.daemon.observe import STEADY_MAPPINGS_SECONDS
+    procfs, _sysfs, ksm = host(tmp_path, pids=(10,))
+    clock = [100.0]
+    ob = Observer(str(procfs), ksm, clock=lambda: clock[0])
+    reads = []                          # the observer's own smaps reads (not the truth walk's)
+    real = observe.read_mappings
+
+    def read_mappings(pid, procfs):
+        reads.append(pid)
+        return real(pid, procfs)
+    monkeypatch.setattr(observe, "read_mappings", read_mappings)
+    c = cfg(candidates={"names": ["t*"]})
+    ob.observe(c, lambda key: 10.0, 1)
+    assert reads == [10]
+    clock[0] += 15.0                    # past max age, RssAnon, merging pages, maps all the same
+    ob.observe(c, lambda key: 10.0, 2)
+    assert reads == [10]
+    ob.observe(c, lambda key: 0.0, 3)   # the policy wants them now (a registration not seen)
+    assert reads == [10, 10]
+    status = procfs / "10" / "status"
+    status.write_text(status.read_text().replace("RssAnon:\t1048576 kB", "RssAnon:\t1048580 kB"))
+    clock[0] += 15.0
+    ob.observe(c, lambda key: 10.0, 4)  # RssAnon moved: read again
+    assert reads == [10, 10, 10]
+    with open(procfs / "10" / "maps", "a") as f:
+        f.write("7d0000000000-7d0000001000 rw-p 00000000 00:00 0 \n")
+    clock[0] += 15.0
+    ob.observe(c, lambda key: 10.0, 5)  # the maps text changed: read again
+    assert reads == [10, 10, 10, 10]
+    clock[0] += 15.0
+    ob.observe(c, lambda key: 10.0, 6)
+    assert len(reads) == 4
+    clock[0] += STEADY_MAPPINGS_SECONDS  # kept at most this long
+    ob.observe(c, lambda key: 10.0, 7)
+    assert len(reads) == 5

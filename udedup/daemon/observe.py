@@ -98,6 +98,24 @@ def read_memory(procfs: ProcFs | str = DEFAULT_PROCFS) -> Memory | None:
                   psi_some_avg10=psi)
 
 
+#: How long a process's smaps figures are kept past the policy's max age while its RssAnon and
+#: KSM merging pages stay exactly the same (a quiet process: its smaps would say the same).
+STEADY_MAPPINGS_SECONDS = 60.0
+
+
+def _young(cached, info: ProcessInfo, now: float, max_age: float, procfs: ProcFs) -> bool:
+    """The cached smaps figures still stand: younger than ``max_age``, or (a quiet process) up to
+    STEADY_MAPPINGS_SECONDS old with the same RssAnon, KSM merging pages and maps text."""
+    age = now - cached[1]
+    if age < max_age:
+        return True
+    old = cached[0]
+    if not (max_age > 0 and age < STEADY_MAPPINGS_SECONDS and cached[4] is not None
+            and old.anon_rss == info.anon_rss and old.ksm_merging_pages == info.ksm_merging_pages):
+        return False
+    return _maybe_maps(procfs, info.pid) == cached[4]
+
+
 def _maybe_maps(procfs: ProcFs, pid: int) -> bytes | None:
     try:
         return procfs.read_bytes(pid, "maps")
@@ -114,7 +132,8 @@ class Observer:
         self.procfs = as_procfs(procfs)
         self.ksm = ksm
         self.clock = clock
-        self._mappings: dict = {}       # key -> (ProcessInfo with smaps figures, when, mappings, round)
+        self._mappings: dict = {}       # key -> (ProcessInfo with smaps figures, when, mappings,
+                                        # round, maps text read before them or None)
         self._unreadable: set = set()   # candidates we were refused: reported once
         self._memory_missing_said = False
         # one read per round; it keeps each process's mg ranges between rounds (smaps again only
@@ -164,7 +183,7 @@ class Observer:
             if (cached is not None
                     and (cached[0].merge_any, cached[0].mergeable) == (info.merge_any, info.mergeable)
                     and (cached[3] == round_number     # read earlier in this round: still current
-                         or now - cached[1] < max_age(info.key))):
+                         or _young(cached, info, now, max_age(info.key), self.procfs))):
                 seen[info.key] = cached
                 procs.append(replace(info, registered_bytes=cached[0].registered_bytes,
                                      eligible_bytes=cached[0].eligible_bytes))
@@ -181,7 +200,7 @@ class Observer:
                                 info.name, err)
                 continue
             if detailed is not None:
-                seen[info.key] = (detailed, now, maps, round_number)
+                seen[info.key] = (detailed, now, maps, round_number, maps_text)
                 if maps_text is not None and ranges_cache is not None:
                     # one smaps read per process per round: the truth walk takes these mg ranges
                     ranges_cache.put(info.pid, maps_text, {
