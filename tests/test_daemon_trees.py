@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from udedup.daemon.act import per_process, restore_knobs
+from udedup.daemon.act import per_process, restore_knobs, thp_handback_bytes
 from udedup.daemon.loop import Daemon, burst_due
 from udedup.daemon.model import EstimateResult, Memory
 from udedup.daemon.observe import (discover_processes, process_start_time, read_memory,
@@ -71,6 +71,31 @@ def test_per_process_prediction_pays_rmap_items_for_what_ksmd_scans():
     assert whole[7] == (600 * PS - 1000 * 64, 1000 * PS, ((0x1000, 0x1000 + 800 * PS),), 800 * PS)
     assert ranges[7][0] == 600 * PS - 800 * 64
     assert zero[7][0] == 700 * PS - 700 * 64
+
+
+def test_thp_handback_per_process_is_what_no_counter_will_show():
+    """The zero subpages THP splits hand back, per process and use_zero_pages, summed over the
+    in-scope mappings only: the part of a prediction KSM's counters never show."""
+    from udedup.estimate.model import MappingReport
+    from udedup.host.maps import Mapping
+
+    def report(pid, start, in_scope, back0, back1):
+        m = Mapping(start, start + 2 * 1024 * 1024, "rw-p", 0, "00:00", 0, "", frozenset({"mg"}))
+        r = MappingReport(pid, m, in_scope)
+        r.thp_zero_pages = {0: back0, 1: back1}
+        return r
+
+    est = type("E", (), {"page_size": PS, "mappings": [
+        report(7, 0x200000, True, 300, 310), report(7, 0x600000, True, 12, 12),
+        report(7, 0xa00000, False, 500, 500),          # out of scope: ksmd never scans it
+        report(9, 0x200000, True, 0, 0)]})()
+    assert thp_handback_bytes(est, use_zero_pages=False) == {7: 312 * PS}
+    assert thp_handback_bytes(est, use_zero_pages=True) == {7: 322 * PS}
+    assert thp_handback_bytes(type("E", (), {"page_size": PS, "mappings": []})(), False) == {}
+    # the daemon's result: counter_bytes the prediction less the handback, saved_bytes all of it
+    r = EstimateResult(0.0, 500 * PS, 1000 * PS, 50.0, counter_bytes=188 * PS)
+    assert r.counted_bytes == 188 * PS and r.saved_bytes == 500 * PS
+    assert EstimateResult(0.0, 500 * PS, 1000 * PS, 50.0).counted_bytes == 500 * PS
 
 
 def test_burst_watch_calls_a_round_once_the_saving_is_realized(tmp_path):

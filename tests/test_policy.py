@@ -224,6 +224,31 @@ def test_settled_short_of_prediction_goes_slow():
     assert any("merging settled" in t and "(50%)" in t for t in texts(plan))
 
 
+def test_a_thp_guest_is_realized_by_the_counters_part_of_its_prediction():
+    # a THP-backed guest: 512 MiB predicted, 128 MiB of it zero subpages that ksmd's THP splits
+    # hand back outside every KSM counter; the counters can show at most 384 MiB
+    guest = proc(1, "qemu")
+    policy = Policy(cfg())
+    host = Host(policy, guest)
+    host.round()
+    policy.record_estimate(guest.key, EstimateResult(
+        at=host.now, saved_bytes=512 * MiB, scanned_bytes=GiB, saved_percent=50.0,
+        counter_bytes=384 * MiB))
+    plan = host.round()
+    assert plan.mode == "fast"
+    assert plan.predicted_bytes == 512 * MiB and plan.counted_bytes == 384 * MiB
+    assert plan.unrealized_bytes == 384 * MiB
+    # the counters reach 370 MiB = 96 % of their part: realized, slow (without the split the
+    # daemon saw 72 % and stayed fast until merging settled)
+    host.scan(1, 262144, 0.5, saved_pages=370 * MiB // PS, profit={1: 370 * MiB})
+    plan = host.round()
+    assert plan.mode == "slow"
+    assert plan.unrealized_bytes == 14 * MiB
+    t = "\n".join(texts(plan))
+    assert "realized 370.0 MiB of predicted 384.0 MiB (of 512.0 MiB in all: THP splits" in t
+    assert "(96%)" in t and "saving realized" in t
+
+
 def test_new_registration_restarts_the_settle_count():
     policy, host, _ = estimated_round(proc(1, "a"), 512 * MiB)
     assert merge_steadily(host, 65536)[-1].mode == "slow"

@@ -72,6 +72,7 @@ def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float,
         per_pid = {pid: dict(zip(("saved", "scanned", "ranges", "range_bytes"), got))
                    for pid, got in per_process(est, pids, use_zero_pages,
                                                by_ranges=r.granularity == "ranges").items()}
+    handback = thp_handback_bytes(est, use_zero_pages)
     for info in infos:
         got = per_pid.get(info.pid)
         if got is None:
@@ -79,9 +80,25 @@ def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float,
             continue
         saved, scanned = got.pop("saved"), got.pop("scanned")
         pct = 100.0 * saved / scanned if scanned else 0.0
-        results[info.key] = EstimateResult(at=now, saved_bytes=int(saved), scanned_bytes=int(scanned),
-                                           saved_percent=pct, **got)
+        back = handback.get(info.pid, 0)
+        results[info.key] = EstimateResult(
+            at=now, saved_bytes=int(saved), scanned_bytes=int(scanned), saved_percent=pct,
+            counter_bytes=int(max(0, saved - back)) if back else None, **got)
     return results
+
+
+def thp_handback_bytes(est, use_zero_pages: bool) -> dict:
+    """{pid: bytes} of the zero subpages ksmd's THP splits are predicted to hand back in the
+    process's in-scope mappings: saving the host gets that no KSM counter (pages_sharing,
+    ksm_zero_pages, ksm_merging_pages) will ever show, so the daemon holds the counters' realized
+    saving against the prediction without them."""
+    k = int(bool(use_zero_pages))
+    out: dict = {}
+    for m in getattr(est, "mappings", ()) or ():
+        back = m.thp_zero_pages.get(k, 0) if m.in_scope else 0
+        if back:
+            out[int(m.pid)] = out.get(int(m.pid), 0) + int(back) * est.page_size
+    return out
 
 
 def screen_processes(infos, cfg: Config, now: float, seed: int = 0, mappings=None) -> dict:

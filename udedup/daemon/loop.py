@@ -178,7 +178,8 @@ class Daemon:
                 next_ping = now + wd / 2
             last = self.latest.last if self.latest is not None else None
             if now >= next_watch and last is not None and burst_due(
-                    self.ksm, int(last.counters.get("full_scans", 0)), last.predicted_bytes,
+                    self.ksm, int(last.counters.get("full_scans", 0)),
+                    last.predicted_bytes if last.counted_bytes is None else last.counted_bytes,
                     self.cfg.ksmd.realized_percent):
                 next_round = now
             if now >= next_round:

@@ -69,6 +69,14 @@ class EstimateResult:
     conflict_ranges: tuple = ()
     foreign_pages: int = 0      # pages whose content won in another domain
     other_domains: tuple = ()   # the other domains of the joint estimate (for the log)
+    #: the part of ``saved_bytes`` KSM's counters will show: without the zero subpages THP splits
+    #: hand back (mapped to the zero page outside every counter); None: all of it
+    counter_bytes: int | None = None
+
+    @property
+    def counted_bytes(self) -> int:
+        """The prediction to hold the counters' realized saving against (like with like)."""
+        return self.saved_bytes if self.counter_bytes is None else self.counter_bytes
 
 
 class Register(NamedTuple):
@@ -139,6 +147,7 @@ class Plan:
     decisions: list = field(default_factory=list)       # new or changed decisions only
     pressure: bool = False
     predicted_bytes: int = 0
+    counted_bytes: int = 0                              # of it, what the counters will show
     realized_bytes: int = 0
     unrealized_bytes: int = 0
     scan_pages: int = 0                                 # registered pages a full scan covers

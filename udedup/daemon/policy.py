@@ -288,9 +288,13 @@ class Policy:
                                else p.info.registered_bytes
                                for p in self.procs.values()) // obs.page_size
         plan.predicted_bytes = sum(p.estimate.saved_bytes for p in managed)
+        # realized is read from KSM's counters, so it is held against the part of the prediction
+        # the counters will show: THP splits hand back zero subpages outside them (a THP guest
+        # would otherwise look unrealized for ever and keep ksmd fast)
+        plan.counted_bytes = sum(p.estimate.counted_bytes for p in managed)
         profits = sum(max(0, p.info.ksm_profit) for p in managed)
         plan.realized_bytes = max(0, min(obs.saved_bytes, profits))
-        plan.unrealized_bytes = max(0, plan.predicted_bytes - plan.realized_bytes)
+        plan.unrealized_bytes = max(0, plan.counted_bytes - plan.realized_bytes)
         plan.scan_pages = registered_pages
 
         if not managed:
@@ -303,9 +307,12 @@ class Policy:
             else:
                 mode, tag, reason = "slow", "idle", "nothing worth merging; ksmd.stop_when_idle is false"
         else:
-            done_pct = 100.0 * plan.realized_bytes / plan.predicted_bytes if plan.predicted_bytes else 100.0
+            counted = plan.counted_bytes
+            done_pct = 100.0 * plan.realized_bytes / counted if counted > 0 else 100.0
             settled, settle_reason = self._settled(obs)
-            gap = (f"realized {mib(plan.realized_bytes)} of predicted {mib(plan.predicted_bytes)} "
+            rest = (f" (of {mib(plan.predicted_bytes)} in all: THP splits hand back the rest, "
+                    "outside the counters)" if counted != plan.predicted_bytes else "")
+            gap = (f"realized {mib(plan.realized_bytes)} of predicted {mib(counted)}{rest} "
                    f"({done_pct:.0f}%) in {len(managed)} processes")
             if done_pct >= k.realized_percent:
                 mode, tag, reason = "slow", "realized", f"{gap}: saving realized"

@@ -78,6 +78,8 @@ class Round:
     # daemon unregistered the losing side: AuditReport.offender_frames, complete even when its
     # offenders list is capped), None when domains are off
     cross_domain_frames: int | None = None
+    # the part of predicted_bytes KSM's counters will show (THP splits hand back the rest)
+    counted_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class RoundSnapshot:
         if self.last is not None:
             r = self.last
             out.update({"saved_bytes": r.saved_bytes, "predicted_bytes": r.predicted_bytes,
+                        "predicted_counted_bytes": r.counted_bytes,
                         "realized_bytes": r.realized_bytes, "unrealized_bytes": r.unrealized_bytes,
                         "pressure": r.pressure, "ksmd_cpu_percent": r.ksmd_cpu_percent,
                         "daemon_cpu_percent": r.daemon_cpu_percent,
@@ -187,7 +190,8 @@ def round_figures(plan: Plan, obs: Observation, dry_run: bool) -> Round:
                  zero_mapped_pages=truth.zero_mapped_pages if truth is not None else None,
                  true_read_seconds=truth.read_seconds if truth is not None else None,
                  cgroups=cgroup_figures(obs.attribution),
-                 cross_domain_frames=obs.audit.offender_frames if obs.audit is not None else None)
+                 cross_domain_frames=obs.audit.offender_frames if obs.audit is not None else None,
+                 counted_bytes=plan.counted_bytes)
 
 
 def cgroup_figures(attribution) -> tuple:
