@@ -192,6 +192,11 @@ class Daemon:
     interval: float = _f(10.0, "float", "seconds between policy rounds", lo=0.05, hi=3600.0)
     fast_interval: float = _f(1.0, "float", "seconds between rounds while ksmd scans fast (how soon "
                               "a realized saving slows it down)", lo=0.05, hi=3600.0)
+    idle_interval: float = _f(60.0, "float", "seconds between rounds once nothing moved for 3 rounds "
+                              "in slow or stopped mode; between them a cheap check every interval "
+                              "(KSM's counters, new processes, the candidates' memory) calls a round "
+                              "as soon as one moves; at most interval means no idle spacing",
+                              lo=0.05, hi=3600.0)
     state_file: str = _f("/run/udedup/state.json", "str", "original knobs for crash recovery, and the "
                          "daemon's view for 'udedup status'")
     on_exit: str = _f("restore", "choice", "knobs the daemon changed, on SIGTERM/SIGINT",

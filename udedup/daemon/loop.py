@@ -28,6 +28,7 @@ from .act import (Actor, estimate_processes, register_process, restore_knobs, se
 from .config import Config
 from .decisionlog import DecisionLog
 from .domains import span_warning
+from .idlewatch import WATCHED_COUNTERS, IdleWatch
 from .observe import Observer, process_start_time
 from .policy import Policy
 from .snapshot import DaemonIdentity, RoundSnapshot, build_snapshot, round_figures
@@ -41,11 +42,14 @@ log = logging.getLogger(__name__)
 #: How often the counters are checked while ksmd bursts (see :func:`burst_due`).
 BURST_WATCH_SECONDS = 0.1
 #: Rounds in a row with nothing moved (QUIET_COUNTERS, the candidates, no action) after which a
-#: fast-mode daemon rounds every daemon.interval instead of daemon.fast_interval.
+#: fast-mode daemon rounds every daemon.interval instead of daemon.fast_interval, and a slow or
+#: stopped one every daemon.idle_interval, with the idle watch (:mod:`.idlewatch`) in between.
 QUIET_ROUNDS = 3
 #: The KSM counters whose change ends a quiet spell (full_scans: the policy's steadiness test
 #: needs a round soon after each full scan).
-QUIET_COUNTERS = ("pages_sharing", "pages_shared", "ksm_zero_pages", "full_scans")
+QUIET_COUNTERS = WATCHED_COUNTERS
+#: The modes in which a quiet host is idle (see QUIET_ROUNDS).
+IDLE_MODES = ("slow", "stopped")
 
 
 @dataclass
@@ -110,6 +114,7 @@ class Daemon:
         self.actor = Actor(ksm, self.policy, dry_run=self.opts.dry_run, clock=self.clock,
                            estimator=self._estimator, registrar=self._registrar,
                            unregistrar=self._unregistrar)
+        self.idle_watch = IdleWatch(self.cfg.daemon.procfs, ksm, self.cfg.candidates.min_anon_rss)
 
     # --- lifecycle
     def run(self) -> int:
@@ -152,7 +157,15 @@ class Daemon:
         d = self.cfg.daemon
         if self.policy.mode == "fast" and self._quiet_rounds < QUIET_ROUNDS:
             return min(d.interval, d.fast_interval)
+        if self.idle():
+            return max(d.interval, d.idle_interval)
         return d.interval
+
+    def idle(self) -> bool:
+        """Slow or stopped, nothing moved for QUIET_ROUNDS rounds, and idle rounds asked for: the
+        rounds are spaced by daemon.idle_interval and the idle watch runs between them."""
+        return (self.policy.mode in IDLE_MODES and self._quiet_rounds >= QUIET_ROUNDS
+                and self.cfg.daemon.idle_interval > self.cfg.daemon.interval)
 
     def _note_quiet(self, obs, acted: bool) -> None:
         """Count the rounds in a row in which nothing moved: KSM's counters of merging and
@@ -177,19 +190,33 @@ class Daemon:
                 self.notify.send("WATCHDOG=1")
                 next_ping = now + wd / 2
             last = self.latest.last if self.latest is not None else None
-            if now >= next_watch and last is not None and burst_due(
-                    self.ksm, int(last.counters.get("full_scans", 0)),
-                    last.predicted_bytes if last.counted_bytes is None else last.counted_bytes,
-                    self.cfg.ksmd.realized_percent):
+            if now >= next_watch and last is not None and self._watch_due(last):
                 next_round = now
             if now >= next_round:
                 self.run_round()
                 # skip missed rounds rather than running them back to back
                 next_round = max(next_round + self.next_interval(), self.clock() + 0.05)
             last = self.latest.last if self.latest is not None else None
-            bursting = last is not None and last.bursting
-            next_watch = self.clock() + BURST_WATCH_SECONDS if bursting else float("inf")
+            if last is not None and last.bursting:
+                next_watch = self.clock() + BURST_WATCH_SECONDS
+            elif self.idle():
+                if next_watch == float("inf") or now >= next_watch:
+                    next_watch = self.clock() + self.cfg.daemon.interval
+            else:
+                next_watch = float("inf")
         log.info("received %s: stopping", self.signals.signame or "stop")
+
+    def _watch_due(self, last) -> bool:
+        """Between rounds: the burst watch while ksmd bursts, the idle watch while idle."""
+        if last.bursting:
+            return burst_due(
+                self.ksm, int(last.counters.get("full_scans", 0)),
+                last.predicted_bytes if last.counted_bytes is None else last.counted_bytes,
+                self.cfg.ksmd.realized_percent)
+        reason = self.idle_watch.moved()
+        if reason is not None:
+            log.debug("idle watch: %s: a round now", reason)
+        return reason is not None
 
     def _shutdown(self) -> None:
         self.notify.send("STOPPING=1", "STATUS=stopping: restoring KSM knobs")
@@ -305,6 +332,7 @@ class Daemon:
                     break
             self.actor.apply(plan)
             self._note_quiet(obs, acted)
+            self.idle_watch.arm(obs.processes, cfg.candidates.min_anon_rss)
         except (KsmError, ProcessError) as err:
             # sysfs or /proc hiccups are reported and retried next round; the loop goes on
             log.error("round %d: %s", self.rounds, err)
