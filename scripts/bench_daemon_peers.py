@@ -628,6 +628,9 @@ def main(argv=None) -> int:
                                 tool=udedup_tool(workdir, args, log, injection))
                 with open(os.path.join(workdir, "daemon.log")) as f:
                     daemon_log = f.read()
+                if args.out:        # the whole log beside the report, for what the notes leave out
+                    with open(os.path.splitext(args.out)[0] + ".daemon.log", "w") as f:
+                        f.write(daemon_log)
                 notes.append("udedup daemon log (decisions):")
                 notes += ["  " + line for line in daemon_log.splitlines()
                           if any(w in line for w in ("register", "fast", "slow", "stopped", "not-worth",

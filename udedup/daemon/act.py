@@ -11,6 +11,7 @@ else changed since is theirs (reported, not fought).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -296,6 +297,8 @@ class Actor:
         self.registrar = registrar
         self.unregistrar = unregistrar
         self.knob_writes = 0
+        self.fingerprints: dict = {}        # key -> fingerprint.Fingerprint of the last full estimate
+        self.confirmations = 0              # re-estimates a fingerprint made unnecessary
         self._unregister_failed: dict = {}   # pid -> the failure last logged at WARNING
 
     def estimate(self, cfg: Config, plan: Plan, obs: Observation, mappings: dict, seed: int) -> None:
@@ -305,17 +308,24 @@ class Actor:
         if cfg.ksmd.use_zero_pages != "keep":
             use_zero = cfg.ksmd.use_zero_pages == "on"
         t0, cpu0 = time.monotonic(), time.process_time()
-        results = screen_processes(plan.estimate, cfg, obs.now, seed=seed, mappings=mappings)
-        full = [i for i in plan.estimate if i.key not in results]
-        if len(full) < len(plan.estimate):
+        confirmed = self._confirm(cfg, plan.estimate, obs)
+        todo = [i for i in plan.estimate if i.key not in confirmed]
+        results = screen_processes(todo, cfg, obs.now, seed=seed, mappings=mappings)
+        full = [i for i in todo if i.key not in results]
+        if len(full) < len(todo):
             log.debug("screened %d processes in %.2f s (%.2f CPU-s): %d ruled out by their sample",
-                     len(plan.estimate), time.monotonic() - t0, time.process_time() - cpu0,
+                     len(todo), time.monotonic() - t0, time.process_time() - cpu0,
                      len(results))
         if full:
             t1, cpu1 = time.monotonic(), time.process_time()
-            results.update(self.estimator(full, cfg, use_zero, obs.now))
+            estimated = self.estimator(full, cfg, use_zero, obs.now)
+            results.update(estimated)
             log.debug("estimated %d processes in %.2f s (%.2f CPU-s)", len(full),
                      time.monotonic() - t1, time.process_time() - cpu1)
+            self._fingerprint(cfg, [i for i in full if isinstance(estimated.get(i.key),
+                                                                  EstimateResult)],
+                              obs.now, mappings, seed)
+        results.update(confirmed)
         for key, result in results.items():
             if isinstance(result, EstimateResult):
                 self.policy.record_estimate(key, result, now=obs.now)
@@ -323,6 +333,61 @@ class Actor:
                 # the policy reports it as a skip with this reason (registration.classify)
                 log.debug("pid %d: estimate failed: %s", key[0], result)
                 self.policy.record_estimate(key, None, error=result, now=obs.now)
+
+    def _confirm(self, cfg: Config, infos, obs: Observation) -> dict:
+        """{key: the last estimate, dated now} for the due processes whose fingerprint says their
+        memory is what that estimate read; {} when any of them changed (the estimate is joint:
+        duplicates across processes count, so they are estimated together again)."""
+        from . import fingerprint
+
+        e = cfg.estimate
+        if e.confirm_pages <= 0:
+            return {}
+        ready = []
+        for info in infos:
+            fp = self.fingerprints.get(info.key)
+            last = self.policy.last_estimate(info.key)
+            if (fp is None or last is None or last.screened
+                    or obs.now - fp.taken_at >= e.confirm_max_seconds):
+                continue
+            ready.append((info, fp, last))
+        if not ready:
+            return {}
+        t0, cpu0 = time.monotonic(), time.process_time()
+        for info, fp, _last in ready:
+            why = fingerprint.changed(fp, info, cfg.daemon.procfs)
+            if why is not None:
+                log.debug("pid %d: estimating again: %s since its last full estimate", info.pid, why)
+                return {}
+        pages = sum(fp.pages for _i, fp, _l in ready)
+        log.debug("re-estimate of %d processes skipped: %d sampled pages read back unchanged "
+                  "(crc32c), in %.3f s (%.3f CPU-s)", len(ready), pages, time.monotonic() - t0,
+                  time.process_time() - cpu0)
+        self.confirmations += len(ready)
+        return {info.key: dataclasses.replace(last, at=obs.now) for info, _fp, last in ready}
+
+    def _fingerprint(self, cfg: Config, infos, now: float, mappings: dict, seed: int) -> None:
+        """Fingerprints of the processes just estimated in full (see :mod:`.fingerprint`)."""
+        from . import fingerprint
+
+        if cfg.estimate.confirm_pages <= 0:
+            return
+        live = {key for key in self.fingerprints if self.policy.last_estimate(key) is not None}
+        self.fingerprints = {k: v for k, v in self.fingerprints.items() if k in live}
+        t0, cpu0 = time.monotonic(), time.process_time()
+        for info in infos:
+            try:
+                fp = fingerprint.take(info, cfg.estimate.confirm_pages, now, cfg.daemon.procfs,
+                                      (mappings or {}).get(info.pid), seed=seed)
+            except (UdedupError, OSError) as err:
+                log.debug("pid %d: no fingerprint: %s", info.pid, err)
+                fp = None
+            if fp is None:
+                self.fingerprints.pop(info.key, None)
+            else:
+                self.fingerprints[info.key] = fp
+        log.debug("fingerprints of %d processes in %.3f s (%.3f CPU-s)", len(infos),
+                  time.monotonic() - t0, time.process_time() - cpu0)
 
     def register(self, cfg: Config, plan: Plan) -> None:
         for info, mode, ranges in plan.register:

@@ -112,6 +112,11 @@ class Policy:
         p.estimate, p.estimate_failed = result, None
         p.withheld = ()     # the newer estimate decides afresh what is registrable
 
+    def last_estimate(self, key) -> EstimateResult | None:
+        """The estimate the policy holds for ``key`` (None: none, or it is not tracked)."""
+        p = self.procs.get(key)
+        return p.estimate if p is not None else None
+
     def record_unregistration(self, key, ok: bool, ranges, detail: str) -> None:
         """Done: no longer registered; failed: the conflicts are planned again next round."""
         p = self.procs.get(key)

@@ -78,7 +78,9 @@ def rate_for(threshold_bytes: int, page_size: int | None = None,
     return min(1.0, math.sqrt(expected / (2.0 * t_pages)))
 
 
-def _present_addresses(pid: int, procfs: ProcFs, maps=None) -> np.ndarray:
+def present_addresses(pid: int, procfs: ProcFs, maps=None) -> np.ndarray:
+    """Page addresses (sorted uint64) of the present anonymous pages of the eligible mappings of
+    ``pid``, the zero page left out: what the screen samples from. ``maps``: its mappings, if read."""
     if maps is None:
         maps = read_mappings(pid, procfs)
     fd = open_pagemap(pid, procfs)    # once per process, not once per mapping
@@ -108,7 +110,7 @@ def screen(pids, rate: float, seed: int = 0, procfs: str | ProcFs = "/proc",
     sampled: dict = {}
     for pid in pids:
         try:
-            addrs = _present_addresses(pid, procfs, (mappings or {}).get(pid))
+            addrs = present_addresses(pid, procfs, (mappings or {}).get(pid))
         except ProcessNotFoundError:
             out[pid] = "exited during the screen"
             continue
