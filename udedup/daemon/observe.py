@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 #: Longest reuse of a true-saving walk while nothing it depends on moves (KSM's saving counters,
 #: the candidates and their KSM flags and merging pages, no registration): pages a program reads
 #: without writing can still land on the zero page unseen, so the walk is redone this often.
-TRUTH_REUSE_SECONDS = 60.0
+TRUTH_REUSE_SECONDS = 300.0
 
 
 def process_start_time(pid: int, procfs: ProcFs | str = DEFAULT_PROCFS) -> int | None:
@@ -100,7 +100,7 @@ def read_memory(procfs: ProcFs | str = DEFAULT_PROCFS) -> Memory | None:
 
 #: How long a process's smaps figures are kept past the policy's max age while its RssAnon and
 #: KSM merging pages stay exactly the same (a quiet process: its smaps would say the same).
-STEADY_MAPPINGS_SECONDS = 60.0
+STEADY_MAPPINGS_SECONDS = 300.0
 
 
 def _young(cached, info: ProcessInfo, now: float, max_age: float, procfs: ProcFs) -> bool:
