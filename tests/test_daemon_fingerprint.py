@@ -61,7 +61,7 @@ def test_unchanged_memory_confirms_and_reading_faults_nothing_in(estimate_childr
     reused = SimpleNamespace(**{**vars(info), "start_time": info.start_time + 1})
     assert fingerprint.changed(fp, reused) == "another process"
     grown = SimpleNamespace(**{**vars(info), "anon_rss": info.anon_rss + 64 * MiB})
-    assert fingerprint.changed(fp, grown).startswith("RssAnon moved")
+    assert fingerprint.changed(fp, grown).startswith("RssAnon grew")
 
 
 def test_rewritten_and_volatile_memory_is_estimated_again(estimate_children):
@@ -127,3 +127,31 @@ def test_the_actor_skips_a_reestimate_its_fingerprints_confirm(estimate_children
     c.estimate.confirm_pages = 0                       # off: always in full
     round_at(1850.0)
     assert len(calls) == 4
+
+
+def test_the_estimator_gives_the_fingerprint_of_what_it_read(estimate_children):
+    """No extra read: the sample comes from the estimate's own crc32c of pages that read the same
+    in every pass; the daemon's result carries it, and it confirms while nothing changes."""
+    from udedup.estimate import estimate
+
+    _, child = estimate_children({"regions": [{"kind": "unique", "pages": 8192},
+                                              {"kind": "dup", "pages": 2048, "contents": 64},
+                                              {"kind": "volatile", "pages": 1024}],
+                                  "options": UNREGISTERED})
+    info = info_of(child)
+    est = estimate([info.pid], passes=2, interval=0.2, all_eligible=True, recheck="candidates",
+                   fingerprint_pages=512)
+    addrs, crcs = est.fingerprints[info.pid]
+    assert addrs.size == 512 and np.all(np.diff(addrs.astype(np.int64)) > 0)
+    fp = fingerprint.Fingerprint(info.pid, info.start_time, 0.0, info.anon_rss, addrs, crcs)
+    # the volatile pages changed between the passes of the rechecked ones only (the duplicates);
+    # the unique and duplicate pages read back as the estimate saw them
+    lo = child["start"]
+    vol = (addrs >= lo + 10240 * PS) & (addrs < lo + 11264 * PS)
+    steady = fingerprint.Fingerprint(info.pid, info.start_time, 0.0, info.anon_rss,
+                                     addrs[~vol], crcs[~vol])
+    assert fingerprint.changed(steady, info) is None
+    rewrite(child, 0, 4096)
+    assert fingerprint.changed(steady, info) is not None
+    assert fp.pages == 512
+    assert estimate([info.pid], passes=2, interval=0.0).fingerprints is None

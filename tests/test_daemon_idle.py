@@ -123,3 +123,19 @@ def test_the_daemon_arms_the_watch_each_round_on_fake_trees(tmp_path):
     assert sorted(d.idle_watch._candidates) == [10, 11]     # the candidates, not sshd
     (sysfs / "ksm_zero_pages").write_text("7\n")
     assert d._watch_due(d.latest.last)
+
+
+def test_merge_counters_drift_within_the_slack_without_a_round(tmp_path):
+    from udedup.daemon.idlewatch import COUNTER_SLACK_PAGES, counters_moved
+    procfs, sysfs, ksm = host(tmp_path)
+    (sysfs / "pages_sharing").write_text("200000\n")
+    w = IdleWatch(str(procfs), ksm)
+    w.arm(candidates(procfs, {10}))
+    (sysfs / "pages_sharing").write_text("200900\n")       # 0.45 %: a guest's kernel at work
+    assert w.moved() is None
+    (sysfs / "pages_sharing").write_text("201100\n")       # 0.55 %: a round
+    assert w.moved() == "KSM counters moved"
+    assert not counters_moved((0, 0, 0, 5), (COUNTER_SLACK_PAGES, 0, 0, 5))
+    assert counters_moved((0, 0, 0, 5), (COUNTER_SLACK_PAGES + 1, 0, 0, 5))
+    assert counters_moved((0, 0, 0, 5), (0, 0, 0, 6))     # a full scan ended: always a round
+    assert counters_moved(None, (0, 0, 0, 5))

@@ -21,6 +21,7 @@ from ..host.fs import DEFAULT_PROCFS
 from ..ksm import DEFAULT_ROOT
 from ..ksm.knobs import KnobSnapshot, pages_to_scan_ignored, write_order
 from .config import Config
+from .fingerprint import Fingerprint
 from .model import EstimateResult, Observation, Plan, ProcessInfo
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float,
         # thread buys wall time for CPU (0.47 against 0.40 CPU-s for the benchmark's two VMs)
         est = estimate(pids, passes=e.passes, interval=e.pass_interval, all_eligible=True,
                        procfs=cfg.daemon.procfs, recheck=e.recheck, range_gap=r.range_gap,
-                       max_ranges=r.max_ranges, threads=1, **extra)
+                       max_ranges=r.max_ranges, threads=1, fingerprint_pages=e.confirm_pages,
+                       **extra)
     except UdedupError as err:
         if len(infos) == 1 or not split:
             return {info.key: str(err) for info in infos}
@@ -74,6 +76,7 @@ def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float,
                    for pid, got in per_process(est, pids, use_zero_pages,
                                                by_ranges=r.granularity == "ranges").items()}
     handback = thp_handback_bytes(est, use_zero_pages)
+    samples = getattr(est, "fingerprints", None) or {}
     for info in infos:
         got = per_pid.get(info.pid)
         if got is None:
@@ -82,9 +85,12 @@ def estimate_processes(infos, cfg: Config, use_zero_pages: bool, now: float,
         saved, scanned = got.pop("saved"), got.pop("scanned")
         pct = 100.0 * saved / scanned if scanned else 0.0
         back = handback.get(info.pid, 0)
+        sample = samples.get(info.pid)
         results[info.key] = EstimateResult(
             at=now, saved_bytes=int(saved), scanned_bytes=int(scanned), saved_percent=pct,
-            counter_bytes=int(max(0, saved - back)) if back else None, **got)
+            counter_bytes=int(max(0, saved - back)) if back else None,
+            fingerprint=None if sample is None else Fingerprint(
+                info.pid, info.start_time, now, info.anon_rss, sample[0], sample[1]), **got)
     return results
 
 
@@ -322,8 +328,8 @@ class Actor:
             results.update(estimated)
             log.debug("estimated %d processes in %.2f s (%.2f CPU-s)", len(full),
                      time.monotonic() - t1, time.process_time() - cpu1)
-            self._fingerprint(cfg, [i for i in full if isinstance(estimated.get(i.key),
-                                                                  EstimateResult)],
+            self._fingerprint(cfg, [(i, estimated[i.key]) for i in full
+                                    if isinstance(estimated.get(i.key), EstimateResult)],
                               obs.now, mappings, seed)
         results.update(confirmed)
         for key, result in results.items():
@@ -366,28 +372,34 @@ class Actor:
         self.confirmations += len(ready)
         return {info.key: dataclasses.replace(last, at=obs.now) for info, _fp, last in ready}
 
-    def _fingerprint(self, cfg: Config, infos, now: float, mappings: dict, seed: int) -> None:
-        """Fingerprints of the processes just estimated in full (see :mod:`.fingerprint`)."""
+    def _fingerprint(self, cfg: Config, done, now: float, mappings: dict, seed: int) -> None:
+        """Keep the fingerprints of the processes just estimated in full (``done``: (info,
+        EstimateResult) pairs): the estimator's own sample where it gave one (no extra read),
+        else one read now (see :mod:`.fingerprint`)."""
         from . import fingerprint
 
         if cfg.estimate.confirm_pages <= 0:
             return
         live = {key for key in self.fingerprints if self.policy.last_estimate(key) is not None}
         self.fingerprints = {k: v for k, v in self.fingerprints.items() if k in live}
-        t0, cpu0 = time.monotonic(), time.process_time()
-        for info in infos:
-            try:
-                fp = fingerprint.take(info, cfg.estimate.confirm_pages, now, cfg.daemon.procfs,
-                                      (mappings or {}).get(info.pid), seed=seed)
-            except (UdedupError, OSError) as err:
-                log.debug("pid %d: no fingerprint: %s", info.pid, err)
-                fp = None
+        t0, cpu0, taken = time.monotonic(), time.process_time(), 0
+        for info, result in done:
+            fp = result.fingerprint
+            if fp is None:
+                taken += 1
+                try:
+                    fp = fingerprint.take(info, cfg.estimate.confirm_pages, now,
+                                          cfg.daemon.procfs, (mappings or {}).get(info.pid),
+                                          seed=seed)
+                except (UdedupError, OSError) as err:
+                    log.debug("pid %d: no fingerprint: %s", info.pid, err)
             if fp is None:
                 self.fingerprints.pop(info.key, None)
             else:
                 self.fingerprints[info.key] = fp
-        log.debug("fingerprints of %d processes in %.3f s (%.3f CPU-s)", len(infos),
-                  time.monotonic() - t0, time.process_time() - cpu0)
+        if taken:
+            log.debug("fingerprints of %d processes read in %.3f s (%.3f CPU-s)", taken,
+                      time.monotonic() - t0, time.process_time() - cpu0)
 
     def register(self, cfg: Config, plan: Plan) -> None:
         for info, mode, ranges in plan.register:

@@ -100,8 +100,8 @@ class Estimate:
     reestimate_seconds: float = _f(600.0, "float", "re-estimate a process after this many seconds",
                                    lo=1.0)
     confirm_pages: int = _f(1024, "int", "pages sampled per process after a full estimate (their "
-                            "crc32c): a re-estimate whose sample reads back the same, with RssAnon "
-                            "within 1 %, keeps the last estimate instead of reading everything "
+                            "crc32c): a re-estimate whose sample reads back the same, with RssAnon grown "
+                            "at most 1 %, keeps the last estimate instead of reading everything "
                             "again; 0: always estimate in full", lo=0, hi=1 << 20)
     confirm_max_seconds: float = _f(3600.0, "float", "a full estimate at least this often, "
                                     "whatever the sample says", lo=1.0)

@@ -7,7 +7,7 @@ their crc32c. When the process is due for a re-estimate, the same addresses are 
 a page no longer present counts as changed, a page now on the zero page has the zero page's
 crc32c, the others are read (only present pages are read, so nothing is faulted in) and their
 crc32c compared. When at most :data:`CHANGED_FRACTION` of the sample changed and the process's
-RssAnon stayed within 1 % (or 4 MiB), the last estimate still stands and the full re-read (all of
+RssAnon grew by no more than 1 % (or 4 MiB), the last estimate still stands and the full re-read (all of
 the process's memory, twice) is skipped.
 
 With 1024 sampled pages, a change of 1 % of the memory shows about 10 changed pages; the chance
@@ -30,7 +30,8 @@ from ..native import kernels, lib
 
 #: The share of a sample that may change while the last estimate still stands.
 CHANGED_FRACTION = 0.005
-#: RssAnon may move this much (bytes, or this fraction of it) while the last estimate stands.
+#: RssAnon may grow this much (bytes, or this fraction of it) while the last estimate stands
+#: (merging shrinks it: THP splits hand zero subpages back; freed pages show in the sample).
 RSS_SLACK_BYTES = 4 << 20
 RSS_SLACK_FRACTION = 0.01
 
@@ -100,8 +101,10 @@ def changed(fp: Fingerprint, info, procfs: ProcFs | str = "/proc") -> str | None
     reads back as the fingerprint says."""
     if info.pid != fp.pid or info.start_time != fp.start_time:
         return "another process"
-    if abs(info.anon_rss - fp.anon_rss) > max(RSS_SLACK_BYTES, RSS_SLACK_FRACTION * fp.anon_rss):
-        return f"RssAnon moved ({fp.anon_rss >> 20} -> {info.anon_rss >> 20} MiB)"
+    # only growth: merging itself shrinks RssAnon (THP splits hand zero subpages to the zero
+    # page), and memory freed shows in the sample as pages no longer present
+    if info.anon_rss - fp.anon_rss > max(RSS_SLACK_BYTES, RSS_SLACK_FRACTION * fp.anon_rss):
+        return f"RssAnon grew ({fp.anon_rss >> 20} -> {info.anon_rss >> 20} MiB)"
     if fp.pages == 0:
         return None
     fs = as_procfs(procfs)

@@ -7,8 +7,10 @@ a round reads every process's status and the candidates' smaps, maps and pagemap
 check reads four KSM counters, the /proc listing and the candidates' status files. It calls a
 round when:
 
-- one of the counters (:data:`WATCHED_COUNTERS`) changed: pages merged or unmerged, a full scan
-  ended (the policy's steadiness test wants a round soon after each);
+- one of the counters (:data:`WATCHED_COUNTERS`) moved: a full scan ended (the policy's
+  steadiness test wants a round soon after each), or pages merged or unmerged beyond
+  :data:`COUNTER_SLACK_PAGES` or :data:`COUNTER_SLACK_FRACTION` (a running guest's kernel writes
+  a few merged pages all the time: measured on idle TCG guests, tens of pages per minute);
 - a candidate exited, or its anonymous resident memory moved by more than :data:`RSS_SLACK_BYTES`
   or :data:`RSS_SLACK_FRACTION` of it;
 - a new process has at least ``candidates.min_anon_rss`` anonymous resident bytes (smaller new
@@ -24,9 +26,35 @@ from ..host.parse import status_kib
 
 #: The KSM counters whose change calls a round (the daemon's quiet test watches the same ones).
 WATCHED_COUNTERS = ("pages_sharing", "pages_shared", "ksm_zero_pages", "full_scans")
+#: The merge counters may drift this much (pages, or this fraction of the value) without a round.
+COUNTER_SLACK_PAGES = 256
+COUNTER_SLACK_FRACTION = 0.005
 #: A candidate's RssAnon may drift this much (bytes, or this fraction of it) without a round.
 RSS_SLACK_BYTES = 4 << 20
 RSS_SLACK_FRACTION = 0.01
+
+
+def counters_moved(old, new) -> bool:
+    """``old`` and ``new``: the WATCHED_COUNTERS values (ints, or None where unreadable).
+    full_scans moved at all, or a merge counter beyond the slack."""
+    if old is None or new is None or len(old) != len(new):
+        return True
+    for name, a, b in zip(WATCHED_COUNTERS, old, new):
+        if a is None or b is None:
+            if a != b:
+                return True
+            continue
+        if name == "full_scans":
+            if a != b:
+                return True
+        elif abs(b - a) > max(COUNTER_SLACK_PAGES, COUNTER_SLACK_FRACTION * a):
+            return True
+    return False
+
+
+def counter_values(counters) -> tuple:
+    """The WATCHED_COUNTERS of a counters dict, as ints (None where missing)."""
+    return tuple(int(counters[k]) if k in counters else None for k in WATCHED_COUNTERS)
 
 
 class IdleWatch:
@@ -43,8 +71,8 @@ class IdleWatch:
 
     def _read_counters(self) -> tuple | None:
         try:
-            return tuple(self.ksm.read_raw(name).strip() for name in WATCHED_COUNTERS)
-        except (KsmError, UdedupError, OSError):
+            return tuple(int(self.ksm.read_raw(name).strip()) for name in WATCHED_COUNTERS)
+        except (KsmError, UdedupError, OSError, ValueError):
             return None
 
     def arm(self, processes, min_anon_rss: int | None = None) -> None:
@@ -64,7 +92,7 @@ class IdleWatch:
         if self._counters is None:
             return "not armed"
         counters = self._read_counters()
-        if counters != self._counters:
+        if counters_moved(self._counters, counters):
             return "KSM counters moved"
         try:
             pids = set(self.procfs.pids())

@@ -28,7 +28,7 @@ from .act import (Actor, estimate_processes, register_process, restore_knobs, se
 from .config import Config
 from .decisionlog import DecisionLog
 from .domains import span_warning
-from .idlewatch import WATCHED_COUNTERS, IdleWatch
+from .idlewatch import WATCHED_COUNTERS, IdleWatch, counter_values, counters_moved
 from .observe import Observer, process_start_time
 from .policy import Policy
 from .snapshot import DaemonIdentity, RoundSnapshot, build_snapshot, round_figures
@@ -45,8 +45,8 @@ BURST_WATCH_SECONDS = 0.1
 #: fast-mode daemon rounds every daemon.interval instead of daemon.fast_interval, and a slow or
 #: stopped one every daemon.idle_interval, with the idle watch (:mod:`.idlewatch`) in between.
 QUIET_ROUNDS = 3
-#: The KSM counters whose change ends a quiet spell (full_scans: the policy's steadiness test
-#: needs a round soon after each full scan).
+#: The KSM counters whose move ends a quiet spell (full_scans: the policy's steadiness test
+#: needs a round soon after each full scan; the merge counters beyond idlewatch's slack).
 QUIET_COUNTERS = WATCHED_COUNTERS
 #: The modes in which a quiet host is idle (see QUIET_ROUNDS).
 IDLE_MODES = ("slow", "stopped")
@@ -170,11 +170,12 @@ class Daemon:
     def _note_quiet(self, obs, acted: bool) -> None:
         """Count the rounds in a row in which nothing moved: KSM's counters of merging and
         scanning, the candidate set and their KSM flags, and no action of ours."""
-        c = obs.counters
-        key = (tuple(int(c.get(k, 0)) for k in QUIET_COUNTERS),
-               tuple(sorted((p.key, p.merge_any, p.mergeable) for p in obs.processes)))
-        same = not acted and key == self._quiet_key
-        self._quiet_key = key
+        counters = counter_values(obs.counters)
+        procs = tuple(sorted((p.key, p.merge_any, p.mergeable) for p in obs.processes))
+        prev = self._quiet_key
+        same = (not acted and prev is not None and procs == prev[1]
+                and not counters_moved(prev[0], counters))
+        self._quiet_key = (counters, procs)
         self._quiet_rounds = self._quiet_rounds + 1 if same else 0
 
     def _loop(self) -> None:

@@ -72,6 +72,8 @@ class EstimateResult:
     #: the part of ``saved_bytes`` KSM's counters will show: without the zero subpages THP splits
     #: hand back (mapped to the zero page outside every counter); None: all of it
     counter_bytes: int | None = None
+    #: the sampled pages and their crc32c when this estimate read them (udedup.daemon.fingerprint)
+    fingerprint: object = None
 
     @property
     def counted_bytes(self) -> int:

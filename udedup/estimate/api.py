@@ -75,7 +75,7 @@ def estimate(targets, passes: int = 2, interval: float = 0.5, all_eligible: bool
              cache_bytes: int = DEFAULT_CACHE_BYTES, threads: int | None = None,
              progress=None, recheck: str = "all", range_gap: int = DEFAULT_RANGE_GAP,
              max_ranges: int = DEFAULT_MAX_RANGES, ksm=None, domains=None,
-             zero_pages_across_domains: bool = True) -> Estimate:
+             zero_pages_across_domains: bool = True, fingerprint_pages: int = 0) -> Estimate:
     """Predict what KSM would save on ``targets``: PIDs and/or buffers of this process (a list,
     or one of them). Pages merge across all targets together, as KSM merges across processes.
 
@@ -111,6 +111,10 @@ def estimate(targets, passes: int = 2, interval: float = 0.5, all_eligible: bool
     sums it up. A target missing from ``domains`` is a domain of its own. With
     ``zero_pages_across_domains`` zero pages are registrable in every domain, else they are one
     content like any other. None (the default): no domain step, the output is unchanged.
+
+    ``fingerprint_pages``: also return, in ``Estimate.fingerprints`` ({pid: (addresses,
+    crc32c)}), up to that many pages per process that read the same in every pass, with the
+    crc32c they had (no extra read: see :mod:`udedup.daemon.fingerprint`).
     """
     _check_options(passes, interval, recheck, range_gap, max_ranges)
     if domains is not None and not hasattr(domains, "get"):
@@ -163,6 +167,9 @@ def estimate(targets, passes: int = 2, interval: float = 0.5, all_eligible: bool
             range_gap=int(range_gap), max_ranges=int(max_ranges), exited_in=reads.exited_in,
             domains=domains, zero_pages_across_domains=zero_pages_across_domains))
         est.recheck = recheck
+        if fingerprint_pages > 0 and getattr(reads, "final_crc", None) is not None:
+            est.fingerprints = timed("fingerprints", scope.fingerprints, reads.final_crc,
+                                     int(fingerprint_pages))
         if est.domains is not None:
             timings["domains"] = est.domains.seconds
         est.timings = timings

@@ -305,6 +305,8 @@ class Estimate:
     recheck: str = "all"
     thp: ThpSummary | None = None  # None: no THP among the scanned pages
     domains: DomainSummary | None = None   # estimate(domains=...) only
+    # estimate(fingerprint_pages=...) only: {pid: (sorted page addresses, their crc32c)}
+    fingerprints: dict | None = None
 
     @property
     def thp_known(self) -> bool:

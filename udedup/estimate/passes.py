@@ -367,7 +367,8 @@ class Passes:
                 confirmer.confirm(ords, buf, cand, r, f, h)
             if sparse:      # fancy indexing gave a copy
                 sc.rep[idx] = r
-        sc.crc = None
+        # the crc32c each page had when last read, for the caller's fingerprints (api.estimate)
+        self.final_crc, sc.crc = sc.crc, None
 
     def _check_alive(self):
         """A sparse pass reads nothing of a process without candidates, so it would not notice

@@ -211,6 +211,24 @@ class Scope:
             pids[m] = seg.pid
         return pids, addrs
 
+    def fingerprints(self, crc: np.ndarray, pages: int, seed: int = 0) -> dict:
+        """{pid: (sorted addresses, their crc32c)} of up to ``pages`` pages per process drawn
+        uniformly from its scanned pages that read the same in every pass (neither volatile nor
+        unreadable): what the daemon re-reads later to tell whether its memory changed."""
+        out: dict = {}
+        bad = VOLATILE | UNREADABLE
+        for pid in sorted({s.pid for s in self.segments}):
+            ords = np.concatenate([np.arange(s.base, s.base + s.size, dtype=np.int64)
+                                   for s in self.segments if s.pid == pid])
+            ords = ords[(self.flags[ords] & bad) == 0]
+            if ords.size > pages:
+                rng = np.random.default_rng([seed, pid])
+                ords = np.sort(rng.choice(ords, size=pages, replace=False))
+            _pids, addrs = self.addresses(ords)
+            order = np.argsort(addrs, kind="stable")
+            out[pid] = (addrs[order], crc[ords][order])
+        return out
+
     def pages_of(self, pid: int) -> int:
         """Pages in scope of process ``pid``."""
         return sum(s.size for s in self.segments if s.pid == pid)
