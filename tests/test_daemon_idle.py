@@ -121,7 +121,9 @@ def test_the_daemon_arms_the_watch_each_round_on_fake_trees(tmp_path):
     d.run_round()
     assert d.idle_watch.moved() is None
     assert sorted(d.idle_watch._candidates) == [10, 11]     # the candidates, not sshd
-    (sysfs / "ksm_zero_pages").write_text("7\n")
+    (sysfs / "ksm_zero_pages").write_text("7\n")                # inside the slack: quiet
+    assert not d._watch_due(d.latest.last)
+    (sysfs / "ksm_zero_pages").write_text("7000\n")             # beyond it: a round now
     assert d._watch_due(d.latest.last)
 
 

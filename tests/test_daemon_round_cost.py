@@ -134,17 +134,17 @@ def test_a_fast_daemon_rounds_every_interval_once_counters_and_candidates_are_st
         assert d.next_interval() == 0.5                 # not quiet long enough yet
     d._note_quiet(obs(dict(steady, pages_scanned=9000)), acted=False)
     assert d.next_interval() == 10.0                    # pages_scanned alone is not a move
-    d._note_quiet(obs(dict(steady, pages_scanned=9000, pages_sharing=101)), acted=False)
-    assert d.next_interval() == 0.5                     # a counter moved: fast at once
+    d._note_quiet(obs(dict(steady, pages_scanned=9000, pages_sharing=1100)), acted=False)
+    assert d.next_interval() == 0.5                     # a counter moved beyond the slack: fast at once
     for _ in range(QUIET_ROUNDS):
-        d._note_quiet(obs(dict(steady, pages_sharing=101)), acted=False)
+        d._note_quiet(obs(dict(steady, pages_sharing=1100)), acted=False)
     assert d.next_interval() == 10.0
-    d._note_quiet(obs(dict(steady, pages_sharing=101), keys=((10, 1), (12, 5))), acted=False)
+    d._note_quiet(obs(dict(steady, pages_sharing=1100), keys=((10, 1), (12, 5))), acted=False)
     assert d.next_interval() == 0.5                     # a candidate appeared
     for _ in range(QUIET_ROUNDS):
-        d._note_quiet(obs(dict(steady, pages_sharing=101), keys=((10, 1), (12, 5))), acted=False)
+        d._note_quiet(obs(dict(steady, pages_sharing=1100), keys=((10, 1), (12, 5))), acted=False)
     assert d.next_interval() == 10.0
-    d._note_quiet(obs(dict(steady, pages_sharing=101), keys=((10, 1), (12, 5))), acted=True)
+    d._note_quiet(obs(dict(steady, pages_sharing=1100), keys=((10, 1), (12, 5))), acted=True)
     assert d.next_interval() == 0.5                     # a round that registered or estimated
     d.policy.mode = "slow"
     assert d.next_interval() == 10.0
