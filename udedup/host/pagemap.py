@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..errors import ProcessNotFoundError
+from ..errors import ProcessNotFoundError, UdedupError
 from ..native import lib
 from .fs import ProcFs, as_procfs, process_error
 
@@ -167,6 +167,15 @@ def zero_page_pfns(procfs: ProcFs | str = "/proc") -> tuple:
 
 
 @lru_cache(maxsize=4)
+def zero_page_pfns_or_none(procfs: ProcFs | str = "/proc") -> tuple:
+    """:func:`zero_page_pfns`, or ``()`` where they cannot be found (no self/pagemap: a fake
+    tree): the readers that only tell zero-page mappings apart then see none."""
+    try:
+        return zero_page_pfns(procfs)
+    except UdedupError:
+        return ()
+
+
 def _zero_page_pfns(root: str) -> tuple:
     ps = lib.PAGE_SIZE
     ranges = []

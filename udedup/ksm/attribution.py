@@ -31,10 +31,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ProcessAccessError, UdedupError, UsageError
+from ..errors import ProcessAccessError, UsageError
 from ..host.fs import DEFAULT_PROCFS, ProcFs, as_procfs
 from ..host.pagemap import (KPF_KSM, PAGEMAP_BLOCK, read_pagemap, read_pfn_tables,
-                            shared_anon_pfns, zero_page_entries, zero_page_pfns)
+                            shared_anon_pfns, zero_page_entries, zero_page_pfns_or_none)
 from ..host.parse import status_ids
 from .mgranges import MergeableRanges, visit_mergeable
 from .stats import KsmStats
@@ -219,10 +219,7 @@ class AttributionReader:
         say how far ksmd moved them during the walk)."""
         t0 = time.perf_counter()
         if self.zero_pfns is None:
-            try:
-                self.zero_pfns = zero_page_pfns(self.procfs)
-            except UdedupError:     # no self/pagemap (a fake tree without zero_pfns)
-                self.zero_pfns = ()
+            self.zero_pfns = zero_page_pfns_or_none(self.procfs)
         check_root(self.procfs, self.zero_pfns)
         reread = stats is None
         if reread:

@@ -37,7 +37,7 @@ from ..host.domains import check_kind, process_domains
 from ..host.fs import DEFAULT_PROCFS, ProcFs, as_procfs
 from ..host.pagemap import (KPF_KSM, PAGEMAP_BLOCK, PM_FILE, PM_MMAP_EXCLUSIVE, PM_PFN_MASK,
                             PM_PRESENT, PM_SWAPPED, read_pfn_tables, zero_page_entries,
-                            zero_page_pfns)
+                            zero_page_pfns_or_none)
 from ..host.remote import aligned_buffer, page_runs
 from ..native.kernels import zero_pages
 from .attribution import check_root, mergeable_pagemap
@@ -193,10 +193,7 @@ class AuditReader:
         """One audit; ``limit``: list at most this many offenders (counts stay complete)."""
         t0 = time.perf_counter()
         if self.zero_pfns is None:
-            try:
-                self.zero_pfns = zero_page_pfns(self.procfs)
-            except UdedupError:     # no self/pagemap (a fake tree without zero_pfns)
-                self.zero_pfns = ()
+            self.zero_pfns = zero_page_pfns_or_none(self.procfs)
         check_root(self.procfs, self.zero_pfns, ("kpageflags",), NEEDS_ROOT)
         got, unreadable = visit_mergeable(self.procfs, self.pids, self._process)
         got.sort(key=lambda g: g[0])
