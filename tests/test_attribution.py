@@ -178,7 +178,7 @@ def status(tmp_path, monkeypatch, capsys, *argv, zero=ZERO_PFNS):
     for name, value in (("pages_shared", 2), ("pages_sharing", 3), ("ksm_zero_pages", 5)):
         (sysfs / name).write_text(f"{value}\n")
     root = fake_host(tmp_path / "proc")
-    monkeypatch.setattr(attr, "zero_page_pfns", lambda procfs: zero)
+    monkeypatch.setattr(attr, "zero_page_pfns_or_none", lambda procfs: zero)
     import udedup.ksm.truth as truth
     monkeypatch.setattr(truth, "zero_page_pfns", lambda procfs: zero)
     code = cli.main(["status", "--sysfs", str(sysfs), "--procfs", str(root), "--interval", "0",

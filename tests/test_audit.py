@@ -169,7 +169,7 @@ def test_bad_kind_depth_and_no_root(tmp_path):
 
 
 def cli_audit(root, monkeypatch, capsys, *argv, zero=ZERO_PFNS):
-    monkeypatch.setattr(audit_mod, "zero_page_pfns", lambda procfs: zero)
+    monkeypatch.setattr(audit_mod, "zero_page_pfns_or_none", lambda procfs: zero)
     fake = fake_zero_reader(root)
     monkeypatch.setattr(audit_mod, "mem_zero_pages", lambda pid, addrs, ps, procfs: fake(
         pid, addrs, ps))
