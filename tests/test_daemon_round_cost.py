@@ -97,25 +97,29 @@ def test_the_truth_walk_is_reused_while_nothing_it_depends_on_moved(tmp_path):
     assert again.true_savings.age_seconds == 10.0       # marked: a walk 10 s old
     assert again.true_savings.zero_mapped_pages == first.true_savings.zero_mapped_pages
     assert again.true_savings.breakdown()["age_seconds"] == 10.0
-    set_counter(sysfs, "pages_sharing", 5)              # ksmd merged: walk again
+    set_counter(sysfs, "pages_sharing", 5)              # a drift inside the slack: reused
     clock[0] += 10.0
-    moved = ob.observe(c, lambda key: 100.0, 3)
+    drift = ob.observe(c, lambda key: 100.0, 3)
+    assert len(walks) == 1 and drift.true_savings.stats.pages_sharing == 5   # fresh counters
+    set_counter(sysfs, "pages_sharing", 5000)           # ksmd merged: walk again
+    clock[0] += 10.0
+    moved = ob.observe(c, lambda key: 100.0, 4)
     assert len(walks) == 2 and moved.true_savings.age_seconds == 0.0
-    assert moved.true_savings.stats.pages_sharing == 5
+    assert moved.true_savings.stats.pages_sharing == 5000
     ob.note_change()                                    # a registration: walk again
-    clock[0] += 10.0
-    ob.observe(c, lambda key: 100.0, 4)
-    assert len(walks) == 3
     clock[0] += 10.0
     ob.observe(c, lambda key: 100.0, 5)
     assert len(walks) == 3
-    clock[0] += TRUTH_REUSE_SECONDS                     # too old: walked again
+    clock[0] += 10.0
     ob.observe(c, lambda key: 100.0, 6)
+    assert len(walks) == 3
+    clock[0] += TRUTH_REUSE_SECONDS                     # too old: walked again
+    ob.observe(c, lambda key: 100.0, 7)
     assert len(walks) == 4
     fake_proc(procfs, 12, "t12", ["t12"], 1048576, merge_any=True, mappings=[(1048576, True)])
     write_maps(procfs, 12)                              # a new candidate: walk again
     clock[0] += 1.0
-    ob.observe(c, lambda key: 100.0, 7)
+    ob.observe(c, lambda key: 100.0, 8)
     assert len(walks) == 5
 
 

@@ -25,6 +25,7 @@ from ..ksm.attribution import AttributionReader
 from ..ksm.truth import TrueSavings, TrueSavingsReader
 from .candidates import match_process
 from .config import Config
+from .idlewatch import counter_values, counters_moved
 from .model import Memory, Observation, ProcessInfo
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ class Observer:
         # the truth walk's mg ranges are as old as the candidates' smaps figures may be
         ranges_cache = getattr(self.truth, "ranges_cache", None)
         if ranges_cache is not None:
-            ranges_cache.refresh_seconds = max(5.0, cfg.daemon.interval)
+            ranges_cache.refresh_seconds = max(5.0, cfg.daemon.interval, cfg.daemon.idle_interval)
         seen: dict = {}
         for info in discover_processes(self.procfs, exclude_pid=os.getpid(),
                                        min_anon_rss=cfg.candidates.min_anon_rss):
@@ -229,10 +230,15 @@ class Observer:
                            true_savings=truth, attribution=attribution, audit=audit)
 
     def _truth_depends(self, stats, procs) -> tuple:
-        c = stats.counters
-        return (int(c.get("pages_sharing", 0)), int(c.get("pages_shared", 0)),
-                int(c.get("ksm_zero_pages", 0)), self._changes,
-                tuple(sorted((p.key, p.merge_any, p.mergeable, p.ksm_merging_pages) for p in procs)))
+        """(the merge counters, the rest): the counters may drift within the idle watch's slack
+        (a guest's kernel moves a few merged pages all the time), the rest must stay the same."""
+        return (counter_values(stats.counters),
+                (self._changes, tuple(sorted((p.key, p.merge_any, p.mergeable) for p in procs))))
+
+    def _truth_stands(self, depends) -> bool:
+        last = self._truth_key
+        return (last is not None and depends[1] == last[1]
+                and not counters_moved(last[0], depends[0]))
 
     def _true_savings(self, cfg: Config, stats, round_number: int, procs=()) -> tuple:
         """(TrueSavings | None, Attribution | None). A round may observe up to three times
@@ -247,7 +253,7 @@ class Observer:
             return (replace(last, stats=stats) if last is not None else None), attr
         self._truth_round = round_number
         depends, now = self._truth_depends(stats, procs), self.clock()
-        if (not cfg.metrics.per_cgroup and self._truth is not None and depends == self._truth_key
+        if (not cfg.metrics.per_cgroup and self._truth is not None and self._truth_stands(depends)
                 and now - self._truth_walked < TRUTH_REUSE_SECONDS):
             self._truth = replace(self._truth, stats=stats, age_seconds=now - self._truth_walked)
             return self._truth, None
