@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -197,6 +198,17 @@ def _estimate_spawner():
             if p.poll() is None:
                 p.kill()
             p.wait()
+
+
+@pytest.fixture
+def sigint_default():
+    """Ctrl-C raises KeyboardInterrupt in this test, whatever pytest inherited: a shell starts
+    background jobs with SIGINT ignored, and Python then leaves it ignored."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 @pytest.fixture

@@ -335,7 +335,7 @@ def test_half_applied_settings_are_rolled_back(tree, kernel):
     assert read_tree(tree) == before
 
 
-def test_ctrl_c_during_apply_is_held_then_rolled_back(tree, kernel):
+def test_ctrl_c_during_apply_is_held_then_rolled_back(tree, kernel, sigint_default):
     ksm = Ksm(tree, sysfs=kernel)
     before = read_tree(tree)
     handler = signal.getsignal(signal.SIGINT)

@@ -25,7 +25,7 @@ def test_held_records_and_restores_the_handlers():
     assert {s: signal.getsignal(s) for s in signals.DEFAULT_SIGNALS} == before
 
 
-def test_deferred_delivers_ctrl_c_after_the_block_and_not_before():
+def test_deferred_delivers_ctrl_c_after_the_block_and_not_before(sigint_default):
     done = []
     with pytest.raises(KeyboardInterrupt):
         with signals.deferred():

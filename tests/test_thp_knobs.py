@@ -420,7 +420,8 @@ def test_real_sigkill_is_restored_by_the_next_udedup_command(thp_restored):
     assert time.monotonic() - t0 < 30
 
 
-def test_ctrl_c_inside_settings_restores_thp_knobs_and_removes_the_journal(trees, kernel, tmp_path):
+def test_ctrl_c_inside_settings_restores_thp_knobs_and_removes_the_journal(trees, kernel, tmp_path,
+                                                                            sigint_default):
     jdir = tmp_path / "journal"
     ksm = fake_ksm(trees, kernel, journal_dir=jdir)
     before = read_thp(trees / "transparent_hugepage")
