@@ -12,6 +12,8 @@ from udedup.daemon import fingerprint
 from udedup.daemon.act import Actor
 from udedup.daemon.model import EstimateResult, Observation, Plan
 from udedup.daemon.observe import process_start_time
+from udedup.host.fs import ProcFs
+from udedup.host.parse import status_kib
 
 from daemon_fakes import cfg
 
@@ -21,8 +23,7 @@ UNREGISTERED = {"register": False}
 
 
 def rss_anon(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+    return status_kib(ProcFs().maybe_status(pid), "RssAnon")
 
 
 def info_of(child) -> SimpleNamespace:
@@ -101,8 +102,10 @@ def test_the_actor_skips_a_reestimate_its_fingerprints_confirm(estimate_children
     calls = []
 
     def estimator(todo, cfg_, use_zero, now):
+        # as the real one: each result carries the fingerprint of what was read
         calls.append(sorted(i.pid for i in todo))
-        return {i.key: EstimateResult(now, 40 * MiB, i.anon_rss, 10.0) for i in todo}
+        return {i.key: EstimateResult(now, 40 * MiB, i.anon_rss, 10.0,
+                                      fingerprint=fingerprint.take(i, 1024, now)) for i in todo}
 
     c = cfg(estimate={"screen": False})
     policy = OnePolicy()

@@ -329,8 +329,7 @@ class Actor:
             log.debug("estimated %d processes in %.2f s (%.2f CPU-s)", len(full),
                      time.monotonic() - t1, time.process_time() - cpu1)
             self._fingerprint(cfg, [(i, estimated[i.key]) for i in full
-                                    if isinstance(estimated.get(i.key), EstimateResult)],
-                              obs.now, mappings, seed)
+                                    if isinstance(estimated.get(i.key), EstimateResult)])
         results.update(confirmed)
         for key, result in results.items():
             if isinstance(result, EstimateResult):
@@ -372,34 +371,18 @@ class Actor:
         self.confirmations += len(ready)
         return {info.key: dataclasses.replace(last, at=obs.now) for info, _fp, last in ready}
 
-    def _fingerprint(self, cfg: Config, done, now: float, mappings: dict, seed: int) -> None:
-        """Keep the fingerprints of the processes just estimated in full (``done``: (info,
-        EstimateResult) pairs): the estimator's own sample where it gave one (no extra read),
-        else one read now (see :mod:`.fingerprint`)."""
-        from . import fingerprint
-
+    def _fingerprint(self, cfg: Config, done) -> None:
+        """Keep the fingerprints the estimator gave with the processes just estimated in full
+        (``done``: (info, EstimateResult) pairs; see :mod:`.fingerprint`)."""
         if cfg.estimate.confirm_pages <= 0:
             return
         live = {key for key in self.fingerprints if self.policy.last_estimate(key) is not None}
         self.fingerprints = {k: v for k, v in self.fingerprints.items() if k in live}
-        t0, cpu0, taken = time.monotonic(), time.process_time(), 0
         for info, result in done:
-            fp = result.fingerprint
-            if fp is None:
-                taken += 1
-                try:
-                    fp = fingerprint.take(info, cfg.estimate.confirm_pages, now,
-                                          cfg.daemon.procfs, (mappings or {}).get(info.pid),
-                                          seed=seed)
-                except (UdedupError, OSError) as err:
-                    log.debug("pid %d: no fingerprint: %s", info.pid, err)
-            if fp is None:
+            if result.fingerprint is None:
                 self.fingerprints.pop(info.key, None)
             else:
-                self.fingerprints[info.key] = fp
-        if taken:
-            log.debug("fingerprints of %d processes read in %.3f s (%.3f CPU-s)", taken,
-                      time.monotonic() - t0, time.process_time() - cpu0)
+                self.fingerprints[info.key] = result.fingerprint
 
     def register(self, cfg: Config, plan: Plan) -> None:
         for info, mode, ranges in plan.register:

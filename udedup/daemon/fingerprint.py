@@ -7,7 +7,8 @@ their crc32c. When the process is due for a re-estimate, the same addresses are 
 a page no longer present counts as changed, a page now on the zero page has the zero page's
 crc32c, the others are read (only present pages are read, so nothing is faulted in) and their
 crc32c compared. When at most :data:`CHANGED_FRACTION` of the sample changed and the process's
-RssAnon grew by no more than 1 % (or 4 MiB), the last estimate still stands and the full re-read (all of
+RssAnon grew by no more than the idle watch's RssAnon slack (1 % or 4 MiB; merging shrinks it, as
+THP splits hand zero subpages back, and freed pages show in the sample), the last estimate stands and the full re-read (all of
 the process's memory, twice) is skipped.
 
 With 1024 sampled pages, a change of 5 % of the memory shows about 51 changed pages against the
@@ -24,19 +25,15 @@ import numpy as np
 
 from ..errors import ProcessNotFoundError, UdedupError
 from ..host.fs import ProcFs, as_procfs
-from ..host.pagemap import (PM_FILE, PM_PFN_MASK, PM_PRESENT, open_pagemap, read_pagemap,
-                            zero_page_pfns)
+from ..host.pagemap import open_pagemap, present_offsets, read_pagemap, zero_page_pfns
 from ..host.remote import RemoteReader
 from ..native import kernels, lib
+from .idlewatch import RSS_SLACK_BYTES, RSS_SLACK_FRACTION
 
 #: The share of a sample that may change while the last estimate still stands: a guest's kernel
 #: rewrites ~1 % of an idle TCG guest's RAM between two re-estimates (measured: 9 of 1024 sampled
 #: pages in 600 s), which moves its prediction by about as much, not worth a full re-read.
 CHANGED_FRACTION = 0.02
-#: RssAnon may grow this much (bytes, or this fraction of it) while the last estimate stands
-#: (merging shrinks it: THP splits hand zero subpages back; freed pages show in the sample).
-RSS_SLACK_BYTES = 4 << 20
-RSS_SLACK_FRACTION = 0.01
 
 
 @dataclass(frozen=True)
@@ -61,8 +58,10 @@ def _zero_crc(ps: int) -> int:
 
 def take(info, pages: int, now: float, procfs: ProcFs | str = "/proc", mappings=None,
          seed: int = 0) -> Fingerprint | None:
-    """A fingerprint of process ``info`` (ProcessInfo): up to ``pages`` sampled present pages.
-    None if it exited or cannot be read."""
+    """A fingerprint of process ``info`` (ProcessInfo) read now: up to ``pages`` sampled present
+    pages. None if it exited or cannot be read. The daemon takes its fingerprints from the
+    estimate itself (``estimate(fingerprint_pages=...)``, no extra read); this is for an estimate
+    made elsewhere (an estimator given to the daemon, tests)."""
     from ..estimate.screen import present_addresses
 
     fs = as_procfs(procfs)
@@ -125,14 +124,11 @@ def changed(fp: Fingerprint, info, procfs: ProcFs | str = "/proc") -> str | None
         return "exited"
     finally:
         os.close(fd)
-    present = ((entries & np.uint64(PM_PRESENT)) != 0) & ((entries & np.uint64(PM_FILE)) == 0)
-    pfn = entries & np.uint64(PM_PFN_MASK)
-    on_zero = np.zeros(fp.pages, dtype=bool)
-    for first, stop in zero_page_pfns(fs):
-        on_zero |= (pfn >= np.uint64(first)) & (pfn < np.uint64(stop))
-    on_zero &= present
+    present = np.zeros(fp.pages, dtype=bool)
+    present[present_offsets(entries)] = True            # present anonymous pages
+    read = np.zeros(fp.pages, dtype=bool)
+    read[present_offsets(entries, zero_pfns=zero_page_pfns(fs))] = True   # ... not the zero page
     now = np.full(fp.pages, _zero_crc(ps), dtype=np.uint32)
-    read = present & ~on_zero
     crcs, ok = _read_crcs(fp.pid, fp.addrs[read])
     if crcs is None:
         return "exited"

@@ -28,7 +28,7 @@ from .act import (Actor, estimate_processes, register_process, restore_knobs, se
 from .config import Config
 from .decisionlog import DecisionLog
 from .domains import span_warning
-from .idlewatch import WATCHED_COUNTERS, IdleWatch, counter_values, counters_moved
+from .idlewatch import IdleWatch, counter_values, counters_moved
 from .observe import Observer, process_start_time
 from .policy import Policy
 from .snapshot import DaemonIdentity, RoundSnapshot, build_snapshot, round_figures
@@ -41,13 +41,11 @@ log = logging.getLogger(__name__)
 
 #: How often the counters are checked while ksmd bursts (see :func:`burst_due`).
 BURST_WATCH_SECONDS = 0.1
-#: Rounds in a row with nothing moved (QUIET_COUNTERS, the candidates, no action) after which a
-#: fast-mode daemon rounds every daemon.interval instead of daemon.fast_interval, and a slow or
-#: stopped one every daemon.idle_interval, with the idle watch (:mod:`.idlewatch`) in between.
+#: Rounds in a row with nothing moved (idlewatch.WATCHED_COUNTERS beyond their slack, the
+#: candidates, no action) after which a fast-mode daemon rounds every daemon.interval instead of
+#: daemon.fast_interval, and a slow or stopped one every daemon.idle_interval, with the idle watch
+#: (:mod:`.idlewatch`) in between.
 QUIET_ROUNDS = 3
-#: The KSM counters whose move ends a quiet spell (full_scans: the policy's steadiness test
-#: needs a round soon after each full scan; the merge counters beyond idlewatch's slack).
-QUIET_COUNTERS = WATCHED_COUNTERS
 #: The modes in which a quiet host is idle (see QUIET_ROUNDS).
 IDLE_MODES = ("slow", "stopped")
 

@@ -30,8 +30,8 @@ from .model import Memory, Observation, ProcessInfo
 
 log = logging.getLogger(__name__)
 
-#: Longest reuse of a true-saving walk while nothing it depends on moves (KSM's saving counters,
-#: the candidates and their KSM flags and merging pages, no registration): pages a program reads
+#: Longest reuse of a true-saving walk while nothing it depends on moves (KSM's saving counters
+#: beyond the idle slack, the candidates and their KSM flags, no registration): pages a program reads
 #: without writing can still land on the zero page unseen, so the walk is redone this often.
 TRUTH_REUSE_SECONDS = 300.0
 
